@@ -1,0 +1,1 @@
+"""DFMSD: dual feature masking stage-wise knowledge distillation on MMDetection."""

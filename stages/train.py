@@ -1,0 +1,42 @@
+"""DVC stages `teacher@<name>` and `baseline`: train a detector from ground truth.
+
+`python stages/train.py <teacher name>` trains that teacher, or, for a `zoo:` entry,
+downloads and verifies the model-zoo checkpoint instead. `python stages/train.py
+student` trains the baseline student from models/student_init.pth.
+Writes models/<name>.pth (stock mmdet checkpoint), models/<name>.py, logs/<name>.csv.
+"""
+import argparse
+
+from dfmsd import cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('name', help="a key of params.yaml 'teachers', or 'student'")
+    args = parser.parse_args()
+
+    import dfmsd.models  # noqa: F401
+    from dfmsd.configs import apply_training_params, build_model_config, model_entry
+    from dfmsd.data import validate_coco
+    from dfmsd.params import load_params
+    from dfmsd.training import train_and_export
+    params = load_params()
+    entry = model_entry(params, args.name)
+    if 'zoo' in entry:
+        from dfmsd.teachers import fetch_teacher
+        fetch_teacher(args.name, entry, params)
+        return
+    data = params['data']
+    for split in ('train', 'val'):
+        validate_coco(f"{data['root']}/annotations/instances_{split}.json", f"{data['root']}/{split}")
+    cfg = build_model_config(entry, data_root=data['root'], image_size=data.get('image_size'),
+                             name=args.name)
+    apply_training_params(cfg, params, int(entry['iters']))
+    if args.name == 'student':
+        cfg.load_from = 'models/student_init.pth'
+    train_and_export(cfg, name=args.name, out_checkpoint=f'models/{args.name}.pth',
+                     out_config=f'models/{args.name}.py', loss_csv=f'logs/{args.name}.csv')
+
+
+if __name__ == '__main__':
+    cli.run(main)
