@@ -7,6 +7,7 @@ points the config at a dataset, and sets the iteration budget.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ def _set_backbone_widths(model: Any, depth: int, width: int, fpn_channels: int) 
         model.roi_head.bbox_head.in_channels = fpn_channels
     else:
         model.bbox_head.in_channels = model.bbox_head.feat_channels = fpn_channels
+        # GroupNorm heads (FCOS, GFL) default to 32 groups; narrow FPNs need fewer.
+        model.bbox_head.norm_cfg = dict(type='GN', num_groups=math.gcd(32, fpn_channels),
+                                        requires_grad=True)
 
 
 def _set_num_classes(model: Any, num_classes: int) -> None:
@@ -78,6 +82,9 @@ def set_iterations(cfg: Config, max_iters: int, checkpoint_interval: int | None 
     interval = checkpoint_interval or max(1, max_iters // 5)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=interval, by_epoch=False,
                                         max_keep_ckpts=1, save_last=True)
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=max(1, min(20, max_iters // 10)))
+    # Evaluation is its own DVC stage; mmengine would otherwise validate at the last iteration.
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
 
 
 def build_model_config(entry: dict[str, Any], *, data_root: str | Path, image_size: int | None = None,

@@ -328,7 +328,7 @@ def _progress_bar(total: int | None, initial: int, label: str, *, enabled: bool)
     except ImportError:  # progress is cosmetic; never fail a download over it
         return _NoBar()
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=label, file=sys.stderr, leave=False, dynamic_ncols=True)
+                desc=label, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 def _unlink(p: Path) -> None:

@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 
 from mmengine.config import Config
-from mmengine.runner import Runner
 
 from dfmsd.checkpoint import allow_mmengine_checkpoints
+from dfmsd.training import build_runner
 
 # pycocotools' COCOeval.stats order, reported in percent as in the paper's tables.
 METRIC_NAMES = ('mAP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR@1', 'AR@10', 'AR@100', 'ARs', 'ARm', 'ARl')
@@ -42,7 +42,7 @@ def predict_coco_json(cfg: Config, checkpoint: str | Path, out_json: str | Path,
         cfg.resume = False
         cfg.test_evaluator = dict(type='CocoMetric', ann_file=os.path.join(ds.data_root, ds.ann_file),
                                   metric='bbox', format_only=True, outfile_prefix=f'{tmp}/pred')
-        Runner.from_cfg(cfg).test()
+        build_runner(cfg).test()
         os.replace(f'{tmp}/pred.bbox.json', out_json)
     return out_json
 
@@ -68,7 +68,7 @@ def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, fl
         ev.accumulate()
         ev.summarize()
     stats = dict(zip(METRIC_NAMES, ev.stats))
-    # COCOeval reports -1 where a size range has no ground truth; keep that visible as NaN-free 0.
+    # COCOeval reports -1 where a size range has no ground truth; the tables show 0 there.
     return {name: round(max(float(stats[name]), 0.0) * 100, 2) for name in REPORTED_METRICS}
 
 

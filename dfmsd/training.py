@@ -21,6 +21,14 @@ from mmengine.runner import Runner
 from dfmsd.checkpoint import allow_mmengine_checkpoints, export_plain_checkpoint
 
 
+def build_runner(cfg: Config) -> Runner:
+    """A Runner whose visualizer is its own: mmengine reuses a global visualizer by name,
+    which would keep writing into an earlier runner's (possibly deleted) work dir."""
+    if cfg.get('visualizer'):
+        cfg.visualizer.pop('name', None)  # defaults to the runner's unique experiment name
+    return Runner.from_cfg(cfg)
+
+
 def config_digest(cfg: Config) -> str:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:12]
 
@@ -51,7 +59,7 @@ def collect_scalars(work_dir: str | Path) -> list[dict[str, Any]]:
 
 def write_loss_csv(work_dir: str | Path, path: str | Path) -> None:
     rows = collect_scalars(work_dir)
-    keys = ['iter'] + sorted({k for r in rows for k in r if k == 'loss' or k.startswith(('loss_', 'distill_'))})
+    keys = ['iter'] + sorted({k for r in rows for k in r if k == 'loss' or k.startswith('loss_')})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('w', newline='') as f:
@@ -70,12 +78,12 @@ def train_and_export(cfg: Config, *, name: str, out_checkpoint: str | Path, out_
     """
     allow_mmengine_checkpoints()
     work_dir = prepare_work_dir(cfg, name, work_root)
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     runner.train()
     if not is_main_process():
         return Path(out_checkpoint)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    meta = {'name': name, 'iters': int(runner.iter), 'config_digest': config_digest(cfg),
+    meta = {'name': name, 'iters': int(runner.iter), 'config_digest': work_dir.name.rsplit('-', 1)[1],
             'mmdet_config': Path(out_config).name}
     export_plain_checkpoint(model.state_dict(), out_checkpoint, meta=meta, prefix=export_prefix)
     Path(out_config).parent.mkdir(parents=True, exist_ok=True)

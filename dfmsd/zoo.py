@@ -199,10 +199,26 @@ def find_model(name: str) -> ZooModel:
     if len(loose) == 1:
         return next(iter(loose.values()))
 
-    keys = sorted(set(idx.by_name) | set(idx.by_config_stem))
-    close = difflib.get_close_matches(stem, keys, n=8, cutoff=0.6)
-    if not close:
-        close = [k for k in keys if n and _norm(k).startswith(n.split("_")[0])][:8]
+    close = _suggest(n, sorted(set(idx.by_name) | set(idx.by_config_stem)))
     hint = f"; close matches: {', '.join(close)}" if close else ""
     amb = f" (ambiguous: {', '.join(sorted(loose))})" if len(loose) > 1 else ""
     raise KeyError(f"unknown mmdet model zoo entry {q!r}{amb} among {len(idx.models)} models{hint}")
+
+
+def _suggest(n: str, keys: list[str], k: int = 8) -> list[str]:
+    """Up to ``k`` keys resembling the normalised query ``n`` (difflib ratio, boosted for
+    keys of the same algorithm family and for keys containing the query)."""
+    if not n:
+        return []
+    family = n.split("_")[0] + "_"
+    scored = []
+    for key in keys:
+        nk = _norm(key)
+        score = difflib.SequenceMatcher(None, n, nk).ratio()
+        if nk.startswith(family):
+            score += 0.25
+        if n in nk:
+            score += 0.5
+        if score >= 0.6:
+            scored.append((-score, key))
+    return [key for _, key in sorted(scored)[:k]]

@@ -17,7 +17,9 @@ in-process entry point for them either.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import inspect
 import json
 import os
 import subprocess
@@ -210,9 +212,25 @@ def load_pipeline(repo_dir: str | os.PathLike = ".") -> Pipeline:
 # --------------------------------------------------------------------------- dvc commands
 
 
+@functools.lru_cache(maxsize=1)
+def _supports_wait_for_lock() -> bool:
+    """Whether this DVC has the global ``--wait-for-lock`` option (DVC >= 3.4x)."""
+    try:
+        from dvc.repo import Repo
+
+        return "_wait_for_lock" in inspect.signature(Repo.__init__).parameters
+    except Exception:
+        return False
+
+
 def dvc_command(*args: str) -> list[str]:
-    """A ``dvc`` command line run by this interpreter (no reliance on ``PATH``)."""
-    return [sys.executable, "-m", "dvc", *args]
+    """A ``dvc`` command line run by this interpreter (no reliance on ``PATH``).
+
+    With ``--wait-for-lock`` where DVC has it: stages running side by side each take the
+    repository lock briefly (before and after their command, not while it runs), and a
+    DVC process that finds it taken then waits instead of failing.
+    """
+    return [sys.executable, "-m", "dvc", *(["--wait-for-lock"] if _supports_wait_for_lock() else []), *args]
 
 
 def repro_command(stage: str, force: bool = False) -> list[str]:

@@ -175,7 +175,7 @@ def _stream_repro(stage: str, repo_dir: str, force: bool, logger, progress: _Pro
     Returns ``(exit code, all lines)``.
     """
     cmd = repro_command(stage, force=force)
-    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))
+    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))  # cmd: python -m dvc ...
     proc = subprocess.Popen(
         cmd,
         cwd=repo_dir,
@@ -261,6 +261,16 @@ def _result_of(state: State | None) -> str:
     if state.name == "NotReady":
         return "not run (upstream failed)"
     return f"not run ({state.name})"
+
+
+def _details(result: str, state: State | None) -> str:
+    """What the summary says about a stage beyond its result: why it did not run."""
+    if state is None or result == "ran" or not state.message:
+        return ""
+    if result == "failed":  # "Task run encountered an exception StageFailed: DVC stage ..."
+        message = state.message.split("StageFailed: ", 1)[-1]
+        return message.split("\nLast ")[0].strip()
+    return state.message.splitlines()[0]
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -456,7 +466,7 @@ def dvc_pipeline(
                 "result": result,
                 "state": state.name if state else None,
                 "duration_s": durations.get(name) if not result.startswith("not run") else None,
-                "message": (state.message or "").splitlines()[0] if state and state.message else "",
+                "message": _details(result, state),
             }
         )
         logger.info("stage %-30s %s", name, result)
@@ -517,6 +527,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # the temporary server Prefect starts without PREFECT_API_URL inherits this; its
+    # telemetry heartbeat has no network to reach and logs sqlite lock errors instead
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     state = dvc_pipeline(
         repo_dir=args.repo,
         targets=args.target or None,

@@ -75,8 +75,11 @@ def test_teacher_frozen_hidden_and_unchanged_by_a_step(tiny_dataset, tmp_path):
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     data = model.data_preprocessor(a_batch(model, tiny_dataset), True)
     losses = model(**data, mode='loss')
-    assert {'distill_feat_s8', 'distill_sfa_s8'} <= set(losses)
-    total = sum(v for k, v in losses.items() if 'loss' in k or k.startswith('distill'))
+    assert {'loss_distill_feat_s8', 'loss_distill_sfa_s8'} <= set(losses)
+    total, log_vars = model.parse_losses(losses)
+    # Distillation terms count in the optimised total (mmengine sums only keys with "loss").
+    parts = sum(v for k, v in log_vars.items() if k != 'loss')
+    assert log_vars['loss'] == pytest.approx(parts, rel=1e-5) and log_vars['loss_distill_feat_s8'] > 0
     optim.zero_grad()
     total.backward()
     optim.step()
@@ -96,7 +99,7 @@ def test_teacher_uses_its_own_preprocessor(tiny_dataset, tmp_path):
     _, cfg = distiller_cfg(tiny_dataset, py, pth)
     model = MODELS.build(cfg)
     seen = {}
-    model.teacher.backbone.register_forward_hook(lambda m, a, o: seen.setdefault('x', a[0]))
+    model.teacher.backbone.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
     raw = model.data_preprocessor(a_batch(model, tiny_dataset), True)
     model(**raw, mode='loss')
     img = raw['inputs'][0].float()  # BGR uint8 as loaded
@@ -125,7 +128,7 @@ def test_nan_distillation_loss_stops_the_run(tiny_dataset, tmp_path):
     _, cfg = distiller_cfg(tiny_dataset, py, pth, feature_loss=dict(type='FeatureKDLoss', loss_weight=float('nan')))
     model = MODELS.build(cfg)
     data = model.data_preprocessor(a_batch(model, tiny_dataset), True)
-    with pytest.raises(DistillError, match='distill_feat_s8 is nan'):
+    with pytest.raises(DistillError, match='loss_distill_feat_s8 is nan'):
         model(**data, mode='loss')
 
 

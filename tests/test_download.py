@@ -420,3 +420,17 @@ def test_fetch_zoo_teacher_uses_index_prefix_and_cache_dir(server, tmp_path, mon
     # a pinned sha256 contradicting the index prefix is refused
     with pytest.raises(DownloadError, match="inconsistent"):
         dl.fetch_zoo_teacher("retinanet_r50_fpn_1x_coco", tmp_path / "cache", sha256="f" * 64)
+
+
+def test_fetch_zoo_teacher_unquotes_file_name(server, tmp_path, monkeypatch):
+    from dfmsd import zoo
+
+    quoted = f"/v2.0/reppoints/r50_gn-neck%2Bhead_2x_coco_20200329-{P_SHA[:8]}.pth"
+    server.state.files[quoted] = PAYLOAD
+    fake = zoo.ZooModel(name="rp", config="/nonexistent/cfg.py", url=server.url(quoted),
+                        sha256_prefix=P_SHA[:8], box_ap=None)
+    monkeypatch.setattr(zoo, "find_model", lambda q: fake)
+    monkeypatch.setattr(dl, "_progress_bar", lambda *a, **k: dl._NoBar())
+    out = dl.fetch_zoo_teacher("rp", tmp_path)
+    assert out.name == f"r50_gn-neck+head_2x_coco_20200329-{P_SHA[:8]}.pth"
+    assert out.read_bytes() == PAYLOAD

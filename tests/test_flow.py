@@ -46,14 +46,19 @@ def run_flow(root: Path, **kwargs):
     """Run the flow; return its final state and its task runs by name."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     from flows.pipeline import dvc_pipeline
 
     state = dvc_pipeline(repo_dir=str(root), return_state=True, **kwargs)
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
+        # limit/sort given explicitly: prefect 3.8.8's sync client sends null for them
+        # otherwise, which its own server rejects (422)
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
         )
     by_name = {tr.name: tr for tr in task_runs}
     assert len(by_name) == len(task_runs), f"task run names not unique: {[t.name for t in task_runs]}"
@@ -135,13 +140,16 @@ def test_task_runs_are_named_after_stages(first_run):
 
 def test_artifacts_are_published(first_run):
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import Artifact
 
     flow_run_id = first_run["state"].state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        # not client.read_artifacts(): it sends null for the filters not given, which the
+        # server rejects (422), and an empty task-run filter drops flow-level artifacts
+        response = client.request(
+            "POST", "/artifacts/filter", json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}
         )
+    artifacts = Artifact.model_validate_list(response.json())
     by_key = {a.key: a for a in artifacts if a.key}
     assert by_key["report-results"].type == "markdown"
     assert by_key["report-results"].data == first_run["report"]

@@ -65,7 +65,7 @@ def test_stagewise_path_ran_in_order_with_me(smoke):
     aug = json.loads((root / 'data/augmented/annotations.json').read_text())
     assert {im['me_op'] for im in aug['images']} <= {'noise', 'none', 'crop'}
     loss_log = (root / 'logs/dfmsd_stage2.csv').read_text().splitlines()[0]
-    assert 'distill_aug_s8' in loss_log and 'distill_sfa_s8' in loss_log
+    assert 'loss_distill_aug_s8' in loss_log and 'loss_distill_sfa_s8' in loss_log
 
 
 def test_second_repro_has_nothing_to_do(smoke):

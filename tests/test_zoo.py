@@ -102,5 +102,9 @@ def test_unknown_name_raises_keyerror_with_suggestions():
     assert "unknown mmdet model zoo entry" in msg and "retinanet_r50_fpn_1x_coco" in msg
     with pytest.raises(KeyError, match="gfl_r101_fpn_ms-2x_coco"):
         find_model("gfl_r101_fpn_2x_coco")
+    with pytest.raises(KeyError, match="fcos_r50-caffe_fpn_gn-head_ms-640-800-2x_coco"):
+        find_model("fcos_r50_fpn_2x_coco")  # no such entry: FCOS R50 2x exists only as caffe + ms
+    with pytest.raises(KeyError, match="mask-rcnn_swin-t-p4-w7_fpn_1x_coco"):
+        find_model("swin-t")
     with pytest.raises(KeyError):
         find_model("definitely-not-a-model")

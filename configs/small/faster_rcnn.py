@@ -4,7 +4,10 @@ _base_ = ['../_base_/synthetic_detection.py', '../_base_/runtime_iters.py', '../
 model = dict(
     type='FasterRCNN',
     data_preprocessor={{_base_.data_preprocessor}},
-    backbone=dict({{_base_.resnet}}, out_indices=(0, 1, 2, 3)),
+    # P2 too (out_indices 0-3): RoIs of small objects pool from it.
+    backbone=dict(type='ResNet', depth=18, base_channels=16, num_stages=4, out_indices=(0, 1, 2, 3),
+                  frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
+                  style='pytorch', init_cfg=None),
     neck=dict(type='FPN', in_channels=[16, 32, 64, 128], out_channels=64, num_outs=5),
     rpn_head=dict(
         type='RPNHead', in_channels=64, feat_channels=64,

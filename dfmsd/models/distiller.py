@@ -183,22 +183,23 @@ class StageDistiller(BaseDetector):
                 t = F.interpolate(t, size=s.shape[-2:], mode='bilinear', align_corners=False)
             if self.feature_losses is not None and original.any():
                 keep = original.nonzero().flatten().tolist()
-                losses[f'distill_feat_s{pair["stride"]}'] = self.feature_losses[level](
+                losses[f'loss_distill_feat_s{pair["stride"]}'] = self.feature_losses[level](
                     s[original], t[original], gt_bboxes=[gt_bboxes[i] for i in keep],
                     img_shapes=[img_shapes[i] for i in keep], stride=pair['stride'])
             if self.aug_loss_weight and augmented.any():
                 rebuilt = self.feature_losses[level].reconstruct(s[augmented], t[augmented])
-                losses[f'distill_aug_s{pair["stride"]}'] = (
+                losses[f'loss_distill_aug_s{pair["stride"]}'] = (
                     self.aug_loss_weight * F.mse_loss(rebuilt, t[augmented], reduction='mean'))
             if self.sfa_losses is not None:
-                losses[f'distill_sfa_s{pair["stride"]}'] = self.sfa_losses[level](s, t)
+                losses[f'loss_distill_sfa_s{pair["stride"]}'] = self.sfa_losses[level](s, t)
         self._check_finite(losses)
         return losses
 
     @staticmethod
     def _check_finite(losses: dict[str, Any]) -> None:
+        # Keys hold "loss" so that mmengine's parse_losses adds them to the total.
         for name, value in losses.items():
-            if name.startswith('distill_') and not torch.isfinite(value).all():
+            if name.startswith('loss_distill_') and not torch.isfinite(value).all():
                 raise DistillError(f'distillation loss {name} is {value.item()}: lower its weight '
                                    f'or the learning rate (the run was stopped, not continued)')
 
