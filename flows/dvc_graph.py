@@ -284,4 +284,6 @@ def stage_status(repo_dir: str | os.PathLike, stage: str, lock_wait_s: float = 1
     # `--json` prints one JSON document; tolerate log lines printed before it
     start = text.find("{")
     status = json.loads(text[start:]) if start >= 0 else {}
-    return list(status.get(stage, [])) if status else []
+    # one stage asked for: its entry is keyed by its address as DVC spells it (relative
+    # to the cwd); take whatever is there rather than rely on the spelling
+    return [change for changes in status.values() for change in changes]

@@ -88,10 +88,13 @@ def _dvc_yaml(py: str, fail: str | None, flaky: str | None, sleep: dict[str, flo
         if name == fail:
             return "exit 3"
         extra = f" --flaky counter-{name}.txt" if name == flaky else ""
-        if name in sleep:
-            extra += f" --sleep {sleep[name]}"
         if name == "train@${item}":
             extra += " --train-log 3"
+            naps = {sleep.get("train@small"), sleep.get("train@large")} - {None}
+            if naps:  # one command for both foreach items
+                extra += f" --sleep {max(naps)}"
+        elif name in sleep:
+            extra += f" --sleep {sleep[name]}"
         return f"{py} step.py {name} {args}{extra}"
 
     return f"""\

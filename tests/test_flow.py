@@ -17,7 +17,11 @@ from flows import testing as demo
 from flows.dvc_graph import load_pipeline
 from flows.progress import parse_eta, parse_train_line
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [
+    pytest.mark.timeout(600),
+    # DVC's own use of pygtrie, on every in-process index load
+    pytest.mark.filterwarnings("ignore:_NoneStep.value will soon raise:DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,10 +40,20 @@ def _dvc_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_api():
+    """A temporary Prefect server (sqlite) for the session, its URL in PREFECT_API_URL."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    # no network: the server's telemetry heartbeat would only log sqlite lock errors
+    saved = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = saved
 
 
 def run_flow(root: Path, **kwargs):
@@ -212,7 +226,8 @@ def test_failing_stage_stops_its_downstream_only(prefect_api, tmp_path):
 
 def test_retries_and_concurrency(prefect_api, tmp_path):
     """retries=1 makes a stage that fails once pass; 2 stages at most run at a time."""
-    root = demo.make_project(tmp_path / "proj", flaky="lonely", sleep={"left": 1.5, "right": 1.5})
+    slow = {"left": 1.0, "right": 1.0, "train@small": 1.0, "train@large": 1.0}
+    root = demo.make_project(tmp_path / "proj", flaky="lonely", sleep=slow)
     state, task_runs = run_flow(root, max_concurrency=2, retries=1, retry_delay_seconds=0)
     assert state.is_completed(), state.message
     assert task_runs["lonely"].state.is_completed()
@@ -227,6 +242,4 @@ def test_retries_and_concurrency(prefect_api, tmp_path):
     for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
         running += delta
         peak = max(peak, running)
-    assert peak <= 2
-    (l0, l1), (r0, r1) = intervals["left"], intervals["right"]
-    assert l0 < r1 and r0 < l1, "left and right (independent, 1.5 s each) did not overlap"
+    assert peak == 2, f"{peak} stage commands ran at the same time, expected 2: {intervals}"
