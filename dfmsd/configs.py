@@ -6,6 +6,7 @@ points the config at a dataset, and sets the iteration budget.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,28 @@ from mmengine.config import Config
 from dfmsd.params import ParamsError
 
 RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
+
+# Where a dataset's splits live under `data.root`: params.yaml `data.train_ann`,
+# `data.train_img`, `data.val_ann`, `data.val_img`, defaulting to the synthetic layout
+# (the COCO preset gives the COCO 2017 names). Every stage reads them through data_layout.
+DATA_LAYOUT = {'train_ann': 'annotations/instances_train.json', 'train_img': 'train/',
+               'val_ann': 'annotations/instances_val.json', 'val_img': 'val/'}
+ZOO_CONFIG_PREFIX = 'zoo:'
+
+
+def data_layout(data: dict[str, Any]) -> dict[str, str]:
+    """params `data` -> the four split paths, relative to `data.root`; image dirs end in '/'."""
+    layout = {key: str(data.get(key) or default) for key, default in DATA_LAYOUT.items()}
+    for key in ('train_img', 'val_img'):
+        layout[key] = layout[key].rstrip('/') + '/'
+    return layout
+
+
+def split_files(data: dict[str, Any], split: str) -> tuple[Path, Path]:
+    """(annotation file, image directory) of `split` ('train' or 'val') under `data.root`."""
+    layout = data_layout(data)
+    root = Path(data['root'])
+    return root / layout[f'{split}_ann'], root / layout[f'{split}_img']
 
 
 def dataset_classes(ann_file: str | Path) -> tuple[str, ...]:
@@ -71,10 +94,11 @@ def point_at_dataset(cfg: Config, data_root: str | Path, image_size: int | None 
     _set_num_classes(cfg.model, len(classes))
 
 
-def set_iterations(cfg: Config, max_iters: int, checkpoint_interval: int | None = None) -> None:
-    """Budget in iterations; warm-up and cosine decay follow it."""
+def set_iterations(cfg: Config, max_iters: int, checkpoint_interval: int | None = None,
+                   warmup_iters: int | None = None) -> None:
+    """Budget in iterations; warm-up (default: min(100, 10%)) and cosine decay follow it."""
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters + 1)
-    warmup = min(100, max(1, max_iters // 10))
+    warmup = min(100, max(1, max_iters // 10)) if warmup_iters is None else max(1, min(int(warmup_iters), max_iters))
     cfg.param_scheduler = [
         dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup),
         dict(type='CosineAnnealingLR', by_epoch=False, begin=warmup, end=max_iters, eta_min_ratio=0.05),
@@ -83,34 +107,63 @@ def set_iterations(cfg: Config, max_iters: int, checkpoint_interval: int | None 
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=interval, by_epoch=False,
                                         max_keep_ckpts=1, save_last=True)
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=max(1, min(20, max_iters // 10)))
+    if cfg.get('log_processor'):  # model-zoo configs log per epoch; the loop counts iterations
+        cfg.log_processor.by_epoch = False
     # Evaluation is its own DVC stage; mmengine would otherwise validate at the last iteration.
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
 
 
-def build_model_config(entry: dict[str, Any], *, data_root: str | Path, image_size: int | None = None,
-                       name: str = 'model') -> Config:
-    """Config for one params.yaml `models.<name>` entry (no schedule applied)."""
-    if 'config' not in entry:
-        raise ParamsError(f"params.yaml: models.{name} has no 'config' key")
-    cfg_path = Path(entry['config'])
+def resolve_config_path(config: str, name: str = 'model') -> Path:
+    """A model entry's `config`: a file path, or `zoo:<mmdet model-index name>` for the config
+    inside the installed mmdet package (dfmsd.zoo)."""
+    config = str(config)
+    if config.startswith(ZOO_CONFIG_PREFIX):
+        from dfmsd.zoo import find_model
+        try:
+            cfg_path = Path(find_model(config[len(ZOO_CONFIG_PREFIX):]).config)
+        except KeyError as err:
+            raise ParamsError(f'params.yaml: models.{name}.config: {err.args[0]}') from None
+    else:
+        cfg_path = Path(config)
     if not cfg_path.is_file():
         raise ParamsError(f'params.yaml: models.{name}.config: {cfg_path} does not exist')
-    cfg = Config.fromfile(str(cfg_path))
+    return cfg_path
+
+
+def build_model_config(entry: dict[str, Any], *, data_root: str | Path, image_size: int | None = None,
+                       name: str = 'model', layout: dict[str, str] | None = None) -> Config:
+    """Config for one params.yaml `models.<name>` entry (no schedule applied).
+
+    `layout` holds the split paths (see data_layout); the synthetic layout by default.
+    """
+    if 'config' not in entry:
+        raise ParamsError(f"params.yaml: models.{name} has no 'config' key")
+    cfg = Config.fromfile(str(resolve_config_path(entry['config'], name)))
     if 'depth' in entry:
         _set_backbone_widths(cfg.model, int(entry['depth']), int(entry['width']),
                              int(entry['fpn_channels']))
-    point_at_dataset(cfg, data_root, image_size)
+    point_at_dataset(cfg, data_root, image_size, **(layout or {}))
     return cfg
 
 
 def apply_training_params(cfg: Config, params: dict[str, Any], iters: int) -> None:
-    """Seed, batch size, learning rate and iteration budget from params.yaml."""
+    """Seed, batch size (per process), optimizer, learning rate and iteration budget.
+
+    `train.optimizer` (e.g. {type: SGD, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4})
+    replaces the config's optimizer when it names a different type and is merged into it
+    otherwise; `train.lr` then sets the learning rate; `train.warmup_iters` the warm-up.
+    """
     train = params.get('train', {})
     cfg.randomness = dict(seed=int(params.get('seed', 0)), deterministic=True)
     cfg.train_dataloader.batch_size = int(train.get('batch_size', 8))
+    if train.get('optimizer'):
+        wanted = dict(train['optimizer'])
+        current = cfg.optim_wrapper.optimizer
+        same_type = wanted.get('type', current.get('type')) == current.get('type')
+        cfg.optim_wrapper.optimizer = {**current, **wanted} if same_type else wanted
     if 'lr' in train:
         cfg.optim_wrapper.optimizer.lr = float(train['lr'])
-    set_iterations(cfg, int(iters), train.get('checkpoint_interval'))
+    set_iterations(cfg, int(iters), train.get('checkpoint_interval'), train.get('warmup_iters'))
 
 
 def model_entry(params: dict[str, Any], name: str) -> dict[str, Any]:
@@ -129,7 +182,7 @@ def model_entry(params: dict[str, Any], name: str) -> dict[str, Any]:
 def student_config(params: dict[str, Any]) -> Config:
     data = params['data']
     return build_model_config(model_entry(params, 'student'), data_root=data['root'],
-                              image_size=data.get('image_size'), name='student')
+                              image_size=data.get('image_size'), name='student', layout=data_layout(data))
 
 
 ME_META_KEYS = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip',
@@ -154,7 +207,7 @@ def distill_config(params: dict[str, Any], run_name: str, *, me_data_root: str |
     model_entry(params, run['teacher'])  # a clear error for an unknown teacher name
 
     student_cfg = student_config(params)
-    cfg = student_cfg.copy()
+    cfg = copy.deepcopy(student_cfg)  # Config.copy() would share nested dicts with student_cfg
     cfg.custom_imports = dict(imports=['dfmsd.models'], allow_failed_imports=False)
     cfg.model = dict(
         type='StageDistiller',
@@ -163,6 +216,7 @@ def distill_config(params: dict[str, Any], run_name: str, *, me_data_root: str |
                      checkpoint=f'{models_dir}/{run["teacher"]}.pth'),
         feature_loss=method.get('feature_loss'),
         sfa_loss=method.get('sfa_loss'),
+        logit_loss=method.get('logit_loss'),
         aug_loss_weight=float(method.get('aug_loss_weight', 0.0)) if me_data_root else 0.0,
         student_init=run.get('init'),
         distill_strides=method.get('distill_strides'))

@@ -6,6 +6,7 @@ of resuming a run that no longer matches it.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -18,7 +19,22 @@ from mmengine.dist import is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
-from dfmsd.checkpoint import allow_mmengine_checkpoints, export_plain_checkpoint
+from dfmsd.checkpoint import allow_mmengine_checkpoints, export_plain_checkpoint, resumable_training
+from dfmsd.launch import single_process_config
+
+
+class ConciseRunner(Runner):
+    """mmengine's Runner with a one-line environment log instead of its multi-kilobyte
+    dump (torch build flags), which buried the training progress in stage logs."""
+
+    def _log_env(self, env_cfg: dict) -> None:
+        import mmcv
+        import mmdet
+        import mmengine
+        import torch
+        self.logger.info(f'torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, '
+                         f'mmengine {mmengine.__version__}, seed {self.seed}, '
+                         f'deterministic {self._deterministic}, world size {self.world_size}')
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -26,7 +42,7 @@ def build_runner(cfg: Config) -> Runner:
     which would keep writing into an earlier runner's (possibly deleted) work dir."""
     if cfg.get('visualizer'):
         cfg.visualizer.pop('name', None)  # defaults to the runner's unique experiment name
-    return Runner.from_cfg(cfg)
+    return ConciseRunner.from_cfg(cfg)
 
 
 def config_digest(cfg: Config) -> str:
@@ -34,14 +50,11 @@ def config_digest(cfg: Config) -> str:
 
 
 def prepare_work_dir(cfg: Config, name: str, work_root: str | Path = 'work_dirs') -> Path:
-    """Set cfg.work_dir and cfg.resume (True when an unfinished run of this config exists)."""
+    """Set cfg.work_dir; resume from its newest hash-verified checkpoint when one exists."""
     work_dir = Path(work_root) / f'{name}-{config_digest(cfg)}'
     cfg.work_dir = str(work_dir)
-    last = work_dir / 'last_checkpoint'
-    cfg.resume = last.is_file() and Path(last.read_text().strip()).is_file()
+    resumable_training(cfg)
     if cfg.resume:
-        # mmengine resumes from load_from when it is set, so it must name the last checkpoint
-        cfg.load_from = last.read_text().strip()
         print(f'[{name}] resuming from {cfg.load_from}', flush=True)
     return work_dir
 
@@ -77,6 +90,10 @@ def train_and_export(cfg: Config, *, name: str, out_checkpoint: str | Path, out_
     distiller); it defaults to `cfg`.
     """
     allow_mmengine_checkpoints()
+    # Deep copies: Config.copy() shares nested dicts, and the training-only settings added
+    # below (work dir, resume, hashed checkpoint hook) must not reach the exported config.
+    export_cfg = copy.deepcopy(export_cfg or cfg)
+    cfg = copy.deepcopy(cfg)
     work_dir = prepare_work_dir(cfg, name, work_root)
     runner = build_runner(cfg)
     runner.train()
@@ -87,7 +104,7 @@ def train_and_export(cfg: Config, *, name: str, out_checkpoint: str | Path, out_
             'mmdet_config': Path(out_config).name}
     export_plain_checkpoint(model.state_dict(), out_checkpoint, meta=meta, prefix=export_prefix)
     Path(out_config).parent.mkdir(parents=True, exist_ok=True)
-    (export_cfg or cfg).dump(str(out_config))
+    single_process_config(export_cfg or cfg).dump(str(out_config))  # no launcher / DDP keys
     if loss_csv:
         write_loss_csv(work_dir, loss_csv)
     # Finished: the work dir only exists to resume unfinished runs; a forced rerun retrains.

@@ -35,11 +35,9 @@ import concurrent.futures
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +53,6 @@ from prefect.states import Completed, Failed, State
 
 from flows.dvc_graph import (
     Pipeline,
-    StageInfo,
     is_lock_error,
     load_pipeline,
     repro_command,
@@ -154,19 +151,36 @@ class _Progress:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Terminate ``dvc repro`` and the stage command it started (own process group)."""
+    """Terminate ``dvc repro`` and the stage command it started, if still running.
+
+    The child stays in our process group (Ctrl-C in a terminal reaches the stage command,
+    as with a plain ``dvc repro``), so its process tree is found with psutil (a DVC
+    dependency) rather than killed as a group.
+    """
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    try:
+        import psutil
+
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except Exception:
+        procs = []
+    for p in procs or [proc]:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+            p.terminate()
+        except Exception:
+            pass
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    for p in procs or [proc]:
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            p.kill()
+        except Exception:
+            pass
+    proc.wait()
 
 
 def _stream_repro(stage: str, repo_dir: str, force: bool, logger, progress: _Progress):
@@ -183,7 +197,6 @@ def _stream_repro(stage: str, repo_dir: str, force: bool, logger, progress: _Pro
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -231,8 +244,14 @@ def run_dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
         break
 
     if code != 0:
-        m = re.search(r"exited with (-?\d+)", text)
-        raise StageFailed(stage, code, lines[-TAIL_LINES:], int(m.group(1)) if m else None)
+        # DVC's own last words: "ERROR: failed to reproduce 'x': failed to run: CMD, exited with 3"
+        command_exit = None
+        for line in reversed(lines):
+            m = re.search(r"exited with (-?\d+)\s*$", line)
+            if line.startswith("ERROR") and m:
+                command_exit = int(m.group(1))
+                break
+        raise StageFailed(stage, code, lines[-TAIL_LINES:], command_exit)
     try:
         progress.finish()
     except Exception as exc:
@@ -460,13 +479,17 @@ def dvc_pipeline(
     for name in pipeline.stages:
         state = states.get(name)
         result = _result_of(state)
+        blockers = [up for up in pipeline.upstream[name] if up in states and not states[up].is_completed()]
+        details = _details(result, state)
+        if result.startswith("not run") and blockers:
+            details = "upstream stage(s) did not complete: " + ", ".join(f"`{b}`" for b in sorted(blockers))
         rows.append(
             {
                 "stage": name,
                 "result": result,
                 "state": state.name if state else None,
                 "duration_s": durations.get(name) if not result.startswith("not run") else None,
-                "message": _details(result, state),
+                "message": details,
             }
         )
         logger.info("stage %-30s %s", name, result)

@@ -7,13 +7,14 @@ def main() -> None:
     from pathlib import Path
 
     from dfmsd.augment import augment_dataset
+    from dfmsd.configs import split_files
     from dfmsd.params import get, load_params
     params = load_params()
     cfg = get(params, 'augment')
-    root = get(params, 'data.root')
+    train_ann, train_img = split_files(get(params, 'data'), 'train')
     ratios = json.loads(Path('data/teacher_boxes/area_ratios.json').read_text())['area_ratios']
     summary = augment_dataset(
-        f'{root}/annotations/instances_train.json', f'{root}/train',
+        train_ann, train_img,
         {int(k): v for k, v in ratios.items()}, 'data/augmented',
         threshold=float(cfg['threshold']), noise_prob=float(cfg['noise_prob']),
         noise_sigma=float(cfg['noise_sigma']), crop_min=float(cfg['crop_min']),

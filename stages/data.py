@@ -1,12 +1,32 @@
-"""DVC stage `data`: generate the synthetic COCO-format dataset."""
+"""DVC stage `data`: generate the synthetic COCO-format dataset, or (`data.generate: false`,
+the COCO preset) check that an existing dataset has the layout params.yaml names."""
 from dfmsd import cli
 
 
+def check_layout(data: dict) -> None:
+    from pathlib import Path
+
+    from dfmsd.configs import data_layout
+    from dfmsd.data import DatasetError
+    root = Path(data['root'])
+    layout = data_layout(data)
+    for key in ('train_ann', 'train_img', 'val_ann', 'val_img'):
+        path = root / layout[key]
+        exists = path.is_dir() if key.endswith('_img') else path.is_file()
+        if not exists:
+            raise DatasetError(f"{path} not found (params.yaml data.{key}; data.generate is false, so the "
+                               f"dataset must already be in place: see docs/coco.md for the COCO 2017 layout)")
+    print(f"[data] {root}: {', '.join(layout[k] for k in ('train_ann', 'train_img', 'val_ann', 'val_img'))} present")
+
+
 def main() -> None:
-    from dfmsd.data import generate_dataset
     from dfmsd.params import get, load_params
     params = load_params()
     data = get(params, 'data')
+    if not data.get('generate', True):
+        check_layout(data)
+        return
+    from dfmsd.data import generate_dataset
     summary = generate_dataset(
         data['root'], num_train=int(data['num_train']), num_val=int(data['num_val']),
         image_size=int(data['image_size']), seed=int(params.get('seed', 0)),

@@ -16,17 +16,19 @@ def main() -> None:
     from mmengine.config import Config
 
     from dfmsd.augment import area_ratio
+    from dfmsd.configs import data_layout
     from dfmsd.evaluation import predict_coco_json, write_json_atomic
     from dfmsd.params import get, load_params
     params = load_params()
     teacher = get(params, 'teacher_boxes.teacher')
     score_thr = float(get(params, 'teacher_boxes.score_thr'))
     root = get(params, 'data.root')
+    layout = data_layout(get(params, 'data'))
     out_dir = Path('data/teacher_boxes')
     preds = predict_coco_json(Config.fromfile(f'models/{teacher}.py'), f'models/{teacher}.pth',
                               out_dir / 'predictions.bbox.json', data_root=root,
-                              ann_file='annotations/instances_train.json', img_prefix='train/')
-    images = json.loads(Path(root, 'annotations/instances_train.json').read_text())['images']
+                              ann_file=layout['train_ann'], img_prefix=layout['train_img'])
+    images = json.loads(Path(root, layout['train_ann']).read_text())['images']
     boxes = defaultdict(list)
     for det in json.loads(preds.read_text()):
         if det['score'] >= score_thr:

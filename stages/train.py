@@ -15,9 +15,9 @@ def main() -> None:
     parser.add_argument('name', help="a key of params.yaml 'teachers', or 'student'")
     args = parser.parse_args()
 
-    import dfmsd.models  # noqa: F401
-    from dfmsd.configs import apply_training_params, build_model_config, model_entry
+    from dfmsd.configs import apply_training_params, build_model_config, data_layout, model_entry, split_files
     from dfmsd.data import validate_coco
+    from dfmsd.launch import apply_launcher, in_worker, maybe_relaunch
     from dfmsd.params import load_params
     from dfmsd.training import train_and_export
     params = load_params()
@@ -27,13 +27,17 @@ def main() -> None:
         fetch_teacher(args.name, entry, params)
         return
     data = params['data']
-    for split in ('train', 'val'):
-        validate_coco(f"{data['root']}/annotations/instances_{split}.json", f"{data['root']}/{split}")
+    if not in_worker():  # checked once, before a multi-process launch; its workers skip it
+        for split in ('train', 'val'):
+            validate_coco(*split_files(data, split))
+    maybe_relaunch(params)  # more than one process configured: re-run this command under torchrun
+    import dfmsd.models  # noqa: F401
     cfg = build_model_config(entry, data_root=data['root'], image_size=data.get('image_size'),
-                             name=args.name)
+                             name=args.name, layout=data_layout(data))
     apply_training_params(cfg, params, int(entry['iters']))
     if args.name == 'student':
         cfg.load_from = 'models/student_init.pth'
+    apply_launcher(cfg, params)
     train_and_export(cfg, name=args.name, out_checkpoint=f'models/{args.name}.pth',
                      out_config=f'models/{args.name}.py', loss_csv=f'logs/{args.name}.csv')
 

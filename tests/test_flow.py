@@ -24,59 +24,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _dvc_env(tmp_path_factory):
-    """No DVC analytics; DVC's site cache (index, state DBs) under the test's tmp dir."""
-    saved = {k: os.environ.get(k) for k in ("DVC_NO_ANALYTICS", "DVC_SITE_CACHE_DIR")}
-    os.environ["DVC_NO_ANALYTICS"] = "1"
-    os.environ["DVC_SITE_CACHE_DIR"] = str(tmp_path_factory.mktemp("dvc-site-cache"))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A temporary Prefect server (sqlite) for the session, its URL in PREFECT_API_URL."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    # no network: the server's telemetry heartbeat would only log sqlite lock errors
-    saved = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
-        else:
-            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = saved
-
-
-def run_flow(root: Path, **kwargs):
-    """Run the flow; return its final state and its task runs by name."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    from flows.pipeline import dvc_pipeline
-
-    state = dvc_pipeline(repo_dir=str(root), return_state=True, **kwargs)
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        # limit/sort given explicitly: prefect 3.8.8's sync client sends null for them
-        # otherwise, which its own server rejects (422)
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            limit=200,
-        )
-    by_name = {tr.name: tr for tr in task_runs}
-    assert len(by_name) == len(task_runs), f"task run names not unique: {[t.name for t in task_runs]}"
-    return state, by_name
+from conftest import run_flow  # noqa: E402  (fixtures prefect_api, _dvc_env live in conftest)
 
 
 def state_names(task_runs) -> dict[str, str]:
@@ -190,6 +138,8 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_downstream(first_run):
     assert state.is_completed(), state.message
     assert state_names(task_runs) == {name: "Skipped" for name in demo.STAGES}
     assert all(tr.state.is_completed() for tr in task_runs.values())
+    # decided by `dvc status` up front (no `dvc repro` started, which would say the same)
+    assert {tr.state.message for tr in task_runs.values()} == {"skipped: up to date"}
     assert (root / "run.log").read_text() == log_before  # no command re-executed
 
     (root / "right.txt").write_text("right input v2\n")
@@ -199,6 +149,14 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_downstream(first_run):
     assert state_names(task_runs) == {n: ("Completed" if n in rerun else "Skipped") for n in demo.STAGES}
     new_lines = (root / "run.log").read_text()[len(log_before):]
     assert sorted(line.split()[0] for line in new_lines.splitlines() if " start " in line) == sorted(rerun)
+
+    # back to the old input: DVC's run-cache has that run, restores it instead of running
+    (root / "right.txt").write_text("right input v1\n")
+    log_before = (root / "run.log").read_text()
+    state, task_runs = run_flow(root, targets=["right"])
+    assert state.is_completed(), state.message
+    assert state_names(task_runs) == {"prepare": "Skipped", "right": "Restored"}
+    assert (root / "run.log").read_text() == log_before
 
     # force: everything runs again, even though nothing changed
     state, task_runs = run_flow(root, targets=["right"], force=True)
@@ -234,12 +192,21 @@ def test_retries_and_concurrency(prefect_api, tmp_path):
     assert task_runs["lonely"].run_count == 2
     assert (root / "counter-lonely.txt").read_text() == "2"
 
-    intervals = {}
+    # stage commands (run.log) never more than 2 at a time ...
+    commands: dict[str, list[float]] = {}
     for name, what, t in demo.read_run_log(root):
-        intervals.setdefault(name, [None, None])[0 if what == "start" else 1] = t
-    events = sorted((t, +1 if i == 0 else -1) for a, b in intervals.values() for i, t in enumerate((a, b)) if t)
+        commands.setdefault(name, [0.0, 0.0])[0 if what == "start" else 1] = t
+    assert peak_overlap(commands.values()) <= 2, commands
+    # ... and the stage tasks (Prefect's start/end times) did run 2 at a time
+    tasks = {n: (tr.start_time.timestamp(), tr.end_time.timestamp()) for n, tr in task_runs.items()}
+    assert peak_overlap(tasks.values()) == 2, tasks
+
+
+def peak_overlap(intervals) -> int:
+    """Most intervals open at the same time (an end at t closes before a start at t)."""
+    events = sorted((t, delta) for start, end in intervals for t, delta in ((start, 1), (end, -1)))
     running = peak = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+    for _, delta in events:
         running += delta
         peak = max(peak, running)
-    assert peak == 2, f"{peak} stage commands ran at the same time, expected 2: {intervals}"
+    return peak

@@ -4,10 +4,14 @@ A student detector plus one frozen teacher (stage k of SAL distills from teacher
 the next stage is a new run whose student starts from this stage's checkpoint).
 
     L = L_det + L_feat(S, T) + beta * L_aug(S~, T~) + L_sfa(S, T)        (paper Eq. 6)
+          [+ L_logit]                                        (head-level baselines)
 
 where L_feat is the configured feature loss (DMKD for DFMSD, MGD/PKD/... for the
 baselines; its loss_weight is alpha), L_aug is Eq. 8 on masking-enhanced images, and
-L_sfa the Pearson alignment (its loss_weight is gamma).
+L_sfa the Pearson alignment (its loss_weight is gamma). L_logit is an optional
+head-level loss (PCD, CrossKD; `losses/logits.py`) on the dense heads' class logits;
+it gets what its `needs` names (student / teacher per-location logits, or the teacher's
+cls branch as a function) plus the training progress iter / max_iters.
 
 The teacher is kept out of the module tree: it is never in `parameters()`, the
 optimizer, `state_dict()` or DDP, and stays in eval mode (BN included). It normalises
@@ -16,6 +20,7 @@ matched by stride, found by probing both models once at build time.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,12 @@ import torch.nn.functional as F
 from mmdet.models.detectors.base import BaseDetector
 from mmdet.registry import MODELS
 from mmengine.config import Config
+from mmengine.logging import MessageHub
 from mmengine.runner.checkpoint import load_checkpoint, load_state_dict
 from torch import nn
 
 from dfmsd.checkpoint import allow_mmengine_checkpoints
+from dfmsd.models.losses.logits import LOGIT_INPUTS, dense_head, head_class_logits
 
 
 class DistillError(RuntimeError):
@@ -70,6 +77,16 @@ def probe_fpn(model: nn.Module, size: int = 256) -> list[tuple[int, int]]:
     return [(round(size / f.shape[-1]), f.shape[1]) for f in feats]
 
 
+def training_progress() -> float | None:
+    """iter / max_iters of the running mmengine loop (0 at the first iteration), read from
+    the current MessageHub; None outside a training run (no such info)."""
+    hub = MessageHub.get_current_instance()
+    it, total = hub.get_info('iter'), hub.get_info('max_iters')
+    if it is None or not total:
+        return None
+    return min(1.0, max(0.0, float(it) / float(total)))
+
+
 @MODELS.register_module()
 class StageDistiller(BaseDetector):
     """Student + frozen teacher with stride-matched feature losses.
@@ -80,13 +97,16 @@ class StageDistiller(BaseDetector):
         feature_loss: loss config (DMKDLoss, MGDLoss, ...) built once per matched level;
             its `loss_weight` is alpha.
         sfa_loss: optional Pearson alignment loss config (PKDLoss); weight is gamma.
+        logit_loss: optional head-level loss config (PCDLoss, CrossKDLoss) built once per
+            matched level; needs dense-head models (a two-stage one is a DistillError).
         aug_loss_weight: beta of Eq. 8, on images from an MEAugmentedCocoDataset.
         student_init: plain student checkpoint to start from (the previous SAL stage).
         distill_strides: restrict distillation to these strides (default: all common).
     """
 
     def __init__(self, student: dict, teacher: dict, feature_loss: dict | None = None,
-                 sfa_loss: dict | None = None, aug_loss_weight: float = 0.0,
+                 sfa_loss: dict | None = None, logit_loss: dict | None = None,
+                 aug_loss_weight: float = 0.0,
                  student_init: str | None = None, distill_strides: list[int] | None = None,
                  probe_size: int = 256, data_preprocessor: dict | None = None,
                  init_cfg: dict | None = None) -> None:
@@ -97,14 +117,17 @@ class StageDistiller(BaseDetector):
         object.__setattr__(self, 'teacher', build_teacher(**teacher))
         self.student_init = student_init
         self.aug_loss_weight = float(aug_loss_weight)
-        if self.aug_loss_weight and not hasattr(MODELS.get(feature_loss['type']), 'reconstruct'):
+        if self.aug_loss_weight and not (
+                feature_loss and hasattr(MODELS.get(feature_loss['type']), 'reconstruct')):
             raise DistillError(f"aug_loss_weight needs a masked-reconstruction feature loss; "
-                               f"{feature_loss['type']} has no reconstruct()")
+                               f"{(feature_loss or {}).get('type')} has no reconstruct()")
 
         self.level_pairs = self._match_levels(probe_fpn(self.student, probe_size),
                                               probe_fpn(self.teacher, probe_size), distill_strides)
         self.feature_losses = self._per_level(feature_loss)
         self.sfa_losses = self._per_level(sfa_loss)
+        self.logit_losses = self._per_level(logit_loss)
+        self.logit_needs, self.logit_sigmoid = self._check_logit_loss(logit_loss)
         self._student_feats: tuple[torch.Tensor, ...] | None = None
         self.student.neck.register_forward_hook(self._record_student_feats)
 
@@ -131,6 +154,40 @@ class StageDistiller(BaseDetector):
         return nn.ModuleList(
             MODELS.build(dict(loss_cfg, student_channels=p['student_channels'],
                               teacher_channels=p['teacher_channels'])) for p in self.level_pairs)
+
+    def _check_logit_loss(self, loss_cfg: dict | None) -> tuple[frozenset, bool]:
+        """(what the logit loss needs, sigmoid heads?), checked against the dense heads."""
+        if not loss_cfg:
+            return frozenset(), True
+        needs = frozenset(getattr(self.logit_losses[0], 'needs', ()))
+        if not needs or needs - LOGIT_INPUTS:
+            raise DistillError(f"logit_loss {loss_cfg['type']} must declare `needs` within "
+                               f"{sorted(LOGIT_INPUTS)}, got {sorted(needs)}")
+        heads = {}
+        if 'student_logits' in needs:
+            heads['student'] = dense_head(self.student, 'student')
+        if needs & {'teacher_logits', 'teacher_head_fn'}:
+            heads['teacher'] = dense_head(self.teacher, 'teacher')
+        kinds = {role: (h.cls_out_channels, bool(h.use_sigmoid_cls)) for role, h in heads.items()}
+        if len(set(kinds.values())) > 1:
+            raise DistillError(f'logit_loss {loss_cfg["type"]}: student and teacher heads differ '
+                               f'in (class outputs, sigmoid): {kinds}')
+        return needs, next(iter(kinds.values()))[1]
+
+    def _logit_inputs(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        """The logit loss's `needs` for one level (s with grad, t detached) + `sigmoid`."""
+        inputs: dict[str, Any] = {}
+        if 'student_logits' in self.logit_needs:
+            inputs['student_logits'] = head_class_logits(self.student.bbox_head, s)
+        teacher_head = getattr(self.teacher, 'bbox_head', None)
+        if 'teacher_logits' in self.logit_needs:
+            with torch.no_grad():
+                inputs['teacher_logits'] = head_class_logits(teacher_head, t)
+        if 'teacher_head_fn' in self.logit_needs:  # frozen weights, differentiable in x
+            inputs['teacher_head_fn'] = partial(head_class_logits, teacher_head,
+                                                reduce_anchors=False)
+        inputs['sigmoid'] = self.logit_sigmoid
+        return inputs
 
     def _record_student_feats(self, module, args, output) -> None:
         self._student_feats = output
@@ -174,24 +231,30 @@ class StageDistiller(BaseDetector):
         augmented = torch.tensor([bool(s.metainfo.get('is_augmented', False)) for s in samples],
                                  device=s_feats[0].device)
         original = ~augmented
-        gt_bboxes = [s.gt_instances.bboxes for s in samples]
-        img_shapes = [s.img_shape for s in samples]
+        keep = original.nonzero().flatten().tolist()  # L_feat and L_logit: original images
+        gt_bboxes = [samples[i].gt_instances.bboxes for i in keep]
+        img_shapes = [samples[i].img_shape for i in keep]
+        progress = training_progress() if self.logit_losses is not None else None
         for level, pair in enumerate(self.level_pairs):
             s = s_feats[pair['student_idx']]
             t = t_feats[pair['teacher_idx']].detach()
             if t.shape[-2:] != s.shape[-2:]:  # same stride, different padding
                 t = F.interpolate(t, size=s.shape[-2:], mode='bilinear', align_corners=False)
-            if self.feature_losses is not None and original.any():
-                keep = original.nonzero().flatten().tolist()
+            if self.feature_losses is not None and keep:
                 losses[f'loss_distill_feat_s{pair["stride"]}'] = self.feature_losses[level](
-                    s[original], t[original], gt_bboxes=[gt_bboxes[i] for i in keep],
-                    img_shapes=[img_shapes[i] for i in keep], stride=pair['stride'])
+                    s[original], t[original], gt_bboxes=gt_bboxes, img_shapes=img_shapes,
+                    stride=pair['stride'])
             if self.aug_loss_weight and augmented.any():
                 rebuilt = self.feature_losses[level].reconstruct(s[augmented], t[augmented])
                 losses[f'loss_distill_aug_s{pair["stride"]}'] = (
                     self.aug_loss_weight * F.mse_loss(rebuilt, t[augmented], reduction='mean'))
             if self.sfa_losses is not None:
                 losses[f'loss_distill_sfa_s{pair["stride"]}'] = self.sfa_losses[level](s, t)
+            if self.logit_losses is not None and keep:
+                s_o, t_o = s[original], t[original]
+                losses[f'loss_distill_logit_s{pair["stride"]}'] = self.logit_losses[level](
+                    s_o, t_o, **self._logit_inputs(s_o, t_o), progress=progress,
+                    gt_bboxes=gt_bboxes, img_shapes=img_shapes, stride=pair['stride'])
         self._check_finite(losses)
         return losses
 

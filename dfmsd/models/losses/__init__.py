@@ -22,6 +22,9 @@ from .common import (SEBlock, channel_attention, channel_normalize, make_align,
 from .dmkd import DMKDLoss, aug_reconstruction_loss
 from .fgd import FGDLoss, GcBlock, fgd_masks
 from .fkd import FeatureKDLoss
+from .logits import (LOGIT_INPUTS, CrossKDLoss, PCDLoss, class_kd, dense_class_logits,
+                     dense_head, head_class_logits, pcd_class_groups, pcd_num_active_groups,
+                     valid_locations)
 from .mar import MARLoss, MARRelationLoss, mar_mask, pixel_relation
 from .mgd import MGDLoss
 from .pkd import PKDLoss, SFALoss
@@ -31,4 +34,7 @@ __all__ = [
     'MARRelationLoss', 'aug_reconstruction_loss', 'make_align', 'make_generation', 'SEBlock',
     'spatial_attention', 'channel_attention', 'channel_normalize', 'reconstruction_loss',
     'sample_attention_mask', 'fgd_masks', 'mar_mask', 'pixel_relation', 'GcBlock',
+    'PCDLoss', 'CrossKDLoss', 'LOGIT_INPUTS', 'dense_class_logits', 'dense_head',
+    'head_class_logits', 'class_kd', 'valid_locations', 'pcd_num_active_groups',
+    'pcd_class_groups',
 ]
