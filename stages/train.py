@@ -22,9 +22,13 @@ def main() -> None:
     from dfmsd.training import train_and_export
     params = load_params()
     entry = model_entry(params, args.name)
-    if 'zoo' in entry:
+    if 'zoo' in entry:  # downloaded, not trained: one process, and a loss log with no rows
+        from pathlib import Path
+
         from dfmsd.teachers import fetch_teacher
         fetch_teacher(args.name, entry, params)
+        Path('logs').mkdir(exist_ok=True)
+        Path(f'logs/{args.name}.csv').write_text('iter,loss\n')  # DVC declares it a plot output
         return
     data = params['data']
     if not in_worker():  # checked once, before a multi-process launch; its workers skip it
