@@ -249,6 +249,51 @@ def test_grid_rows_build_distiller_configs(project, params, monkeypatch):
 
 # ----------------------------------------------------------------------------- stages, DVC
 
+def test_report_rows_name_only_models_the_preset_makes(params):
+    made = set(params['teachers']) | {'student'} | set(params['distill']['runs']) \
+        | set(params['distill']['me_runs'])
+    for name, row in params['report']['rows'].items():
+        assert name in made, name  # evaluate@<row> needs models/<row>.pth
+        assert set(row['budget']) <= made, row
+    assert params['report']['baseline'] == 'student'
+
+
+def test_zoo_teacher_stage_runs_in_one_process_offline(project, tmp_path):
+    """The teacher stage of a `zoo:` entry, with `launch` at 8 processes: it does not
+    relaunch, verifies the (here: pre-placed, fully pinned) file and exports tensors only.
+    A zoo entry without a hash prefix in mmdet's index lets a made-up file stand in."""
+    import hashlib
+    import urllib.parse
+
+    import torch
+
+    from dfmsd.zoo import find_model
+    zoo = find_model('ddq-detr-5scale_r50_8xb2-12e_coco')
+    assert not zoo.sha256_prefix
+    fake = tmp_path / Path(urllib.parse.urlparse(zoo.url).path).name
+    torch.save({'state_dict': {'backbone.w': torch.ones(2, 3)}, 'meta': {'note': 'stand-in'}}, fake)
+    digest = hashlib.sha256(fake.read_bytes()).hexdigest()
+    params_file = project / 'params.yaml'
+    saved = params_file.read_text()
+    p = yaml.safe_load(saved)
+    p['teachers']['teacher_weak'] = {'zoo': zoo.name, 'sha256': digest, 'cache_dir': str(tmp_path)}
+    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        res = run([sys.executable, 'stages/train.py', 'teacher_weak'], project)
+        ckpt = torch.load(project / 'models/teacher_weak.pth', weights_only=True)
+        exported_cfg = (project / 'models/teacher_weak.py').read_text()
+        log = (project / 'logs/teacher_weak.csv').read_text()
+    finally:
+        params_file.write_text(saved)
+        for out in ('models/teacher_weak.pth', 'models/teacher_weak.py', 'logs/teacher_weak.csv'):
+            (project / out).unlink(missing_ok=True)
+    assert '[launch]' not in res.stdout and 'verified' in res.stdout
+    assert torch.equal(ckpt['state_dict']['backbone.w'], torch.ones(2, 3))
+    assert ckpt['meta']['zoo'] == zoo.name and ckpt['meta']['url'] == zoo.url
+    assert 'DDQ' in exported_cfg
+    assert log == 'iter,loss\n'
+
+
 def test_data_stage_checks_the_layout_instead_of_generating(project):
     res = run([sys.executable, 'stages/data.py'], project)
     assert 'instances_train2017.json' in res.stdout
