@@ -87,7 +87,7 @@ def test_preset_settings(params):
     assert (data['val_ann'], data['val_img']) == ('annotations/instances_val2017.json', 'val2017/')
     assert params['launch']['nproc_per_node'] * params['train']['batch_size'] == 16
     assert params['launch']['backend'] == 'nccl'
-    assert params['train']['optimizer'] == {'type': 'SGD', 'lr': 0.02, 'momentum': 0.9, 'weight_decay': 1e-4}
+    assert params['train']['optimizer'] == {'type': 'SGD', 'momentum': 0.9, 'weight_decay': 1e-4}  # lr: each config's own
     assert 'lr' not in params['train']  # the small presets' AdamW learning rate is gone
     runs = {**params['distill']['runs'], **params['distill']['me_runs']}
     assert set(runs) == {'mgd', 'dmkd', 'pkd', 'dfmsd_stage1', 'dfmsd_stage2'}
@@ -194,7 +194,9 @@ def _check_distiller_cfg(cfg, student_cfg, run, *, me: bool, iters: int):
     assert cfg.model.student == student_cfg.model and cfg.model.student_init == run['init']
     student = cfg.model.student
     assert (student.roi_head.bbox_head if 'roi_head' in student else student.bbox_head).num_classes == 80
-    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4)
+    own_lr = student_cfg.optim_wrapper.optimizer.lr  # the student's mmdet config value, kept
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=own_lr, momentum=0.9, weight_decay=1e-4)
+    assert own_lr in (0.01, 0.02)
     assert cfg.train_cfg.max_iters == iters and cfg.train_dataloader.batch_size == 2
     assert cfg.param_scheduler[0]['end'] == min(500, iters) and cfg.log_processor.by_epoch is False
     ds = cfg.train_dataloader.dataset
