@@ -91,10 +91,14 @@ def write_tables(rows: list[dict[str, Any]], out_dir: str | Path, notes: list[st
         writer.writerows(rows)
 
 
-def read_loss_csv(path: str | Path) -> tuple[list[int], list[float]]:
+def read_loss_csv(path: str | Path) -> tuple[list[int], list[float], list[float]]:
+    """(iterations, total loss, detection loss = total minus the loss_distill_* terms)."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return [int(r['iter']) for r in rows], [float(r['loss']) for r in rows]
+    total = [float(r['loss']) for r in rows]
+    det = [float(r['loss']) - sum(float(v) for k, v in r.items() if k.startswith('loss_distill_') and v)
+           for r in rows]
+    return [int(r['iter']) for r in rows], total, det
 
 
 def plot_figures(rows: list[dict[str, Any]], params: dict[str, Any], out_dir: str | Path,
@@ -123,7 +127,7 @@ def plot_figures(rows: list[dict[str, Any]], params: dict[str, Any], out_dir: st
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, (ax_total, ax_det) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for r in rows:
         offset = 0
         budget = params['report']['rows'][r['name']]['budget']
@@ -131,15 +135,21 @@ def plot_figures(rows: list[dict[str, Any]], params: dict[str, Any], out_dir: st
             path = Path(logs_dir, f'{name}.csv')
             if not path.is_file():
                 continue
-            iters, losses = read_loss_csv(path)
+            iters, total, det = read_loss_csv(path)
+            if not iters:  # a downloaded teacher has no training log
+                continue
             label = r['method'] if len(budget) == 1 else f"{r['method']} · stage {stage + 1}"
-            ax.plot([i + offset for i in iters], losses, lw=1, label=label)
+            line, = ax_total.plot([i + offset for i in iters], total, lw=1, label=label)
+            ax_det.plot([i + offset for i in iters], det, lw=1, color=line.get_color())
             offset += run_iters(params, name)
-    ax.set_xlabel('iteration (SAL stages placed end to end)')
-    ax.set_ylabel('total training loss')
-    ax.set_yscale('log')
-    ax.set_title('Training loss per run and SAL stage')
-    ax.legend(fontsize=7, ncol=2)
+    for ax, title in ((ax_total, 'total loss (detection + distillation)'),
+                      (ax_det, 'detection loss only')):
+        ax.set_xlabel('iteration (SAL stages placed end to end)')
+        ax.set_yscale('log')
+        ax.set_title(title, fontsize=10)
+    ax_total.set_ylabel('training loss')
+    ax_total.legend(fontsize=7, ncol=2)
+    fig.suptitle('Training loss per run and SAL stage')
     fig.tight_layout()
     written.append(out_dir / 'training_loss.png')
     fig.savefig(written[-1], dpi=120)
