@@ -35,7 +35,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # Through a file handle: torch.save names the zip's root folder after a path it is
+        # given (here a random temp name), which would make identical weights differ in bytes.
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

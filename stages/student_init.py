@@ -22,8 +22,8 @@ def main() -> None:
     model = MODELS.build(cfg.model)
     model.init_weights()
     export_plain_checkpoint(model.state_dict(), 'models/student_init.pth', meta={'name': 'student_init'})
-    cfg.dump('models/student.py')
-    print('[student_init] wrote models/student_init.pth and models/student.py')
+    cfg.dump('models/student_init.py')
+    print('[student_init] wrote models/student_init.pth and models/student_init.py')
 
 
 if __name__ == '__main__':
