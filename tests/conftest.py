@@ -93,3 +93,12 @@ def run_flow(root: Path, **kwargs):
     return state, by_name
 
 
+
+
+@pytest.fixture(autouse=True)
+def _own_mmengine_logger(request):
+    """Prefect's logging set-up (logging.config.dictConfig) closes every existing handler,
+    including the file handler of an earlier in-process Runner's MMLogger, which mmengine
+    keeps as the current logger and writes to in init_weights(). Each test gets its own."""
+    from mmengine.logging import MMLogger
+    MMLogger.get_instance(f'test:{request.node.nodeid}', log_level='WARNING')
