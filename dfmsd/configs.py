@@ -219,7 +219,9 @@ def distill_config(params: dict[str, Any], run_name: str, *, me_data_root: str |
         logit_loss=method.get('logit_loss'),
         aug_loss_weight=float(method.get('aug_loss_weight', 0.0)) if me_data_root else 0.0,
         student_init=run.get('init'),
-        distill_strides=method.get('distill_strides'))
+        distill_strides=method.get('distill_strides'),
+        # explicit, or the Runner would hand it the config's normalising top-level one
+        data_preprocessor=dict(type='BaseDataPreprocessor'))
     apply_training_params(cfg, params, int(run['iters']))
     if me_data_root:
         _add_me_dataset(cfg, me_data_root)

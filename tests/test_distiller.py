@@ -37,7 +37,8 @@ def distiller_cfg(tiny_dataset, teacher_py, teacher_pth, feature_loss=None, **kw
                                  data_root=tiny_dataset, image_size=64)
     return student, dict(type='StageDistiller', student=student.model,
                          teacher=dict(config=str(teacher_py), checkpoint=str(teacher_pth)),
-                         feature_loss=feature_loss or dict(type='DMKDLoss', loss_weight=2e-5), **kw)
+                         feature_loss=feature_loss or dict(type='DMKDLoss', loss_weight=2e-5),
+                         **{'data_preprocessor': dict(type='BaseDataPreprocessor'), **kw})
 
 
 def a_batch(model, tiny_dataset, n=2):
@@ -166,3 +167,52 @@ print('STOCK_OK')
     ann = tiny_dataset / 'annotations/instances_val.json'
     assert json.loads(stock_preds.read_text()) == json.loads(ours.read_text())
     assert coco_metrics(ann, stock_preds) == coco_metrics(ann, ours)
+
+
+def test_distiller_with_normalising_preprocessor_is_a_clear_error(tiny_dataset, tmp_path):
+    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')
+    student, cfg = distiller_cfg(tiny_dataset, py, pth)
+    cfg['data_preprocessor'] = student.model.data_preprocessor  # normalising: mean/std
+    with pytest.raises(DistillError, match='BaseDataPreprocessor'):
+        MODELS.build(cfg)
+
+
+def test_zero_weight_distillation_trains_the_student_exactly_like_plain_training(tiny_dataset, tmp_path):
+    """Configs from distill_config, trained by mmengine's Runner as the stages do: with the
+    distillation weight at 0, the student after 3 steps (weights and BN statistics) equals
+    the plain student trained from the same init. Catches any difference in what the student
+    sees: a second normalisation (the Runner hands a config's top-level data_preprocessor to
+    a model that names none), another optimizer, schedule or data order."""
+    from dfmsd.configs import distill_config, student_config
+    from dfmsd.training import train_and_export
+    models = tmp_path / 'models'
+    models.mkdir()
+    make_teacher(models, tiny_dataset, 'retinanet', name='teacher', **SMALL)
+    params = {'seed': 0, 'data': {'root': str(tiny_dataset), 'image_size': 64},
+              'train': {'batch_size': 2, 'lr': 0.01},
+              'student': {'config': 'configs/small/retinanet.py', **SMALL},
+              'teachers': {'teacher': {'config': 'configs/small/retinanet.py', **SMALL}},
+              'distill': {'methods': {'pkd': {'feature_loss': {'type': 'PKDLoss', 'loss_weight': 0.0}}},
+                          'runs': {'pkd': {'method': 'pkd', 'teacher': 'teacher',
+                                           'init': str(models / 'init.pth'), 'iters': 3}}}}
+    plain = student_config(params)
+    torch.manual_seed(1)
+    init = MODELS.build(plain.model)
+    init.init_weights()
+    export_plain_checkpoint(init.state_dict(), models / 'init.pth')
+
+    apply_training_params(plain, params, iters=3)
+    plain.load_from = str(models / 'init.pth')
+    distill, student_cfg = distill_config(params, 'pkd', models_dir=str(models))
+    outs = {}
+    for name, cfg, extra in (('plain', plain, {}),
+                             ('distill', distill, dict(export_cfg=student_cfg, export_prefix='student.'))):
+        outs[name] = torch.load(train_and_export(cfg, name=name, out_checkpoint=tmp_path / f'{name}.pth',
+                                                 out_config=tmp_path / f'{name}.py',
+                                                 work_root=tmp_path / 'w', **extra),
+                                weights_only=False)['state_dict']
+    trained = [k for k in outs['plain'] if not torch.equal(outs['plain'][k], init.state_dict()[k])]
+    assert 'backbone.bn1.running_mean' in trained and len(trained) > 50  # the steps did train
+    assert outs['plain'].keys() == outs['distill'].keys()
+    for key, value in outs['plain'].items():
+        torch.testing.assert_close(outs['distill'][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -30,6 +30,7 @@ from mmdet.models.detectors.base import BaseDetector
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.logging import MessageHub
+from mmengine.model import BaseDataPreprocessor
 from mmengine.runner.checkpoint import load_checkpoint, load_state_dict
 from torch import nn
 
@@ -110,8 +111,18 @@ class StageDistiller(BaseDetector):
                  student_init: str | None = None, distill_strides: list[int] | None = None,
                  probe_size: int = 256, data_preprocessor: dict | None = None,
                  init_cfg: dict | None = None) -> None:
-        super().__init__(data_preprocessor=data_preprocessor or dict(type='BaseDataPreprocessor'),
-                         init_cfg=init_cfg)
+        # The batch reaches loss() raw: student and teacher each normalise it with their own
+        # preprocessor. A normalising one here would normalise twice. mmengine's Runner puts a
+        # config's top-level `data_preprocessor` (mmdet base configs have one) into the model
+        # config when the model has none, so distill configs must name this one explicitly.
+        data_preprocessor = data_preprocessor or dict(type='BaseDataPreprocessor')
+        if data_preprocessor.get('type') not in ('BaseDataPreprocessor', BaseDataPreprocessor):
+            raise DistillError(
+                f"StageDistiller's data_preprocessor must be BaseDataPreprocessor (the student and "
+                f"teacher normalise the raw batch with their own), got "
+                f"{data_preprocessor.get('type')}; set model.data_preprocessor="
+                f"dict(type='BaseDataPreprocessor') in the distillation config")
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
         # Plain attribute, not a submodule: hidden from parameters/state_dict/DDP.
         object.__setattr__(self, 'teacher', build_teacher(**teacher))
