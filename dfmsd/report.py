@@ -66,8 +66,8 @@ def verdicts(rows: list[dict[str, Any]], method: str = 'dfmsd') -> list[str]:
     ours = [r for r in students if r['name'].startswith(method)]
     others = [r for r in students if r not in ours and not r['is_baseline']]
     out = []
-    for o in ours:
-        for r in [r for r in students if r['is_baseline']] + others:
+    for i, o in enumerate(ours):  # a later row of ours (an ablation) is also set against the earlier
+        for r in [r for r in students if r['is_baseline']] + others + ours[:i]:
             diff = o['mAP'] - r['mAP']
             word = 'beats' if diff > 0 else ('ties' if diff == 0 else 'does NOT beat')
             out.append(f"- {o['method']} {word} {r['method']}: {o['mAP']:.1f} vs {r['mAP']:.1f} mAP "
