@@ -96,8 +96,8 @@ def read_loss_csv(path: str | Path) -> tuple[list[int], list[float], list[float]
     with open(path) as f:
         rows = list(csv.DictReader(f))
     total = [float(r['loss']) for r in rows]
-    det = [float(r['loss']) - sum(float(v) for k, v in r.items() if k.startswith('loss_distill_') and v)
-           for r in rows]
+    det = [t - sum(float(v) for k, v in r.items() if k.startswith('loss_distill_') and v)
+           for t, r in zip(total, rows)]
     return [int(r['iter']) for r in rows], total, det
 
 

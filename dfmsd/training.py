@@ -104,7 +104,7 @@ def train_and_export(cfg: Config, *, name: str, out_checkpoint: str | Path, out_
             'mmdet_config': Path(out_config).name}
     export_plain_checkpoint(model.state_dict(), out_checkpoint, meta=meta, prefix=export_prefix)
     Path(out_config).parent.mkdir(parents=True, exist_ok=True)
-    single_process_config(export_cfg or cfg).dump(str(out_config))  # no launcher / DDP keys
+    single_process_config(export_cfg).dump(str(out_config))  # no launcher / DDP keys
     if loss_csv:
         write_loss_csv(work_dir, loss_csv)
     # Finished: the work dir only exists to resume unfinished runs; a forced rerun retrains.

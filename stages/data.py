@@ -4,19 +4,17 @@ from dfmsd import cli
 
 
 def check_layout(data: dict) -> None:
-    from pathlib import Path
-
-    from dfmsd.configs import data_layout
+    from dfmsd.configs import split_files
     from dfmsd.data import DatasetError
-    root = Path(data['root'])
-    layout = data_layout(data)
-    for key in ('train_ann', 'train_img', 'val_ann', 'val_img'):
-        path = root / layout[key]
-        exists = path.is_dir() if key.endswith('_img') else path.is_file()
-        if not exists:
-            raise DatasetError(f"{path} not found (params.yaml data.{key}; data.generate is false, so the "
-                               f"dataset must already be in place: see docs/coco.md for the COCO 2017 layout)")
-    print(f"[data] {root}: {', '.join(layout[k] for k in ('train_ann', 'train_img', 'val_ann', 'val_img'))} present")
+    found = []
+    for split in ('train', 'val'):
+        ann, img = split_files(data, split)
+        for key, path, exists in ((f'{split}_ann', ann, ann.is_file()), (f'{split}_img', img, img.is_dir())):
+            if not exists:
+                raise DatasetError(f"{path} not found (params.yaml data.{key}; data.generate is false, so the "
+                                   f"dataset must already be in place: see docs/coco.md for the COCO 2017 layout)")
+            found.append(str(path))
+    print(f"[data] {', '.join(found)} present")
 
 
 def main() -> None:

@@ -175,6 +175,9 @@ def test_distiller_with_normalising_preprocessor_is_a_clear_error(tiny_dataset, 
     cfg['data_preprocessor'] = student.model.data_preprocessor  # normalising: mean/std
     with pytest.raises(DistillError, match='BaseDataPreprocessor'):
         MODELS.build(cfg)
+    cfg['data_preprocessor'] = MODELS.build(student.model.data_preprocessor)  # a built module
+    with pytest.raises(DistillError, match='DetDataPreprocessor'):
+        MODELS.build(cfg)
 
 
 def test_zero_weight_distillation_trains_the_student_exactly_like_plain_training(tiny_dataset, tmp_path):

@@ -116,12 +116,13 @@ class StageDistiller(BaseDetector):
         # config's top-level `data_preprocessor` (mmdet base configs have one) into the model
         # config when the model has none, so distill configs must name this one explicitly.
         data_preprocessor = data_preprocessor or dict(type='BaseDataPreprocessor')
-        if data_preprocessor.get('type') not in ('BaseDataPreprocessor', BaseDataPreprocessor):
+        kind = (data_preprocessor.get('type') if isinstance(data_preprocessor, dict)
+                else type(data_preprocessor))  # a config, or an already built module
+        if kind not in ('BaseDataPreprocessor', BaseDataPreprocessor):
             raise DistillError(
                 f"StageDistiller's data_preprocessor must be BaseDataPreprocessor (the student and "
-                f"teacher normalise the raw batch with their own), got "
-                f"{data_preprocessor.get('type')}; set model.data_preprocessor="
-                f"dict(type='BaseDataPreprocessor') in the distillation config")
+                f"teacher normalise the raw batch with their own), got {kind}; set "
+                f"model.data_preprocessor=dict(type='BaseDataPreprocessor') in the distillation config")
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
         # Plain attribute, not a submodule: hidden from parameters/state_dict/DDP.
