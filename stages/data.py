@@ -4,7 +4,7 @@ from dfmsd import cli
 
 
 def check_layout(data: dict) -> None:
-    from dfmsd.configs import split_files
+    from dfmsd.engine.configs import split_files
     from dfmsd.data import DatasetError
     found = []
     for split in ('train', 'val'):
@@ -18,7 +18,7 @@ def check_layout(data: dict) -> None:
 
 
 def main() -> None:
-    from dfmsd.params import get, load_params
+    from dfmsd.core.params import get, load_params
     params = load_params()
     data = get(params, 'data')
     if not data.get('generate', True):

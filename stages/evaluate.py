@@ -1,34 +1,24 @@
-"""DVC stage `evaluate@<model>`: COCO predictions on val and their metrics.
-
-Writes predictions/<model>.bbox.json (cached by DVC) and metrics/<model>.json
-(mAP, AP50, AP75, APs, APm, APl, AR@100, ARs, ARm, ARl in percent; in git).
-"""
+"""DVC stages `evaluate_*@...`: a trained model's COCO predictions on val and test, and their
+box metrics, with the run's identity and cost (its run.json) in one metrics file."""
 import argparse
 
-from dfmsd import cli
+from dfmsd.core import cli
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('model', help='name of a checkpoint in models/ (models/<model>.pth)')
+    parser.add_argument('--model', required=True, help='model directory (model.pth, model.py, run.json)')
+    parser.add_argument('--predictions', required=True, help='directory for <split>.bbox.json')
+    parser.add_argument('--metrics', required=True, help='metrics JSON file')
     args = parser.parse_args()
 
-    import dfmsd.models  # noqa: F401
-    from mmengine.config import Config
-
-    from dfmsd.configs import data_layout
-    from dfmsd.evaluation import coco_metrics, predict_coco_json, write_json_atomic
-    from dfmsd.params import get, load_params
-    params = load_params()
-    root = get(params, 'data.root')
-    layout = data_layout(get(params, 'data'))
-    ann = layout['val_ann']
-    preds = predict_coco_json(Config.fromfile(f'models/{args.model}.py'), f'models/{args.model}.pth',
-                              f'predictions/{args.model}.bbox.json', data_root=root, ann_file=ann,
-                              img_prefix=layout['val_img'], score_thr=float(get(params, 'evaluate.score_thr')))
-    metrics = coco_metrics(f'{root}/{ann}', preds)
-    write_json_atomic(metrics, f'metrics/{args.model}.json')
-    print(f'[evaluate] {args.model}: ' + ', '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
+    from dfmsd.core.params import Data, Evaluate, section, stage_params
+    from dfmsd.evaluation import evaluate_model
+    from dfmsd.engine.launch import launch_settings
+    p = stage_params()
+    evaluate_model(args.model, data=section(Data, p['data'], 'data'),
+                   evaluate=section(Evaluate, p['evaluate'], 'evaluate'), launch=launch_settings(p.get('launch')),
+                   predictions=args.predictions, metrics=args.metrics)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ from dfmsd import cli
 
 
 def main() -> None:
-    from dfmsd.params import load_params
+    from dfmsd.core.params import load_params
     from dfmsd.report import build_rows, plot_figures, write_tables
     params = load_params()
     rows = build_rows(params)

@@ -1,29 +1,23 @@
-"""DVC stage `student_init`: the seeded random initialisation every student run starts from.
+"""DVC stage `student_init@<student>-<seed>`: the seeded random initialisation that the
+baseline and every distillation run of this seed start from, so that their differences come
+from the training signal, not from the draw of initial weights."""
+import argparse
 
-Baseline, single-stage baselines and SAL stage 1 all start from this one file, so their
-differences come from the training signal, not from the draw of initial weights.
-"""
-from dfmsd import cli
+from dfmsd.core import cli
 
 
 def main() -> None:
-    import dfmsd.models  # noqa: F401  (registers project modules)
-    from mmdet.registry import MODELS
-    from mmengine.runner import set_random_seed
-    from mmengine.registry import init_default_scope
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--student', required=True)
+    parser.add_argument('--seed', type=int, required=True)
+    parser.add_argument('--out', required=True, help='model directory (model.pth, model.py)')
+    args = parser.parse_args()
 
-    from dfmsd.checkpoint import export_plain_checkpoint
-    from dfmsd.configs import student_config
-    from dfmsd.params import load_params
-    params = load_params()
-    cfg = student_config(params)
-    init_default_scope('mmdet')
-    set_random_seed(int(params.get('seed', 0)), deterministic=True)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    export_plain_checkpoint(model.state_dict(), 'models/student_init.pth', meta={'name': 'student_init'})
-    cfg.dump('models/student_init.py')
-    print('[student_init] wrote models/student_init.pth and models/student_init.py')
+    from dfmsd.core.params import Data, Detector, section, stage_params
+    from dfmsd.engine.students import init_student
+    p = stage_params()
+    spec = section(Detector, p['students'][args.student], f'students.{args.student}')
+    init_student(spec, section(Data, p['data'], 'data'), args.seed, args.out, f'students.{args.student}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """Registers the project's modules in mmdet's registries (import for side effects)."""
-from dfmsd.models import losses  # noqa: F401
-from dfmsd.models.datasets import MEAugmentedCocoDataset
-from dfmsd.models.distiller import DistillError, StageDistiller
+from dfmsd.models import hooks, loops, losses, transforms  # noqa: F401
+from dfmsd.models.distiller import StageDistiller
 
-__all__ = ['StageDistiller', 'DistillError', 'MEAugmentedCocoDataset']
+__all__ = ['StageDistiller']

@@ -1,26 +1,29 @@
-"""StageDistiller: one stage of stage-wise distillation as an mmdet detector.
+"""StageDistiller: a student detector distilled from one frozen teacher, as an mmdet detector.
 
-A student detector plus one frozen teacher (stage k of SAL distills from teacher k;
-the next stage is a new run whose student starts from this stage's checkpoint).
+    L = L_det + sum_levels sum_losses L_name(S_l, T_l)  +  beta * sum_levels L_aug(S~_l, T~_l)
 
-    L = L_det + L_feat(S, T) + beta * L_aug(S~, T~) + L_sfa(S, T)        (paper Eq. 6)
-          [+ L_logit]                                        (head-level baselines)
+``losses`` maps a name to a loss config (``stage``: DMKD for DFMSD, ``sfa``: PKD, ``feature``:
+MGD/PKD/FGD/... for the baselines, ``relation``/``logit`` for head-level terms); each is built
+once per distilled level and called with the inputs its ``needs`` declares. ``beta`` is
+``aug_loss_weight``: DFMSD's ME loss (Eq. 8) on the masking-enhanced views that the
+``MaskingEnhancement`` transform attached to the samples, computed with the same masked
+reconstruction loss as the stage term. Every original image gets the stage terms; views
+add L_aug only.
 
-where L_feat is the configured feature loss (DMKD for DFMSD, MGD/PKD/... for the
-baselines; its loss_weight is alpha), L_aug is Eq. 8 on masking-enhanced images, and
-L_sfa the Pearson alignment (its loss_weight is gamma). L_logit is an optional
-head-level loss (PCD, CrossKD; `losses/logits.py`) on the dense heads' class logits;
-it gets what its `needs` names (student / teacher per-location logits, or the teacher's
-cls branch as a function) plus the training progress iter / max_iters.
+SAL (stage-wise learning) is one training schedule whose teacher changes at the stage
+boundary: each stage is a run of this model with that stage's teacher, the next one
+resuming the previous one's training state (dfmsd.engine.training).
 
-The teacher is kept out of the module tree: it is never in `parameters()`, the
-optimizer, `state_dict()` or DDP, and stays in eval mode (BN included). It normalises
-the raw batch with its own data preprocessor. Student and teacher FPN levels are
-matched by stride, found by probing both models once at build time.
+The teacher is kept out of the module tree: it is never in ``parameters()``, the
+optimizer, ``state_dict()`` or DDP, and stays in eval mode (BN included). It normalises the
+raw batch with its own data preprocessor, and follows the model across devices
+(``_apply``/``_set_device``). Levels are matched by stride, found by probing both models
+once at the training size; only levels with at least ``min_cells`` x ``min_cells`` cells
+there are distilled, for every method alike.
 """
 from __future__ import annotations
 
-from functools import partial
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +34,19 @@ from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.model import BaseDataPreprocessor
-from mmengine.runner.checkpoint import load_checkpoint, load_state_dict
 from torch import nn
 
-from dfmsd.checkpoint import allow_mmengine_checkpoints
-from dfmsd.models.losses.logits import LOGIT_INPUTS, dense_head, head_class_logits
+from dfmsd.core.errors import DistillError
+from dfmsd.models.losses.common import MaskedReconstructionLoss
 
 
-class DistillError(RuntimeError):
-    """A distillation set-up or run that cannot give a meaningful result."""
-
-
-def build_teacher(config: str | Path | dict, checkpoint: str | Path | None,
-                  sha256: str | None = None) -> nn.Module:
+def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> nn.Module:
     """Frozen detector in eval mode; the checkpoint must match the config exactly."""
-    cfg = Config.fromfile(str(config)) if not isinstance(config, (dict, Config)) else Config(config)
+    from dfmsd.engine.checkpoint import load_model_weights
+    cfg = Config(config) if isinstance(config, (dict, Config)) else Config.fromfile(str(config))
     teacher = MODELS.build(cfg.model)
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise DistillError(f'teacher checkpoint {checkpoint} does not exist')
-        try:
-            if sha256:  # a downloaded file: verified before it is unpickled
-                from dfmsd.download import load_verified_checkpoint
-                state = load_verified_checkpoint(checkpoint, sha256=sha256)
-                load_state_dict(teacher, state.get('state_dict', state), strict=True)
-            else:
-                allow_mmengine_checkpoints()
-                load_checkpoint(teacher, str(checkpoint), map_location='cpu', strict=True,
-                                logger='silent')
-        except RuntimeError as err:
-            raise DistillError(f'teacher checkpoint {checkpoint} does not match its config '
-                               f'{config if not isinstance(config, dict) else "(dict)"}: {err}') from err
+        load_model_weights(teacher, checkpoint, what='teacher')
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -69,18 +54,47 @@ def build_teacher(config: str | Path | dict, checkpoint: str | Path | None,
 
 
 @torch.no_grad()
-def probe_fpn(model: nn.Module, size: int = 256) -> list[tuple[int, int]]:
-    """(stride, channels) of each FPN level, from one forward pass on a blank image."""
+def probe_fpn(model: nn.Module, size: int) -> list[tuple[int, int, int]]:
+    """(stride, channels, cells along the shorter side) of each FPN level, from one forward
+    pass on a blank size x size image."""
     was_training = model.training
     model.eval()
-    feats = model.extract_feat(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    device = next(model.parameters()).device
+    feats = model.extract_feat(torch.zeros(1, 3, size, size, device=device))
     model.train(was_training)
-    return [(round(size / f.shape[-1]), f.shape[1]) for f in feats]
+    return [(round(size / f.shape[-1]), f.shape[1], min(f.shape[-2:])) for f in feats]
+
+
+def match_levels(student_levels, teacher_levels, min_cells: int) -> list[dict[str, int]]:
+    """Student/teacher level pairs of equal stride with at least min_cells cells per side."""
+    teacher_by_stride = {s: (i, c) for i, (s, c, _) in enumerate(teacher_levels)}
+    pairs = []
+    for s_idx, (stride, s_ch, cells) in enumerate(student_levels):
+        if stride in teacher_by_stride and cells >= min_cells:
+            t_idx, t_ch = teacher_by_stride[stride]
+            pairs.append(dict(stride=stride, cells=cells, student_idx=s_idx, teacher_idx=t_idx,
+                              student_channels=s_ch, teacher_channels=t_ch))
+    if not pairs:
+        raise DistillError(
+            f'teacher and student share no FPN level to distill: student (stride, channels, cells) '
+            f'{student_levels}, teacher {teacher_levels}, min_cells {min_cells}')
+    return pairs
+
+
+def draw_seed(*parts: Any) -> int:
+    """A 63-bit seed from (run seed, iteration, level, ...): the same draw on a rerun or resume."""
+    digest = hashlib.blake2b(':'.join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & (2**63 - 1)
+
+
+def _current_iter() -> int | None:
+    hub = MessageHub.get_current_instance()
+    it = hub.get_info('iter')
+    return None if it is None else int(it)
 
 
 def training_progress() -> float | None:
-    """iter / max_iters of the running mmengine loop (0 at the first iteration), read from
-    the current MessageHub; None outside a training run (no such info)."""
+    """iter / max_iters of the running loop (0 at the first iteration); None outside one."""
     hub = MessageHub.get_current_instance()
     it, total = hub.get_info('iter'), hub.get_info('max_iters')
     if it is None or not total:
@@ -88,36 +102,39 @@ def training_progress() -> float | None:
     return min(1.0, max(0.0, float(it) / float(total)))
 
 
+def views_batch(samples) -> dict[str, Any] | None:
+    """The ME views attached to ``samples`` as a raw batch (CHW uint8 tensors, BGR as loaded)."""
+    views = [s.metainfo.get('me_view') for s in samples]
+    views = [torch.from_numpy(v.transpose(2, 0, 1).copy()) for v in views if v is not None]
+    return dict(inputs=views, data_samples=None) if views else None
+
+
 @MODELS.register_module()
 class StageDistiller(BaseDetector):
-    """Student + frozen teacher with stride-matched feature losses.
+    """Student + frozen teacher with stride-matched distillation losses.
 
     Args:
         student: mmdet model config of the student.
-        teacher: dict(config=..., checkpoint=..., sha256=None) of this stage's teacher.
-        feature_loss: loss config (DMKDLoss, MGDLoss, ...) built once per matched level;
-            its `loss_weight` is alpha.
-        sfa_loss: optional Pearson alignment loss config (PKDLoss); weight is gamma.
-        logit_loss: optional head-level loss config (PCDLoss, CrossKDLoss) built once per
-            matched level; needs dense-head models (a two-stage one is a DistillError).
-        aug_loss_weight: beta of Eq. 8, on images from an MEAugmentedCocoDataset.
-        student_init: plain student checkpoint to start from (the previous SAL stage).
-        distill_strides: restrict distillation to these strides (default: all common).
+        teacher: dict(config=..., checkpoint=...) of this stage's teacher.
+        losses: name -> loss config, each built once per distilled level.
+        aug_loss_weight: beta of the ME loss on views (needs one masked reconstruction loss).
+        seed: the run seed; random draws of the losses come from (seed, iteration, level).
+        min_cells: distil levels with at least min_cells x min_cells cells at probe_size.
+        probe_size: the training input size the levels are judged at.
+        student_init: plain student weights to start from (the run seed's initialisation).
     """
 
-    def __init__(self, student: dict, teacher: dict, feature_loss: dict | None = None,
-                 sfa_loss: dict | None = None, logit_loss: dict | None = None,
-                 aug_loss_weight: float = 0.0,
-                 student_init: str | None = None, distill_strides: list[int] | None = None,
-                 probe_size: int = 256, data_preprocessor: dict | None = None,
+    def __init__(self, student: dict, teacher: dict, losses: dict[str, dict] | None = None,
+                 aug_loss_weight: float = 0.0, seed: int = 0, min_cells: int = 2, probe_size: int = 800,
+                 student_init: str | None = None, data_preprocessor: dict | None = None,
                  init_cfg: dict | None = None) -> None:
-        # The batch reaches loss() raw: student and teacher each normalise it with their own
-        # preprocessor. A normalising one here would normalise twice. mmengine's Runner puts a
-        # config's top-level `data_preprocessor` (mmdet base configs have one) into the model
-        # config when the model has none, so distill configs must name this one explicitly.
+        # The batch reaches loss() raw: student and teacher normalise it with their own
+        # preprocessors. mmengine's Runner hands a config's top-level `data_preprocessor`
+        # (mmdet base configs have one) to a model that names none, which would normalise
+        # twice, so distill configs name this one and a normalising one is refused.
         data_preprocessor = data_preprocessor or dict(type='BaseDataPreprocessor')
         kind = (data_preprocessor.get('type') if isinstance(data_preprocessor, dict)
-                else type(data_preprocessor))  # a config, or an already built module
+                else type(data_preprocessor))
         if kind not in ('BaseDataPreprocessor', BaseDataPreprocessor):
             raise DistillError(
                 f"StageDistiller's data_preprocessor must be BaseDataPreprocessor (the student and "
@@ -125,111 +142,126 @@ class StageDistiller(BaseDetector):
                 f"model.data_preprocessor=dict(type='BaseDataPreprocessor') in the distillation config")
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
-        # Plain attribute, not a submodule: hidden from parameters/state_dict/DDP.
-        object.__setattr__(self, 'teacher', build_teacher(**teacher))
+        object.__setattr__(self, 'teacher', build_teacher(**teacher))  # hidden: not a submodule
+        self.seed = int(seed)
         self.student_init = student_init
+        self.level_pairs = match_levels(probe_fpn(self.student, probe_size),
+                                        probe_fpn(self.teacher, probe_size), min_cells)
+        self.losses = nn.ModuleDict({name: self._build_loss(cfg) for name, cfg in (losses or {}).items()})
         self.aug_loss_weight = float(aug_loss_weight)
-        if self.aug_loss_weight and not (
-                feature_loss and hasattr(MODELS.get(feature_loss['type']), 'reconstruct')):
-            raise DistillError(f"aug_loss_weight needs a masked-reconstruction feature loss; "
-                               f"{(feature_loss or {}).get('type')} has no reconstruct()")
-
-        self.level_pairs = self._match_levels(probe_fpn(self.student, probe_size),
-                                              probe_fpn(self.teacher, probe_size), distill_strides)
-        self.feature_losses = self._per_level(feature_loss)
-        self.sfa_losses = self._per_level(sfa_loss)
-        self.logit_losses = self._per_level(logit_loss)
-        self.logit_needs, self.logit_sigmoid = self._check_logit_loss(logit_loss)
+        self.aug_loss_name = self._reconstruction_loss_name() if self.aug_loss_weight else None
+        self.needs = frozenset().union(*(self._modules_of(m)[0].needs for m in self.losses.values()))
+        # what the row cost: original images, ME views, images through the teacher
+        for name in ('images_seen', 'views_seen', 'teacher_images'):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64))
+        # which levels were distilled (the report states them)
+        self.register_buffer('distilled_strides', torch.tensor([p['stride'] for p in self.level_pairs]))
         self._student_feats: tuple[torch.Tensor, ...] | None = None
+        self._student_head_out = None
         self.student.neck.register_forward_hook(self._record_student_feats)
+        if 'student_head_out' in self.needs:
+            self.student.bbox_head.register_forward_hook(self._record_head_out)
+        self._calls = 0  # iteration stand-in outside a training loop (tests, benchmarks)
 
-    # ---- set-up -------------------------------------------------------------------
+    def _build_loss(self, cfg: dict) -> nn.Module:
+        """One module per level, or one for the whole pyramid (``per_level = False``: losses
+        that need every level at once, e.g. CrossKD's label assignment)."""
+        if getattr(MODELS.get(cfg['type']), 'per_level', True):
+            return nn.ModuleList(MODELS.build(dict(cfg, student_channels=p['student_channels'],
+                                                   teacher_channels=p['teacher_channels']))
+                                 for p in self.level_pairs)
+        return MODELS.build(dict(cfg, student_channels=[p['student_channels'] for p in self.level_pairs],
+                                 teacher_channels=[p['teacher_channels'] for p in self.level_pairs]))
+
     @staticmethod
-    def _match_levels(student_levels, teacher_levels, wanted_strides):
-        teacher_by_stride = {s: (i, c) for i, (s, c) in enumerate(teacher_levels)}
-        pairs = []
-        for s_idx, (stride, s_ch) in enumerate(student_levels):
-            if stride in teacher_by_stride and (wanted_strides is None or stride in wanted_strides):
-                t_idx, t_ch = teacher_by_stride[stride]
-                pairs.append(dict(stride=stride, student_idx=s_idx, teacher_idx=t_idx,
-                                  student_channels=s_ch, teacher_channels=t_ch))
-        if not pairs:
-            raise DistillError(
-                f'teacher and student share no FPN stride to distill: student strides '
-                f'{[s for s, _ in student_levels]}, teacher strides {[s for s, _ in teacher_levels]}'
-                + (f', requested {list(wanted_strides)}' if wanted_strides else ''))
-        return pairs
+    def _modules_of(loss: nn.Module) -> list[nn.Module]:
+        return list(loss) if isinstance(loss, nn.ModuleList) else [loss]
 
-    def _per_level(self, loss_cfg: dict | None) -> nn.ModuleList | None:
-        if not loss_cfg:
-            return None
-        return nn.ModuleList(
-            MODELS.build(dict(loss_cfg, student_channels=p['student_channels'],
-                              teacher_channels=p['teacher_channels'])) for p in self.level_pairs)
+    def _reconstruction_loss_name(self) -> str:
+        names = [n for n, m in self.losses.items()
+                 if isinstance(m, nn.ModuleList) and isinstance(m[0], MaskedReconstructionLoss)]
+        if len(names) != 1:
+            raise DistillError(f'aug_loss_weight needs exactly one masked reconstruction loss '
+                               f'(DMKDLoss, MGDLoss, AMDLoss) among the losses; found {names or "none"}')
+        return names[0]
 
-    def _check_logit_loss(self, loss_cfg: dict | None) -> tuple[frozenset, bool]:
-        """(what the logit loss needs, sigmoid heads?), checked against the dense heads."""
-        if not loss_cfg:
-            return frozenset(), True
-        needs = frozenset(getattr(self.logit_losses[0], 'needs', ()))
-        if not needs or needs - LOGIT_INPUTS:
-            raise DistillError(f"logit_loss {loss_cfg['type']} must declare `needs` within "
-                               f"{sorted(LOGIT_INPUTS)}, got {sorted(needs)}")
-        heads = {}
-        if 'student_logits' in needs:
-            heads['student'] = dense_head(self.student, 'student')
-        if needs & {'teacher_logits', 'teacher_head_fn'}:
-            heads['teacher'] = dense_head(self.teacher, 'teacher')
-        kinds = {role: (h.cls_out_channels, bool(h.use_sigmoid_cls)) for role, h in heads.items()}
-        if len(set(kinds.values())) > 1:
-            raise DistillError(f'logit_loss {loss_cfg["type"]}: student and teacher heads differ '
-                               f'in (class outputs, sigmoid): {kinds}')
-        return needs, next(iter(kinds.values()))[1]
-
-    def _logit_inputs(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
-        """The logit loss's `needs` for one level (s with grad, t detached) + `sigmoid`."""
-        inputs: dict[str, Any] = {}
-        if 'student_logits' in self.logit_needs:
-            inputs['student_logits'] = head_class_logits(self.student.bbox_head, s)
-        teacher_head = getattr(self.teacher, 'bbox_head', None)
-        if 'teacher_logits' in self.logit_needs:
-            with torch.no_grad():
-                inputs['teacher_logits'] = head_class_logits(teacher_head, t)
-        if 'teacher_head_fn' in self.logit_needs:  # frozen weights, differentiable in x
-            inputs['teacher_head_fn'] = partial(head_class_logits, teacher_head,
-                                                reduce_anchors=False)
-        inputs['sigmoid'] = self.logit_sigmoid
-        return inputs
+    # ---- module plumbing ---------------------------------------------------------
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.student_init:  # after the random init, so that the run seed's weights win
+            from dfmsd.engine.checkpoint import load_model_weights
+            load_model_weights(self.student, self.student_init, what='student initialisation')
 
     def _record_student_feats(self, module, args, output) -> None:
         self._student_feats = output
 
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.student_init:  # after the random init, so the previous stage's weights win
-            allow_mmengine_checkpoints()
-            load_checkpoint(self.student, self.student_init, map_location='cpu', strict=True,
-                            logger='silent')
+    def _record_head_out(self, module, args, output) -> None:
+        self._student_head_out = output
 
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() move the hidden teacher too
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.half() reach the hidden teacher too
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
         return self
+
+    def _set_device(self, device: torch.device) -> None:
+        # mmengine updates the device of the data preprocessors in the module tree only
+        super()._set_device(device)
+        for module in self.teacher.modules():
+            if isinstance(module, BaseDataPreprocessor):
+                module._device = device
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # frozen BN statistics, always
         return self
 
-    # ---- forward --------------------------------------------------------------------
+    # ---- forward -------------------------------------------------------------------
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):
-        raw = dict(inputs=inputs, data_samples=data_samples)
         if mode == 'loss':
             return self.loss(inputs, data_samples)
-        data = self.student.data_preprocessor(raw, False)
+        data = self.student.data_preprocessor(dict(inputs=inputs, data_samples=data_samples), False)
         if mode == 'predict':
             return self.student.predict(data['inputs'], data['data_samples'])
         return self.student._forward(data['inputs'], data['data_samples'])
+
+    def _teacher_feats(self, raw: dict) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return self.teacher.extract_feat(self.teacher.data_preprocessor(raw, True)['inputs'])
+
+    def _level_inputs(self, level: int | None, samples, it: int, device) -> dict[str, Any]:
+        """The inputs of :data:`INPUTS` the losses need, for one level (or, ``level=None``, as
+        lists over the distilled levels)."""
+        inputs: dict[str, Any] = {}
+        needs = self.needs
+        pairs = self.level_pairs if level is None else [self.level_pairs[level]]
+        pick = (lambda xs: xs) if level is None else (lambda xs: xs[0])
+        if 'generator' in needs:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(draw_seed(self.seed, it, 'all' if level is None else level))
+            inputs['generator'] = gen
+        if 'boxes' in needs:
+            inputs['boxes'] = [s.gt_instances.bboxes for s in samples]
+        if 'img_shapes' in needs:
+            inputs['img_shapes'] = [s.img_shape for s in samples]
+        if 'stride' in needs:
+            inputs['stride'] = pick([p['stride'] for p in pairs])
+        if 'progress' in needs:
+            inputs['progress'] = training_progress()
+        if 'level' in needs:
+            inputs['level'] = level
+        if 'strides' in needs:
+            inputs['strides'] = [p['stride'] for p in self.level_pairs]
+        if 'student_head' in needs:
+            inputs['student_head'] = self.student.bbox_head
+        if 'teacher_head' in needs:
+            inputs['teacher_head'] = getattr(self.teacher, 'bbox_head', None)
+        if 'student_head_out' in needs:
+            cls_scores, bbox_preds = self._student_head_out[:2]
+            inputs['student_head_out'] = pick([(cls_scores[p['student_idx']], bbox_preds[p['student_idx']])
+                                               for p in pairs])
+        if 'samples' in needs:
+            inputs['samples'] = samples
+        return inputs
 
     def loss(self, inputs, data_samples) -> dict[str, torch.Tensor]:
         raw = dict(inputs=inputs, data_samples=data_samples)
@@ -237,46 +269,59 @@ class StageDistiller(BaseDetector):
         samples = student_data['data_samples']
         losses = self.student.loss(student_data['inputs'], samples)  # fills _student_feats
         s_feats, self._student_feats = self._student_feats, None
-        with torch.no_grad():
-            t_feats = self.teacher.extract_feat(self.teacher.data_preprocessor(raw, True)['inputs'])
-
-        augmented = torch.tensor([bool(s.metainfo.get('is_augmented', False)) for s in samples],
-                                 device=s_feats[0].device)
-        original = ~augmented
-        keep = original.nonzero().flatten().tolist()  # L_feat and L_logit: original images
-        gt_bboxes = [samples[i].gt_instances.bboxes for i in keep]
-        img_shapes = [samples[i].img_shape for i in keep]
-        progress = training_progress() if self.logit_losses is not None else None
+        t_feats = self._teacher_feats(raw)
+        it = _current_iter()
+        if it is None:
+            it, self._calls = self._calls, self._calls + 1
+        s_levels, t_levels = [], []
         for level, pair in enumerate(self.level_pairs):
             s = s_feats[pair['student_idx']]
-            t = t_feats[pair['teacher_idx']].detach()
-            if t.shape[-2:] != s.shape[-2:]:  # same stride, different padding
-                t = F.interpolate(t, size=s.shape[-2:], mode='bilinear', align_corners=False)
-            if self.feature_losses is not None and keep:
-                losses[f'loss_distill_feat_s{pair["stride"]}'] = self.feature_losses[level](
-                    s[original], t[original], gt_bboxes=gt_bboxes, img_shapes=img_shapes,
-                    stride=pair['stride'])
-            if self.aug_loss_weight and augmented.any():
-                rebuilt = self.feature_losses[level].reconstruct(s[augmented], t[augmented])
-                losses[f'loss_distill_aug_s{pair["stride"]}'] = (
-                    self.aug_loss_weight * F.mse_loss(rebuilt, t[augmented], reduction='mean'))
-            if self.sfa_losses is not None:
-                losses[f'loss_distill_sfa_s{pair["stride"]}'] = self.sfa_losses[level](s, t)
-            if self.logit_losses is not None and keep:
-                s_o, t_o = s[original], t[original]
-                losses[f'loss_distill_logit_s{pair["stride"]}'] = self.logit_losses[level](
-                    s_o, t_o, **self._logit_inputs(s_o, t_o), progress=progress,
-                    gt_bboxes=gt_bboxes, img_shapes=img_shapes, stride=pair['stride'])
-        self._check_finite(losses)
+            t = self._resized(t_feats[pair['teacher_idx']], s)
+            s_levels.append(s)
+            t_levels.append(t)
+            level_inputs = self._level_inputs(level, samples, it, s.device)
+            for name, per_level in self.losses.items():
+                if isinstance(per_level, nn.ModuleList):
+                    loss = per_level[level]
+                    losses[f'loss_distill_{name}_s{pair["stride"]}'] = loss(
+                        s, t, **{k: level_inputs[k] for k in loss.needs})
+        pyramid = {n: m for n, m in self.losses.items() if not isinstance(m, nn.ModuleList)}
+        if pyramid:
+            all_inputs = self._level_inputs(None, samples, it, s_levels[0].device)
+            for name, loss in pyramid.items():
+                out = loss(s_levels, t_levels, **{k: all_inputs[k] for k in loss.needs})
+                losses.update({f'loss_distill_{name}_{k}': v for k, v in out.items()} if isinstance(out, dict)
+                              else {f'loss_distill_{name}': out})
+        views = views_batch(samples) if self.aug_loss_weight else None
+        if views is not None:
+            losses.update(self._aug_losses(views, it))
+        self.images_seen += len(samples)
+        self.views_seen += 0 if views is None else len(views['inputs'])
+        self.teacher_images += len(samples) + (0 if views is None else len(views['inputs']))
         return losses
 
     @staticmethod
-    def _check_finite(losses: dict[str, Any]) -> None:
-        # Keys hold "loss" so that mmengine's parse_losses adds them to the total.
-        for name, value in losses.items():
-            if name.startswith('loss_distill_') and not torch.isfinite(value).all():
-                raise DistillError(f'distillation loss {name} is {value.item()}: lower its weight '
-                                   f'or the learning rate (the run was stopped, not continued)')
+    def _resized(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Same stride, different padding: resize the teacher map to the student's."""
+        if t.shape[-2:] == s.shape[-2:]:
+            return t
+        return F.interpolate(t, size=s.shape[-2:], mode='bilinear', align_corners=False)
+
+    def _aug_losses(self, views: dict, it: int) -> dict[str, torch.Tensor]:
+        """L_aug (Eq. 8): beta * error(reconstruct(S~, T~), T~) per level, on the views."""
+        s_views = self.student.extract_feat(self.student.data_preprocessor(views, True)['inputs'])
+        self._student_feats = None  # the neck hook fired again
+        t_views = self._teacher_feats(views)
+        out = {}
+        for level, pair in enumerate(self.level_pairs):
+            rec: MaskedReconstructionLoss = self.losses[self.aug_loss_name][level]
+            s = s_views[pair['student_idx']]
+            t = self._resized(t_views[pair['teacher_idx']], s)
+            gen = torch.Generator(device=s.device)
+            gen.manual_seed(draw_seed(self.seed, it, level, 'aug'))
+            out[f'loss_distill_aug_s{pair["stride"]}'] = self.aug_loss_weight * rec.error(
+                rec.reconstruct(s, t, gen), t)
+        return out
 
     # BaseDetector's abstract hooks, answered by the student.
     def extract_feat(self, batch_inputs):

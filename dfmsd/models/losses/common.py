@@ -1,17 +1,94 @@
-"""Pieces shared by every feature-distillation loss, written once.
+"""What every distillation loss shares: the interface, and the pieces written once.
 
-Notation: S = student feature (N x Cs x H x W), T = teacher feature
-(N x Ct x H x W, same H x W), f_align = 1x1 conv Cs -> Ct (identity if Cs == Ct).
+Interface. A loss is built once per distilled FPN level as
+``MODELS.build(dict(type=..., student_channels=Cs, teacher_channels=Ct, **kwargs))`` and
+called as ``loss(S, T, **inputs)``, where S (N x Cs x H x W, with grad) and T (N x Ct x H x W)
+are the level's student and teacher features. ``needs`` declares which of
+:data:`INPUTS` the loss takes; the distiller computes exactly those. The result is a
+scalar already multiplied by ``loss_weight``; teacher features are detached inside.
+
+A :class:`MaskedReconstructionLoss` (MGD, DMKD, AMD) also exposes ``reconstruct`` and
+``error``: the stage loss is ``loss_weight * error(reconstruct(S, T), T)`` and DFMSD's ME
+loss (Eq. 8) is ``beta * error(reconstruct(S~, T~), T~)`` on the enhanced views, with the
+same modules, so the formula exists once.
+
+Notation: f_align = 1x1 conv Cs -> Ct (identity if Cs == Ct).
 """
-import math
-from typing import List, Optional, Sequence, Tuple
+from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+#: What a loss may ask the distiller for, besides S and T (see ``DistillLoss.needs``).
+INPUTS = {
+    'boxes': 'ground-truth boxes per image, N tensors k x 4 (xyxy, input pixels)',
+    'img_shapes': 'per image (h, w) of the unpadded input',
+    'stride': "the level's stride in pixels",
+    'generator': 'a torch.Generator for random draws, seeded by (run seed, iteration, level)',
+    'progress': 'training progress iter / max_iters in [0, 1] (None outside training)',
+    'level': 'index of the level among the distilled ones',
+    'strides': 'the strides of all distilled levels (whole-pyramid losses)',
+    'student_head': "the student's dense head (its modules, with grad)",
+    'teacher_head': "the teacher's dense head (frozen)",
+    'student_head_out': "the student head's own (cls_score, bbox_pred) of this level, from its forward",
+    'samples': 'the data samples (gt_instances, metainfo) of the original images',
+}
 REDUCTIONS = ('sum_over_batch', 'mean')
+
+
+class DistillLoss(nn.Module):
+    """Base class of the distillation losses; ``needs`` is a subset of INPUTS.
+
+    ``per_level = False``: built once for the whole pyramid (``student_channels`` and
+    ``teacher_channels`` are then lists over the distilled levels), called with the lists of
+    S and T, and per-level inputs as lists; it may return a dict of named terms.
+    """
+
+    is_distill_loss: ClassVar[bool] = True
+    per_level: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = cls.needs - set(INPUTS)
+        if unknown:
+            raise TypeError(f'{cls.__name__}.needs names unknown inputs {sorted(unknown)}')
+
+
+def reduce_squared_error(pred: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """'sum_over_batch': sum over C, H, W, mean over N (MGD's sum(...) / N);
+    'mean': mean over all N*C*H*W elements (Eq. 1, 7 and 8's per-element normalisation)."""
+    sq = (pred - target) ** 2
+    if reduction == 'sum_over_batch':
+        return sq.sum() / pred.shape[0]
+    if reduction == 'mean':
+        return sq.mean()
+    raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
+
+
+class MaskedReconstructionLoss(DistillLoss):
+    """L = loss_weight * error(reconstruct(S, T), T)."""
+
+    needs = frozenset({'generator'})
+
+    def __init__(self, loss_weight: float, reduction: str):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
+        self.loss_weight, self.reduction = loss_weight, reduction
+
+    def reconstruct(self, preds_S: Tensor, preds_T: Tensor, generator: torch.Generator | None) -> Tensor:
+        raise NotImplementedError
+
+    def error(self, rebuilt: Tensor, preds_T: Tensor) -> Tensor:
+        return reduce_squared_error(rebuilt, preds_T.detach(), self.reduction)
+
+    def forward(self, preds_S: Tensor, preds_T: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return self.loss_weight * self.error(self.reconstruct(preds_S, preds_T.detach(), generator), preds_T)
 
 
 def make_align(student_channels: int, teacher_channels: int) -> nn.Module:
@@ -35,12 +112,12 @@ class SEBlock(nn.Module):
     def __init__(self, channels: int, ratio: int = 16):
         super().__init__()
         hidden = max(1, channels // ratio)
-        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
-        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = x.mean(dim=(2, 3), keepdim=True)
-        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(w))))
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * w[:, :, None, None]
 
 
 def spatial_attention(feat: Tensor, tau: float) -> Tensor:
@@ -64,14 +141,12 @@ def num_masked(ratio: float, total: int) -> int:
     return min(total, int(ratio * total + 0.5))
 
 
-def sample_attention_mask(attention: Tensor, ratio: float) -> Tensor:
+def sample_attention_mask(attention: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
     """Keep-mask (1 = keep, 0 = masked) of the same shape N x M as ``attention``.
 
     Per row, exactly ``num_masked(ratio, M)`` entries are masked, drawn WITHOUT
-    replacement with probability proportional to the attention (torch.multinomial,
-    torch's global RNG).  Weights are clamped at 1e-12 of the row maximum so that
-    underflowed softmax entries can still be drawn last (multinomial without
-    replacement needs enough non-zero weights).
+    replacement with probability proportional to the attention. Weights are clamped at
+    1e-12 of the row maximum so that underflowed softmax entries can still be drawn last.
     """
     n, m = attention.shape
     keep = torch.ones(n, m, device=attention.device, dtype=attention.dtype)
@@ -80,71 +155,15 @@ def sample_attention_mask(attention: Tensor, ratio: float) -> Tensor:
         return keep
     weights = attention.detach().float()
     weights = torch.maximum(weights, 1e-12 * weights.amax(dim=1, keepdim=True))
-    idx = torch.multinomial(weights, k, replacement=False)
+    idx = torch.multinomial(weights, k, replacement=False, generator=generator)
     return keep.scatter_(1, idx, 0.0)
 
 
 def channel_normalize(feat: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per channel, zero mean and unit (population) std over (N, H, W): (x - mu) / (std + eps)."""
-    mean = feat.mean(dim=(0, 2, 3), keepdim=True)
-    std = feat.var(dim=(0, 2, 3), unbiased=False, keepdim=True).sqrt()
-    return (feat - mean) / (std + eps)
-
-
-def reconstruction_loss(pred: Tensor, target: Tensor, reduction: str) -> Tensor:
-    """Squared error between reconstruction and teacher.
-
-    'sum_over_batch': sum over C, H, W, mean over N (MGD's sum(...)/N);
-    'mean':           mean over all N*C*H*W elements (Eq. 8's 1/N_l).
-    """
-    sq = (pred - target) ** 2
-    if reduction == 'sum_over_batch':
-        return sq.sum() / pred.shape[0]
-    if reduction == 'mean':
-        return sq.mean()
-    raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
-
-
-def check_no_reduction(reduction: Optional[str], name: str) -> None:
-    """Losses with a single fixed normalisation accept only reduction=None."""
-    if reduction is not None:
-        raise ValueError(f'{name} has a fixed reduction; got reduction={reduction!r}')
-
-
-def boxes_to_cells(boxes: Tensor, feat_hw: Tuple[int, int], stride: Optional[int] = None,
-                   img_shape: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int, int, int]]:
-    """Map k x 4 xyxy pixel boxes to feature-cell ranges (row0, row1, col0, col1), ends exclusive.
-
-    Feature coordinates are box / stride when ``stride`` is given; otherwise FGD's
-    scaling box / img_shape * (H, W).  A box covers every cell it overlaps:
-    rows floor(y1) .. ceil(y2) - 1 (at least one cell), clipped to the map.
-    """
-    h, w = feat_hw
-    if boxes.numel() == 0:
-        return []
-    b = boxes.detach().float().cpu()
-    if stride is not None:
-        b = b / float(stride)
-    elif img_shape is not None:
-        sy, sx = h / float(img_shape[0]), w / float(img_shape[1])
-        b = b * torch.tensor([sx, sy, sx, sy])
-    else:
-        raise ValueError('boxes_to_cells needs stride or img_shape')
-    cells = []
-    for x1, y1, x2, y2 in b.tolist():
-        r0, c0 = math.floor(y1), math.floor(x1)
-        r1, c1 = max(math.ceil(y2), r0 + 1), max(math.ceil(x2), c0 + 1)
-        r0, r1 = max(r0, 0), min(r1, h)
-        c0, c1 = max(c0, 0), min(c1, w)
-        if r1 > r0 and c1 > c0:
-            cells.append((r0, r1, c0, c1))
-    return cells
-
-
-def per_image(seq: Optional[Sequence], n: int, name: str) -> Sequence:
-    """Validate a per-image list (gt_bboxes / img_shapes) of length N; None -> [None]*N."""
-    if seq is None:
-        return [None] * n
-    if len(seq) != n:
-        raise ValueError(f'{name} has {len(seq)} entries for a batch of {n}')
-    return seq
+    """Per channel, zero mean and unit (unbiased, as mmrazor's PKDLoss) std over (N, H, W):
+    (x - mu) / (std + eps)."""
+    n, c, h, w = feat.shape
+    flat = feat.transpose(0, 1).reshape(c, -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    std = flat.std(dim=1, keepdim=True)
+    return ((flat - mean) / (std + eps)).reshape(c, n, h, w).transpose(0, 1)

@@ -1,5 +1,8 @@
-"""Focal and Global Distillation, feature part (Yang et al., CVPR 2022)."""
-from typing import List, Optional, Sequence, Tuple
+"""Focal and Global Distillation, feature part (Yang et al., CVPR 2022), as FGD's code does it."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -7,25 +10,30 @@ import torch.nn.functional as F
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from .common import (boxes_to_cells, channel_attention, check_no_reduction, make_align,
-                     per_image, spatial_attention)
+from .common import DistillLoss, channel_attention, make_align, spatial_attention
 
 
-def fgd_masks(gt_bboxes: Sequence[Tensor], feat_hw: Tuple[int, int], stride: Optional[int],
-              img_shapes: Optional[Sequence[Tuple[int, int]]],
-              device=None) -> Tuple[Tensor, Tensor]:
-    """Scale-normalised fg/bg masks, each N x 1 x H x W.
+def fgd_masks(boxes: Sequence[Tensor], feat_hw: tuple[int, int], img_shapes: Sequence[tuple[int, int]],
+              device=None) -> tuple[Tensor, Tensor]:
+    """FGD's scale-normalised foreground / background masks, each N x 1 x H x W.
 
-    fg: cells of a box get 1/(rows * cols) of that box (max over overlapping boxes);
-    bg: 1/N_bg on the N_bg cells outside every box, 0 inside (all 0 if N_bg = 0).
+    As FGD's code (yzd-v/FGD, losses/fgd.py): box coordinates are scaled by
+    (W / img_w, H / img_h) onto the feature map; a box covers cells floor(x1) .. ceil(x2)
+    INCLUSIVE (and the same for y), and its cells get 1 / ((hmax + 1 - hmin)(wmax + 1 - wmin))
+    from the unclipped indices, the max over overlapping boxes. Background: 1 on cells no
+    box covers, divided by their count (all 0 when every cell is covered).
     """
     h, w = feat_hw
-    n = len(gt_bboxes)
-    shapes = per_image(img_shapes, n, 'img_shapes')
+    n = len(boxes)
     fg = torch.zeros(n, 1, h, w, device=device)
     for i in range(n):
-        for r0, r1, c0, c1 in boxes_to_cells(gt_bboxes[i], feat_hw, stride, shapes[i]):
-            fg[i, 0, r0:r1, c0:c1].clamp_(min=1.0 / ((r1 - r0) * (c1 - c0)))
+        img_h, img_w = img_shapes[i][:2]
+        for x1, y1, x2, y2 in boxes[i].detach().float().cpu().tolist():
+            wmin, wmax = math.floor(x1 / img_w * w), math.ceil(x2 / img_w * w)
+            hmin, hmax = math.floor(y1 / img_h * h), math.ceil(y2 / img_h * h)
+            area = 1.0 / (hmax + 1 - hmin) / (wmax + 1 - wmin)
+            cells = fg[i, 0, max(hmin, 0):hmax + 1, max(wmin, 0):wmax + 1]
+            cells.clamp_(min=area)
     bg = (fg == 0).float()
     bg = bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
     return fg, bg
@@ -57,20 +65,21 @@ class GcBlock(nn.Module):
 
 
 @MODELS.register_module()
-class FGDLoss(nn.Module):
+class FGDLoss(DistillLoss):
     """L = loss_weight * (alpha*L_fg + beta*L_bg + gamma*L_att + lambda*L_global), per level:
 
     S' = f_align(S); A^S_x, A^C_x = spatial/channel attention of x in {S', T}, temperature temp;
     L_fg  = sum M_fg * A^S_T * A^C_T * (S' - T)^2 / N   (L_bg: same with M_bg);
     L_att = sum |A^C_S' - A^C_T| / N + sum |A^S_S' - A^S_T| / N;
     L_global = sum (GC_s(S') - GC_t(T))^2 / N   (two GcBlocks, both learnable).
-    Masks from gt_bboxes (see ``fgd_masks``).  Defaults = FGD's RetinaNet config.
+    Masks from the boxes (``fgd_masks``). Defaults = FGD's RetinaNet config.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int,
-                 loss_weight: float = 1.0, temp: float = 0.5, alpha_fgd: float = 0.001,
-                 beta_fgd: float = 0.0005, gamma_fgd: float = 0.0005,
-                 lambda_fgd: float = 0.000005):
+    needs = frozenset({'boxes', 'img_shapes'})
+
+    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 1.0,
+                 temp: float = 0.5, alpha_fgd: float = 0.001, beta_fgd: float = 0.0005,
+                 gamma_fgd: float = 0.0005, lambda_fgd: float = 0.000005):
         super().__init__()
         self.align = make_align(student_channels, teacher_channels)
         self.gc_s, self.gc_t = GcBlock(teacher_channels), GcBlock(teacher_channels)
@@ -78,18 +87,12 @@ class FGDLoss(nn.Module):
         self.alpha_fgd, self.beta_fgd = alpha_fgd, beta_fgd
         self.gamma_fgd, self.lambda_fgd = gamma_fgd, lambda_fgd
 
-    def forward(self, preds_S: Tensor, preds_T: Tensor, *,
-                gt_bboxes: Optional[List[Tensor]] = None,
-                img_shapes: Optional[List[Tuple[int, int]]] = None,
-                stride: Optional[int] = None, reduction: Optional[str] = None) -> Tensor:
-        check_no_reduction(reduction, 'FGDLoss')
-        if gt_bboxes is None:
-            raise ValueError('FGDLoss needs gt_bboxes')
+    def forward(self, preds_S: Tensor, preds_T: Tensor, *, boxes, img_shapes) -> Tensor:
         s, t = self.align(preds_S), preds_T.detach()
         n = s.shape[0]
         sa_s, ca_s = spatial_attention(s, self.temp), channel_attention(s, self.temp)
         sa_t, ca_t = spatial_attention(t, self.temp), channel_attention(t, self.temp)
-        m_fg, m_bg = fgd_masks(gt_bboxes, s.shape[-2:], stride, img_shapes, s.device)
+        m_fg, m_bg = fgd_masks(boxes, s.shape[-2:], img_shapes, s.device)
         sq = sa_t * ca_t * (s - t) ** 2
         loss_fg = (m_fg * sq).sum() / n
         loss_bg = (m_bg * sq).sum() / n

@@ -2,8 +2,8 @@
 
 Each image shows a few shapes (circle, square, triangle, star, ring) on a cluttered
 background (gradients, low-frequency noise, soft blobs and lines that are not
-objects). Images come in two kinds so that the later masking-enhancement stage sees
-both sides of its threshold on r(I) = sum of box areas / image area:
+objects). Images come in two kinds so that masking enhancement sees both sides of its
+threshold on r(I) = sum of box areas / image area:
 
 * ``size_mode="small"``: many small objects, r(I) kept <= 0.35;
 * ``size_mode="large"``: one to a few large objects (plus maybe a couple of small
@@ -12,38 +12,26 @@ both sides of its threshold on r(I) = sum of box areas / image area:
 Everything is drawn from numpy ``Generator`` objects seeded from ``(seed, split,
 image index)``, and PNGs are written by PIL without timestamps, so the same seed
 gives byte-identical files.
-
-This module also holds two small helpers shared with :mod:`dfmsd.augment`:
-:func:`atomic_directory` (build an output directory next to its final place, then
-swap it in) and :class:`ProgressReporter` (progress lines on stderr).
 """
 
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import json
 import math
-import os
-import shutil
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from dfmsd.data.coco import area_ratio, rounded_box, save_png
+from dfmsd.core.io import Progress, atomic_directory, write_json
 
 CLASS_NAMES = ("circle", "square", "triangle", "star", "ring")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
-SPLITS = ("train", "val")
 
-# r(I) threshold used by the masking-enhancement stage; generation keeps a margin on
-# each side because that stage measures r(I) from (imperfect) teacher boxes.
-AREA_RATIO_THRESHOLD = 0.5
+# Each size mode keeps a margin from the ME threshold's usual value (0.5), because ME
+# measures r(I) from (imperfect) teacher boxes.
 SMALL_MODE_MAX_RATIO = 0.35
 LARGE_MODE_MIN_RATIO = 0.6
 
@@ -55,113 +43,6 @@ MAX_ATTEMPTS_PER_IMAGE = 25  # re-draws allowed to hit the size-mode's r(I) rang
 _SUBPIXEL_BITS = 4  # cv2 polygon coordinates are fixed point with this many bits
 _TEXTURES = ("solid", "stripes", "checker", "noise")
 _TEXTURE_PROBS = (0.4, 0.2, 0.2, 0.2)
-
-
-class DatasetError(ValueError):
-    """A dataset or annotation file is missing or malformed; the message names the file."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class ProgressReporter:
-    """Prints ``label: done/total (rate img/s)`` lines to stderr.
-
-    A line is printed every ``every`` items (default: about 10 lines per run) and
-    once at the end. Plain lines rather than a live bar keep logs of pipeline runs
-    readable.
-    """
-
-    def __init__(self, total: int, label: str, enabled: bool = True, every: int | None = None):
-        self.total = total
-        self.label = label
-        self.enabled = enabled and total > 0
-        self.every = every or max(1, math.ceil(total / 10))
-        self.done = 0
-        self._start = time.perf_counter()
-
-    def update(self, count: int = 1) -> None:
-        """Record ``count`` more finished items, printing a line when one is due."""
-        before = self.done
-        self.done += count
-        if not self.enabled:
-            return
-        if self.done >= self.total or self.done // self.every > before // self.every:
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
-            print(
-                f"{self.label}: {self.done}/{self.total} ({self.done / elapsed:.1f} img/s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``out_dir`` on success.
-
-    The temporary directory sits next to ``out_dir`` (same filesystem, so the final
-    rename is atomic). On an exception it is deleted and ``out_dir`` is left as it
-    was; on success an existing ``out_dir`` is swapped out and removed.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp_dir
-        tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; a dataset should not be
-        _replace_path(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
-def _replace_path(new_dir: Path, target: Path) -> None:
-    """Move ``new_dir`` to ``target``, first moving any existing ``target`` aside."""
-    if not (target.exists() or target.is_symlink()):
-        new_dir.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()  # only the unique name is wanted
-    target.rename(old)
-    try:
-        new_dir.rename(target)
-    except OSError:
-        old.rename(target)  # put the previous output back rather than lose it
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
-
-
-def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
-    """Write an RGB uint8 array as PNG; PIL adds no timestamp, so output is reproducible."""
-    Image.fromarray(image).save(path, format="PNG", compress_level=6)
-
-
-def write_json(obj: dict, path: str | os.PathLike) -> None:
-    """Write compact JSON with a trailing newline (deterministic for the same dict)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.write("\n")
-
-
-def rounded_box(x: float, y: float, w: float, h: float, width: int, height: int) -> list[float]:
-    """An (x, y, w, h) box clipped to the image and rounded to 0.01 px for JSON.
-
-    Rounding the corners (not the width) keeps x + w within the image.
-    """
-    x0, y0 = round(min(max(x, 0.0), width), 2), round(min(max(y, 0.0), height), 2)
-    x1, y1 = round(min(max(x + w, 0.0), width), 2), round(min(max(y + h, 0.0), height), 2)
-    return [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)]
-
-
-def boxes_area_ratio(boxes_xywh, width: int, height: int) -> float:
-    """Summed box area over image area (may exceed 1 when boxes overlap); 0.0 for no boxes."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
-    return float((boxes[:, 2] * boxes[:, 3]).sum() / (width * height))
 
 
 # --------------------------------------------------------------------- background
@@ -415,7 +296,7 @@ def render_image(rng: np.random.Generator, size: int, size_mode: str, max_object
         image = _cluttered_background(rng, size)
         kept = _draw_objects(rng, image, _sample_objects(rng, size, size_mode, max_objects))
         boxes = [obj.clipped_box(size) for obj in kept]
-        if kept and _ratio_fits_mode(boxes_area_ratio(boxes, size, size), size_mode):
+        if kept and _ratio_fits_mode(area_ratio(boxes, size, size), size_mode):
             break
     image += rng.normal(0.0, 3.0, size=image.shape).astype(np.float32)  # sensor-like grain
     pixels = np.clip(np.round(image), 0, 255).astype(np.uint8)
@@ -432,14 +313,13 @@ def _size_modes(rng: np.random.Generator, count: int, small_fraction: float) -> 
     return [str(mode) for mode in rng.permutation(modes)]
 
 
-def _generate_split(root: Path, split: str, split_index: int, count: int, *, image_size: int, seed: int,
+def _generate_split(image_dir: Path, split: str, split_index: int, count: int, *, image_size: int, seed: int,
                     small_image_fraction: float, max_objects: int, progress: bool) -> dict:
-    """Write one split's PNGs under ``root/split`` and return its COCO dict."""
-    image_dir = root / split
+    """Write one split's PNGs under ``image_dir`` and return its COCO dict."""
     image_dir.mkdir(parents=True)
     modes = _size_modes(np.random.default_rng([seed, split_index, 0]), count, small_image_fraction)
     images, annotations = [], []
-    reporter = ProgressReporter(count, f"generate {split}", enabled=progress)
+    reporter = Progress(count, f"generate {split}", enabled=progress)
     for index, size_mode in enumerate(modes):
         # One generator per image: image i does not depend on how many come before it.
         rng = np.random.default_rng([seed, split_index, 1, index])
@@ -458,112 +338,52 @@ def _generate_split(root: Path, split: str, split_index: int, count: int, *, ima
     return {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
-def summarise_coco(coco: dict) -> dict:
-    """Counts of a COCO dict: images, boxes, boxes per class, images on each side of r(I)=0.5."""
+def summarise_coco(coco: dict, threshold: float = 0.5) -> dict:
+    """Counts of a COCO dict: images, boxes, boxes per class, images on each side of r(I) = threshold."""
     names = {c["id"]: c["name"] for c in coco["categories"]}
     per_class = {name: 0 for name in names.values()}
     boxes_by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
     for ann in coco["annotations"]:
         per_class[names[ann["category_id"]]] += 1
         boxes_by_image[ann["image_id"]].append(ann["bbox"])
-    ratios = [boxes_area_ratio(boxes_by_image[img["id"]], img["width"], img["height"]) for img in coco["images"]]
-    small = sum(r < AREA_RATIO_THRESHOLD for r in ratios)
+    ratios = [area_ratio(boxes_by_image[img["id"]], img["width"], img["height"]) for img in coco["images"]]
+    small = sum(r < threshold for r in ratios)
     return {
         "images": len(coco["images"]),
         "annotations": len(coco["annotations"]),
         "per_class": per_class,
         "small_dominated": small,
         "large_dominated": len(ratios) - small,
-        "size_mode_small": sum(img.get("size_mode") == "small" for img in coco["images"]),
     }
 
 
-def _check_generation_args(num_train, num_val, image_size, seed, small_image_fraction, max_objects) -> None:
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if not 0.0 <= small_image_fraction <= 1.0:
-        raise ValueError(f"small_image_fraction must be in [0, 1], got {small_image_fraction}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+#: Generation order of the splits: a split's images depend on its index only, so adding a
+#: split after the others leaves their bytes unchanged.
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 
-def generate_dataset(out_dir, *, num_train: int, num_val: int, image_size: int = 128, seed: int = 0,
+def generate_dataset(out_dir, splits: dict[str, tuple[str, str, int]], *, image_size: int = 128, seed: int = 0,
                      small_image_fraction: float = 0.5, max_objects: int = 6, progress: bool = True) -> dict:
     """Generate the synthetic dataset under ``out_dir`` (replacing it atomically).
 
-    Layout: ``train/*.png``, ``val/*.png``, ``annotations/instances_{train,val}.json``.
-    Image entries carry an extra ``"size_mode"`` ("small" or "large"); exactly
-    ``round(small_image_fraction * n)`` images of each split are "small", at random
-    positions. Boxes are the full object's box clipped to the image; ``area`` is the
-    box area. ``max_objects`` caps the number of objects drawn per image (occluded
-    ones may then be dropped from the annotations).
+    ``splits`` maps a split name (train, val, test) to ``(annotation file, image dir,
+    image count)``, paths relative to ``out_dir``. Image entries carry an extra
+    ``"size_mode"`` ("small" or "large"); exactly ``round(small_image_fraction * n)``
+    images of each split are "small", at random positions. Boxes are the full object's
+    box clipped to the image; ``area`` is the box area. ``max_objects`` caps the objects
+    drawn per image (occluded ones may then be dropped from the annotations).
 
-    Returns ``{"train": summary, "val": summary, "out_dir": str}`` with summaries as
-    produced by :func:`summarise_coco`.
+    Returns ``{split: summary}`` (see :func:`summarise_coco`).
     """
-    _check_generation_args(num_train, num_val, image_size, seed, small_image_fraction, max_objects)
+    if image_size < 32 or seed < 0 or max_objects < 1 or not 0.0 <= small_image_fraction <= 1.0:
+        raise ValueError(f"invalid generation arguments: image_size={image_size}, seed={seed}, "
+                         f"max_objects={max_objects}, small_image_fraction={small_image_fraction}")
     summary: dict = {}
     with atomic_directory(out_dir) as root:
-        (root / "annotations").mkdir()
-        for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
-            coco = _generate_split(root, split, split_index, count, image_size=image_size, seed=seed,
-                                   small_image_fraction=small_image_fraction, max_objects=max_objects,
-                                   progress=progress)
-            write_json(coco, root / "annotations" / f"instances_{split}.json")
+        for split, (ann, img, count) in splits.items():
+            coco = _generate_split(root / img, split, SPLIT_INDEX[split], count, image_size=image_size,
+                                   seed=seed, small_image_fraction=small_image_fraction,
+                                   max_objects=max_objects, progress=progress)
+            write_json(root / ann, coco, indent=None)
             summary[split] = summarise_coco(coco)
-    summary["out_dir"] = str(out_dir)
     return summary
-
-
-# --------------------------------------------------------------------- validation
-
-
-def _load_json(ann_file: Path) -> dict:
-    if not ann_file.is_file():
-        raise DatasetError(f"{ann_file}: annotation file not found")
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{ann_file}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file}: top level must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def validate_coco(ann_file, img_dir) -> dict:
-    """Load a COCO detection annotation file and check it against ``img_dir``.
-
-    Raises :class:`DatasetError` (message starts with the file's path) when the
-    file is missing or not JSON, lacks ``images``/``annotations``/``categories``
-    lists, an annotation names an unknown image or category or has a bbox that is
-    not 4 numbers with positive width and height, or an image file is missing
-    (the message then names that image's path). Returns the loaded dict.
-    """
-    ann_file, img_dir = Path(ann_file), Path(img_dir)
-    data = _load_json(ann_file)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{ann_file}: missing or non-list '{key}'")
-    image_ids = {img.get("id") for img in data["images"]}
-    category_ids = {cat.get("id") for cat in data["categories"]}
-    for ann in data["annotations"]:
-        if ann.get("image_id") not in image_ids:
-            raise DatasetError(f"{ann_file}: annotation {ann.get('id')} references unknown image_id "
-                               f"{ann.get('image_id')}")
-        if ann.get("category_id") not in category_ids:
-            raise DatasetError(f"{ann_file}: annotation {ann.get('id')} references unknown category_id "
-                               f"{ann.get('category_id')}")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                and bbox[2] > 0 and bbox[3] > 0):
-            raise DatasetError(f"{ann_file}: annotation {ann.get('id')} has invalid bbox {bbox!r}")
-    for img in data["images"]:
-        path = img_dir / str(img.get("file_name", ""))
-        if not path.is_file():
-            raise DatasetError(f"{ann_file}: image {img.get('id')} file missing: {path}")
-    return data

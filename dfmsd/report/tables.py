@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dfmsd.evaluation import REPORTED_METRICS
-from dfmsd.params import ParamsError
+from dfmsd.engine.evaluation import REPORTED_METRICS
+from dfmsd.core.params import ParamsError
 
 GAIN_COLUMNS = ('mAP', 'AR@100')  # shown with "(+x.x)" over the baseline, as in the paper
 

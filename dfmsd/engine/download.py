@@ -38,7 +38,7 @@ Unpickling policy
 -----------------
 Checkpoints are pickles. The project's rule is that only files whose SHA-256 has been
 verified are ever unpickled with full pickle (``torch.load(weights_only=False)``);
-:func:`load_verified_checkpoint` is the one place that does it.
+:func:`dfmsd.engine.checkpoint.load_verified` is the one place that does it.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from dfmsd.core.errors import DownloadError
+from dfmsd.core.io import sha256_file
+
 __all__ = [
-    "DownloadError",
-    "sha256_of",
     "download_verified",
-    "load_verified_checkpoint",
     "fetch_zoo_teacher",
 ]
 
@@ -91,10 +91,6 @@ _NETWORK_ERRORS = (
 )
 
 
-class DownloadError(RuntimeError):
-    """A download failed, or a file did not match its expected SHA-256."""
-
-
 class _Truncated(Exception):
     """The response ended before the announced size (retryable network failure)."""
 
@@ -106,18 +102,6 @@ class _HTTPStatus(Exception):
         super().__init__(f"HTTP {code} {reason}".strip())
         self.code = code
         self.transient = code in _TRANSIENT_STATUS
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _normalise_hashes(sha256: str | None, sha256_prefix: str | None) -> tuple[str | None, str | None]:
@@ -178,7 +162,7 @@ def download_verified(
     full, prefix = _normalise_hashes(sha256, sha256_prefix)
     dest = Path(dest)
     if dest.is_file():
-        actual = sha256_of(dest)
+        actual = sha256_file(dest)
         if _matches(actual, full, prefix):
             return dest
         log.warning(
@@ -192,7 +176,7 @@ def download_verified(
     while True:
         resumed = _fetch_with_retries(url, part, timeout=timeout, retries=retries, progress=progress,
                                       label=dest.name)
-        actual = sha256_of(part)
+        actual = sha256_file(part)
         if _matches(actual, full, prefix):
             os.replace(part, dest)
             return dest
@@ -338,40 +322,6 @@ def _unlink(p: Path) -> None:
         pass
 
 
-# ------------------------------------------------------------------- checkpoints
-
-
-def load_verified_checkpoint(
-    path: str | os.PathLike,
-    *,
-    sha256: str | None = None,
-    sha256_prefix: str | None = None,
-    map_location="cpu",
-):
-    """Verify a checkpoint's SHA-256, then (and only then) unpickle it.
-
-    Policy: only files whose hash has been verified are ever unpickled with full
-    pickle. This is the one place in the project where ``torch.load`` runs with
-    ``weights_only=False`` (OpenMMLab checkpoints carry numpy arrays / metadata that
-    the restricted unpickler rejects). The file is read into memory once, and that
-    same byte string is both hashed and unpickled, so the file cannot change between
-    the check and the load.
-
-    Raises :class:`DownloadError` (without unpickling anything) when no hash is given
-    or the hash does not match.
-    """
-    full, prefix = _normalise_hashes(sha256, sha256_prefix)
-    data = Path(path).read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if not _matches(actual, full, prefix):
-        raise DownloadError(
-            f"refusing to unpickle {path}: expected {_expected_str(full, prefix)}, got sha256 {actual}"
-        )
-    import torch
-
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-
-
 # --------------------------------------------------------------------------- zoo
 
 
@@ -379,11 +329,11 @@ def fetch_zoo_teacher(name_or_config: str, cache_dir: str | os.PathLike, sha256:
     """Resolve an mmdet model-zoo entry and download its checkpoint into ``cache_dir``.
 
     ``name_or_config`` is a model-index ``Name``, a config stem or a config path (see
-    :func:`dfmsd.zoo.find_model`). The file lands in ``cache_dir/<basename of URL>``
+    :func:`dfmsd.engine.zoo.find_model`). The file lands in ``cache_dir/<basename of URL>``
     and is verified against ``sha256`` when given (e.g. pinned in params.yaml; it must
     then also agree with the index's prefix), else against the index's 8-hex prefix.
     """
-    from dfmsd.zoo import find_model
+    from dfmsd.engine.zoo import find_model
 
     model = find_model(name_or_config)
     # e.g. ".../reppoints_moment_r50_fpn_gn-neck%2Bhead_2x_coco_20200329-91babaa2.pth" is

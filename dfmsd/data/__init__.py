@@ -1,0 +1,1 @@
+"""Datasets: the synthetic generator, COCO-format checks and masking enhancement (numpy, PIL)."""

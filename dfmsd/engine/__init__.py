@@ -1,0 +1,1 @@
+"""The mmengine/mmdet side: configs, training, checkpoints, evaluation, teachers, launch."""

@@ -1,0 +1,160 @@
+"""Checkpoints: loaded under torch's ``weights_only=True`` default, kept safe.
+
+Two kinds of file, two rules:
+
+* Model weights (``student.pth``, teachers, downloads) are plain: tensors and plain values
+  only. They load with ``weights_only=True`` plus an allow-list of the numpy types and
+  mmengine's HistoryBuffer that mmengine puts in its own checkpoints' meta.
+* Training states (mmengine's resume checkpoints: optimizer, schedulers, message hub) pickle
+  ``getattr(HistoryBuffer, 'min')``, and allow-listing ``getattr`` would let any file call
+  anything. So each state is written with a ``.sha256`` sidecar, and only a file whose hash
+  matches is loaded with full unpickling, through the ``verified://`` loader scheme.
+
+Safety is never switched off: no message here suggests ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfmsd.core.errors import CheckpointError
+from dfmsd.core.io import atomic_write, sha256_file
+
+VERIFIED_SCHEME = 'verified://'
+
+
+def _numpy_globals() -> list[Any]:
+    multiarray = np.core.multiarray  # numpy 1.x location of the pickling helpers
+    found = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    found += [type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDGSUV']  # np.dtypes.*DType
+    return found
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Register the non-tensor types found in mmengine checkpoints as safe to unpickle."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    torch.serialization.add_safe_globals(_numpy_globals() + [HistoryBuffer])
+
+
+def load_weights(path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
+    """A plain checkpoint's dict, or a CheckpointError naming the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{what} {path} does not exist (run the stage that makes it: `dvc repro`)')
+    allow_mmengine_checkpoints()
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise CheckpointError(
+            f'{what} {path} cannot be loaded as model weights ({type(err).__name__}: {reason}). It is damaged, '
+            f'or not a weights file: restore it with `dvc checkout {path}` or rebuild it with `dvc repro`; '
+            f'a downloaded file is fetched again when its hash does not match') from None
+
+
+def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return checkpoint.get('state_dict', checkpoint)
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
+    """Load ``path`` into ``model`` strictly; a mismatch names the file and its config."""
+    checkpoint = load_weights(path, what)
+    try:
+        model.load_state_dict(state_dict_of(checkpoint), strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()
+        raise CheckpointError(f'{what} {path} does not fit its model config: '
+                              f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
+    return checkpoint
+
+
+def save_weights(obj: Any, path: str | Path) -> Path:
+    """torch.save through a file handle (torch names the zip's root folder after a path it is
+    given; the temp name would make identical weights differ in bytes), atomically."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def export_plain_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
+                            meta: dict[str, Any] | None = None, prefix: str = '') -> Path:
+    """Write ``{'state_dict', 'meta'}`` with only tensors and plain values inside.
+
+    Stock mmdet (``init_detector``, ``load_checkpoint``) reads it with ``weights_only=True``
+    and no project code; ``meta['dataset_meta']`` (class names) labels its boxes. ``prefix``
+    strips a wrapper's key prefix (``student.``).
+    """
+    plain = {k[len(prefix):]: v.detach().cpu().clone() for k, v in state_dict.items() if k.startswith(prefix)}
+    return save_weights({'state_dict': plain, 'meta': dict(meta or {})}, path)
+
+
+# ---- training states -------------------------------------------------------------
+def sidecar(path: str | Path) -> Path:
+    return Path(f'{path}.sha256')
+
+
+def record_hash(path: str | Path) -> None:
+    sidecar(path).write_text(sha256_file(path) + '\n')
+
+
+def is_verified(path: str | Path) -> bool:
+    path = Path(path)
+    return (path.is_file() and sidecar(path).is_file()
+            and sidecar(path).read_text().strip() == sha256_file(path))
+
+
+def latest_verified_checkpoint(work_dir: str | Path) -> Path | None:
+    """Newest iter_*.pth whose recorded hash matches (a file cut short by a kill does not)."""
+    found = sorted(Path(work_dir).glob('iter_*.pth'), key=lambda p: int(p.stem.split('_')[1]))
+    return next((p for p in reversed(found) if is_verified(p)), None)
+
+
+def load_verified(path: str | Path, map_location=None, *, sha256: str | None = None) -> dict[str, Any]:
+    """Full unpickling, only of a file whose SHA-256 matches: ``sha256`` (a full digest or a
+    prefix of at least 8 hex digits, e.g. a download's) or else its ``.sha256`` sidecar.
+
+    The bytes are read once, and that same buffer is hashed and unpickled, so the file
+    cannot change between the check and the load.
+    """
+    import hashlib
+    import io
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path} does not exist (run the stage that makes it: `dvc repro`)')
+    expected = sha256 or (sidecar(path).read_text().strip() if sidecar(path).is_file() else None)
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if not expected or len(expected) < 8 or not actual.startswith(expected.lower()):
+        raise CheckpointError(f'refusing to unpickle {path}: its sha256 {actual} does not match the recorded '
+                              f'{expected or "(none)"}. Rebuild it with `dvc repro`, restore it with '
+                              f'`dvc checkout`, or delete a damaged download so that it is fetched again')
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)  # hash-verified
+
+
+def register_verified_checkpoints() -> None:
+    """The ``verified://`` scheme for mmengine's loader, and a CheckpointHook that writes sidecars."""
+    from mmdet.registry import HOOKS
+    from mmengine.dist import is_main_process
+    from mmengine.hooks import CheckpointHook
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    if 'HashedCheckpointHook' in HOOKS.module_dict:
+        return
+
+    @HOOKS.register_module()
+    class HashedCheckpointHook(CheckpointHook):
+        """CheckpointHook that writes ``<checkpoint>.sha256`` once the file is complete."""
+
+        def _save_checkpoint_with_step(self, runner, step, meta):
+            super()._save_checkpoint_with_step(runner, step, meta)
+            if is_main_process():
+                record_hash(self.last_ckpt)
+                for stale in Path(self.out_dir).glob('iter_*.pth.sha256'):
+                    if not stale.with_suffix('').is_file():
+                        stale.unlink()
+
+    @CheckpointLoader.register_scheme(prefixes=VERIFIED_SCHEME)
+    def _load(filename: str, map_location=None):
+        return load_verified(filename[len(VERIFIED_SCHEME):], map_location)

@@ -1,0 +1,95 @@
+"""Run a preset in its own git worktree, so that the repository's files stay as they are.
+
+    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (what `make repro PRESET=NAME` runs)
+
+``presets/<name>.yaml`` is merged over params.yaml (:mod:`dfmsd.core.presets`) and checked
+before anything is written. The run happens in ``.presets/<name>/``, a git worktree of the
+current commit that also carries the workspace's uncommitted changes, and that shares the
+repository's DVC cache (so identical stages are restored, not rerun). Its outputs (models,
+dvc.lock, reports) stay there, resumable; the repository's own params.yaml, dvc.lock,
+metrics and reports are never touched. When the run completes it is recorded as a DVC
+experiment (``dvc exp save``), so ``dvc exp show`` lists it beside the committed results.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from dfmsd.core.errors import EXIT_CODE, DfmsdError
+from dfmsd.core.presets import preset_params
+
+WORKTREES = '.presets'
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(['git', *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def preset_worktree(repo_root: str | Path, name: str) -> Path:
+    """``.presets/<name>``: the current commit + the workspace's changes + the preset's params."""
+    root = Path(repo_root).resolve()
+    params = preset_params(name, root / 'params.yaml', root / 'presets')  # errors before any write
+    tree = root / WORKTREES / name
+    head = _git('rev-parse', 'HEAD', cwd=root).strip()
+    if not (tree / '.git').exists():
+        tree.parent.mkdir(exist_ok=True)
+        _git('worktree', 'prune', cwd=root)
+        _git('worktree', 'add', '--detach', '--force', str(tree), head, cwd=root)
+    else:  # keep its ignored files (outputs, work dirs): a rerun resumes
+        _git('checkout', '--detach', '--force', head, cwd=tree)
+        _git('reset', '--hard', head, cwd=tree)
+    changed = _git('ls-files', '-z', '--modified', '--others', '--exclude-standard', cwd=root).split('\0')
+    deleted = set(_git('ls-files', '-z', '--deleted', cwd=root).split('\0'))
+    for rel in filter(None, changed):
+        if rel in deleted or rel.startswith(f'{WORKTREES}/'):
+            continue
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, tree / rel)
+    for rel in filter(None, deleted):
+        (tree / rel).unlink(missing_ok=True)
+    (tree / 'params.yaml').write_text(f'# params.yaml with presets/{name}.yaml merged (flows.presets); '
+                                      f'the repository\'s own params.yaml is unchanged\n'
+                                      + yaml.safe_dump(params, sort_keys=False, width=110))
+    subprocess.run([sys.executable, '-m', 'dvc', 'config', '--local', 'cache.dir', str(root / '.dvc' / 'cache')],
+                   cwd=tree, check=True, capture_output=True)
+    return tree
+
+
+def save_experiment(tree: Path, name: str) -> str:
+    """Record the worktree's state as a DVC experiment; returns its name."""
+    exp = f'{name}-{time.strftime("%Y%m%d-%H%M%S")}'
+    subprocess.run([sys.executable, '-m', 'dvc', 'exp', 'save', '--name', exp, '--force', '--include-untracked',
+                    'reports'], cwd=tree, check=True, capture_output=True, text=True)
+    return exp
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m flows.presets', description=__doc__.splitlines()[0])
+    parser.add_argument('name')
+    parser.add_argument('--repo', default='.')
+    parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--target', action='append', default=[])
+    args = parser.parse_args(argv)
+    try:
+        tree = preset_worktree(args.repo, args.name)
+    except DfmsdError as err:
+        print(f'error [preset]: {err}', file=sys.stderr)
+        return EXIT_CODE
+    from flows import runner
+    print(f'[preset] {args.name}: running in {tree}', flush=True)
+    code = runner.main(['--repo', str(tree), '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]])
+    if code == 0 and not args.target:
+        exp = save_experiment(tree, args.name)
+        print(f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
+              f'(dvc exp show)')
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
