@@ -25,8 +25,8 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.configs import distill_config
-    from dfmsd.params import load_params
+    from dfmsd.engine.configs import distill_config
+    from dfmsd.core.params import load_params
     init_default_scope('mmdet')
     params = load_params(args.params)
     distill = params['distill']

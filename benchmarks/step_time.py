@@ -44,8 +44,8 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.configs import build_model_config, distill_config, model_entry
-    from dfmsd.params import load_params
+    from dfmsd.engine.configs import build_model_config, distill_config, model_entry
+    from dfmsd.core.params import load_params
     init_default_scope('mmdet')
     torch.manual_seed(0)
     params = load_params(args.params)

@@ -1,56 +1,70 @@
 """COCO-format predictions with mmdet's test loop, and box metrics with pycocotools.
 
-Both run under torchrun when ``launch`` asks for several processes: mmengine's test loop
-shards the images and gathers the results on rank 0, which writes the file.
+Predictions of a model are computed once per (model weights, model config, split, score
+threshold) into ``work_dirs/<stage>-<key>/`` and then copied to the stage's outputs, so that
+``flows.runner`` can predict several models at once outside DVC's lock (the same two phases
+as training, :mod:`dfmsd.core.runs`). Under torchrun (``launch``), mmengine's test loop
+shards the images and gathers the results on rank 0, which writes the files.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import os
-import tempfile
+import shutil
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-from mmengine.config import Config
-
-from dfmsd.engine.checkpoint import allow_mmengine_checkpoints, load_weights
+from dfmsd.core import runs
+from dfmsd.core.io import read_json, sha256_file, write_json
 from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS
 
+WORK_ROOT = Path('work_dirs')
 
-def predict_coco_json(cfg: Config, checkpoint: str | Path, out_json: str | Path, *, data_root: str,
-                      ann_file: str, img_prefix: str, score_thr: float | None = None) -> Path | None:
-    """Run ``checkpoint`` over a COCO-layout split; write its detections as COCO results.
 
-    Returns the file on rank 0 (None on other ranks).
-    """
+def predict_splits(model_dir: Path, splits: dict[str, Any], out_dir: Path, *, data_root: str,
+                   score_thr: float | None, threads: int, launch) -> None:
+    """``model_dir``'s COCO detections on each split, as ``out_dir/<split>.bbox.json`` (rank 0)."""
+    import torch
+    from mmengine.config import Config
     from mmengine.dist import is_main_process
+    from mmengine.runner import TestLoop
 
+    import dfmsd.models  # noqa: F401
+    from dfmsd.engine.checkpoint import allow_mmengine_checkpoints, load_weights
+    from dfmsd.engine.launch import apply_launcher
     from dfmsd.engine.runner import build_runner
+    torch.set_num_threads(threads)
     allow_mmengine_checkpoints()
+    checkpoint = model_dir / 'model.pth'
     load_weights(checkpoint, 'model')  # a clear error for a missing or damaged file
-    cfg = copy.deepcopy(cfg)
-    ds = cfg.test_dataloader.dataset
-    ds.data_root, ds.ann_file, ds.data_prefix = str(data_root).rstrip('/') + '/', ann_file, dict(img=img_prefix)
+    cfg = Config.fromfile(str(model_dir / 'model.py'))
+    apply_launcher(cfg, launch)
     if score_thr is not None:
         test_cfg = cfg.model.test_cfg
         (test_cfg.rcnn if 'rcnn' in test_cfg else test_cfg).score_thr = score_thr
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_json.parent, prefix='.predict-') as tmp:
-        cfg.work_dir = tmp
-        cfg.load_from = str(checkpoint)
-        cfg.resume = False
-        prefix = f'{tmp}/pred'  # CocoMetric writes on rank 0 only
-        cfg.test_evaluator = dict(type='CocoMetric', ann_file=os.path.join(ds.data_root, ds.ann_file),
-                                  metric='bbox', format_only=True, outfile_prefix=prefix)
-        cfg.pop('val_cfg', None), cfg.pop('val_dataloader', None), cfg.pop('val_evaluator', None)
-        build_runner(cfg).test()
-        if not is_main_process():
-            return None
-        os.replace(f'{prefix}.bbox.json', out_json)
-    return out_json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.work_dir, cfg.load_from, cfg.resume = str(out_dir / 'runner'), str(checkpoint), False
+    for key in ('val_cfg', 'val_dataloader', 'val_evaluator'):
+        cfg.pop(key, None)
+    runner = build_runner(cfg)
+    runner.call_hook('before_run')
+    runner.load_or_resume()
+    for split, spec in splits.items():
+        loader = copy.deepcopy(cfg.test_dataloader)
+        loader.dataset.update(data_root=str(data_root).rstrip('/') + '/', ann_file=spec.ann,
+                              data_prefix=dict(img=spec.img))
+        prefix = str(out_dir / f'.{split}')  # CocoMetric writes on rank 0 only
+        evaluator = dict(type='CocoMetric', ann_file=os.path.join(data_root, spec.ann), metric='bbox',
+                         format_only=True, outfile_prefix=prefix)
+        TestLoop(runner, loader, evaluator).run()
+        if is_main_process():
+            os.replace(f'{prefix}.bbox.json', out_dir / f'{split}.bbox.json')
+    shutil.rmtree(out_dir / 'runner', ignore_errors=True)
 
 
 def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, float]:
@@ -73,59 +87,71 @@ def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, fl
     return {name: round(max(float(stats[name]), 0.0) * 100, 2) for name in REPORTED_METRICS}
 
 
-def evaluate_model(model_dir: str | Path, *, data, evaluate, launch, predictions: str | Path,
-                   metrics: str | Path) -> dict | None:
-    """Predictions and metrics of ``model_dir`` on the val and test splits, in one metrics file:
-    the run's record (identity and cost, from run.json) plus ``{'val': {...}, 'test': {...}}``."""
-    from mmengine.dist import is_main_process
+def cached_predictions(model_dir: str | Path, splits: dict[str, Any], *, data_root: str, score_thr: float | None,
+                       threads: int, launch) -> Path | None:
+    """The work dir holding ``<split>.bbox.json`` for every split, predicting them if needed.
 
-    from dfmsd.core.io import read_json, write_json
-    from dfmsd.data.coco import split_files
-    from dfmsd.engine.launch import apply_launcher, maybe_relaunch
-    maybe_relaunch(launch)
-    import dfmsd.models  # noqa: F401
+    Returns None on ranks other than 0. Under ``DFMSD_PHASE=commit`` a missing prediction
+    raises NeedsTraining instead of predicting (flows.runner predicts outside DVC's lock).
+    """
     model_dir = Path(model_dir)
-    cfg = Config.fromfile(str(model_dir / 'model.py'))
-    apply_launcher(cfg, launch)
-    record = {**read_json(model_dir / 'run.json')}
-    for split in ('val', 'test'):
-        spec = data.splits[split]
-        out = predict_coco_json(cfg, model_dir / 'model.pth', Path(predictions) / f'{split}.bbox.json',
-                                data_root=data.root, ann_file=spec.ann, img_prefix=spec.img,
-                                score_thr=evaluate.score_thr)
-        if is_main_process():
-            record[split] = coco_metrics(split_files(data, split)[0], out)
-    if not is_main_process():
+    key = hashlib.sha256(json.dumps({
+        'weights': sha256_file(model_dir / 'model.pth'), 'config': sha256_file(model_dir / 'model.py'),
+        'splits': {k: [v.ann, v.img] for k, v in splits.items()}, 'score_thr': score_thr, 'threads': threads,
+    }, sort_keys=True).encode()).hexdigest()[:12]
+    work = WORK_ROOT / f"{runs.work_dir_label(os.environ.get('DVC_STAGE', 'predict'))}-{key}"
+    if all((work / f'{s}.bbox.json').is_file() for s in splits):
+        return work
+    if runs.phase() == 'commit':
+        raise runs.NeedsTraining()
+    predict_splits(model_dir, splits, work, data_root=data_root, score_thr=score_thr, threads=threads,
+                   launch=launch)
+    from mmengine.dist import is_main_process
+    return work if is_main_process() else None
+
+
+def evaluate_model(model_dir: str | Path, *, data, evaluate, runtime, launch, predictions: str | Path,
+                   metrics: str | Path) -> dict | None:
+    """Predictions and metrics of ``model_dir`` on val and test, in one metrics file: the run's
+    record (identity and cost, from run.json) plus ``{'val': {...}, 'test': {...}}``."""
+    from dfmsd.data.coco import split_files
+    from dfmsd.engine.launch import maybe_relaunch
+    maybe_relaunch(launch)
+    splits = {s: data.splits[s] for s in ('val', 'test')}
+    work = cached_predictions(model_dir, splits, data_root=data.root, score_thr=evaluate.score_thr,
+                              threads=runtime.threads, launch=launch)
+    if work is None or runs.phase() == 'train':
         return None
+    record = read_json(Path(model_dir) / 'run.json')
+    Path(predictions).mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        shutil.copyfile(work / f'{split}.bbox.json', Path(predictions) / f'{split}.bbox.json')
+        record[split] = coco_metrics(split_files(data, split)[0], work / f'{split}.bbox.json')
     write_json(metrics, record)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"[evaluate] {model_dir}: test " + ', '.join(f'{k} {v:.1f}' for k, v in record['test'].items()))
     return record
 
 
-def teacher_area_ratios(teacher_dir: str | Path, *, data, score_thr: float, launch, out: str | Path) -> None:
+def teacher_area_ratios(teacher_dir: str | Path, *, data, score_thr: float, runtime, launch,
+                        out: str | Path) -> None:
     """The teacher's boxes on the training images, and r(I) per image (the ME size criterion)."""
-    from collections import defaultdict
-
-    from mmengine.dist import is_main_process
-
-    from dfmsd.core.io import write_json
     from dfmsd.data.coco import area_ratio, load_json, split_files
-    from dfmsd.engine.launch import apply_launcher, maybe_relaunch
+    from dfmsd.engine.launch import maybe_relaunch
     maybe_relaunch(launch)
-    import dfmsd.models  # noqa: F401
-    teacher_dir, out = Path(teacher_dir), Path(out)
-    cfg = Config.fromfile(str(teacher_dir / 'model.py'))
-    apply_launcher(cfg, launch)
-    spec = data.splits['train']
-    preds = predict_coco_json(cfg, teacher_dir / 'model.pth', out / 'predictions.bbox.json', data_root=data.root,
-                              ann_file=spec.ann, img_prefix=spec.img)
-    if not is_main_process():
+    work = cached_predictions(teacher_dir, {'train': data.splits['train']}, data_root=data.root, score_thr=None,
+                              threads=runtime.threads, launch=launch)
+    if work is None or runs.phase() == 'train':
         return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / 'train.bbox.json', out / 'predictions.bbox.json')
     images = load_json(split_files(data, 'train')[0])['images']
     boxes = defaultdict(list)
-    for det in json.loads(preds.read_text()):
+    for det in read_json(out / 'predictions.bbox.json'):
         if det['score'] >= score_thr:
             boxes[det['image_id']].append(det['bbox'])
     ratios = {str(im['id']): round(area_ratio(boxes[im['id']], im['width'], im['height']), 6) for im in images}
     write_json(out / 'area_ratios.json', {'score_thr': score_thr, 'area_ratios': ratios}, indent=None)
+    shutil.rmtree(work, ignore_errors=True)
     print(f'[teacher_boxes] {len(ratios)} images, {sum(map(len, boxes.values()))} boxes >= {score_thr}')

@@ -16,6 +16,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from dfmsd.core.errors import EXIT_CODE, DfmsdError
 from dfmsd.core.presets import preset_params
 
 WORKTREES = '.presets'
+#: What a preset's own runs write into tracked files; kept when its worktree is refreshed.
+OWN_OUTPUTS = ('dvc.lock', 'metrics', 'logs', 'reports')
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -41,9 +44,18 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
         tree.parent.mkdir(exist_ok=True)
         _git('worktree', 'prune', cwd=root)
         _git('worktree', 'add', '--detach', '--force', str(tree), head, cwd=root)
-    else:  # keep its ignored files (outputs, work dirs): a rerun resumes
-        _git('checkout', '--detach', '--force', head, cwd=tree)
-        _git('reset', '--hard', head, cwd=tree)
+    else:  # keep its outputs, work dirs and DVC state: a rerun resumes and skips what is done
+        with tempfile.TemporaryDirectory() as keep:
+            for rel in OWN_OUTPUTS:
+                if (tree / rel).exists():
+                    (shutil.copytree if (tree / rel).is_dir() else shutil.copy2)(tree / rel, Path(keep) / rel)
+            _git('checkout', '--detach', '--force', head, cwd=tree)
+            _git('reset', '--hard', head, cwd=tree)
+            for rel in OWN_OUTPUTS:
+                if (Path(keep) / rel).exists():
+                    if (tree / rel).is_dir():
+                        shutil.rmtree(tree / rel)
+                    (shutil.copytree if (Path(keep) / rel).is_dir() else shutil.copy2)(Path(keep) / rel, tree / rel)
     changed = _git('ls-files', '-z', '--modified', '--others', '--exclude-standard', cwd=root).split('\0')
     deleted = set(_git('ls-files', '-z', '--deleted', cwd=root).split('\0'))
     for rel in filter(None, changed):

@@ -61,10 +61,13 @@ class StageResult:
         return self.outcome in ('ran', 'restored', 'skipped')
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of DVC and stage commands: this interpreter's bin first on PATH."""
+def subprocess_env(root: Path, **extra: str) -> dict[str, str]:
+    """The environment of DVC and stage commands in ``root``: this interpreter's bin first on
+    PATH, and ``root`` first on PYTHONPATH, so that a worktree runs its own copy of the
+    package (not the one installed in editable mode from another checkout)."""
     env = dict(os.environ, DVC_NO_ANALYTICS='1', **extra)
     env['PATH'] = str(Path(sys.executable).parent) + os.pathsep + env.get('PATH', '')
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(root), env.get('PYTHONPATH')]))
     return env
 
 
@@ -79,7 +82,7 @@ class DvcRepo:
             on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
         cmd = [sys.executable, '-m', 'dvc', *args]
         with self.lock:
-            return _stream(cmd, self.root, env or subprocess_env(), on_line, check, what=f"dvc {' '.join(args)}")
+            return _stream(cmd, self.root, env or subprocess_env(self.root), on_line, check, what=f"dvc {' '.join(args)}")
 
     def graph(self, targets: list[str] | None = None) -> nx.DiGraph:
         """Stages and edges (upstream -> downstream) of ``dvc dag --dot``; with ``targets``,
@@ -167,7 +170,7 @@ def run_stage(repo: DvcRepo, stage: str, *, force: bool = False,
 
 
 def _run_changed(repo: DvcRepo, stage: str, force: bool, log_file: Path, on_line, start: float) -> StageResult:
-    env = subprocess_env(**{runs.PHASE_ENV: 'commit', runs.RUN_LOG_ENV: str(log_file)})
+    env = subprocess_env(repo.root, **{runs.PHASE_ENV: 'commit', runs.RUN_LOG_ENV: str(log_file)})
     repro = ['repro', '--single-item', stage] + (['--force'] if force else [])
     if force:
         _clean_work_dirs(repo.root, stage)
@@ -175,7 +178,7 @@ def _run_changed(repo: DvcRepo, stage: str, force: bool, log_file: Path, on_line
     records = runs.read_records(log_file)
     waiting = [r for r in records if r['status'] == 'needs-training']
     if waiting:
-        env_train = subprocess_env(**{runs.PHASE_ENV: 'train', runs.RUN_LOG_ENV: str(log_file), 'DVC_STAGE': stage,
+        env_train = subprocess_env(repo.root, **{runs.PHASE_ENV: 'train', runs.RUN_LOG_ENV: str(log_file), 'DVC_STAGE': stage,
                                       'DVC_ROOT': str(repo.root)})
         argv = [sys.executable, *waiting[0]['argv']]  # the stage's own command line, as DVC ran it
         train_code, train_lines = _stream(argv, Path(waiting[0]['cwd']), env_train, on_line, check=False,

@@ -1,36 +1,28 @@
-"""DVC stage `data`: generate the synthetic COCO-format dataset, or (`data.generate: false`,
-the COCO preset) check that an existing dataset has the layout params.yaml names."""
-from dfmsd import cli
+"""DVC stage `data`: make the synthetic dataset (data.generate: true), or check a dataset that is
+already in place (your own, COCO), fully, before any training stage reads it."""
+import argparse
 
-
-def check_layout(data: dict) -> None:
-    from dfmsd.engine.configs import split_files
-    from dfmsd.data import DatasetError
-    found = []
-    for split in ('train', 'val'):
-        ann, img = split_files(data, split)
-        for key, path, exists in ((f'{split}_ann', ann, ann.is_file()), (f'{split}_img', img, img.is_dir())):
-            if not exists:
-                raise DatasetError(f"{path} not found (params.yaml data.{key}; data.generate is false, so the "
-                                   f"dataset must already be in place: see docs/coco.md for the COCO 2017 layout)")
-            found.append(str(path))
-    print(f"[data] {', '.join(found)} present")
+from dfmsd.core import cli
 
 
 def main() -> None:
-    from dfmsd.core.params import get, load_params
-    params = load_params()
-    data = get(params, 'data')
-    if not data.get('generate', True):
-        check_layout(data)
-        return
-    from dfmsd.data import generate_dataset
-    summary = generate_dataset(
-        data['root'], num_train=int(data['num_train']), num_val=int(data['num_val']),
-        image_size=int(data['image_size']), seed=int(params.get('seed', 0)),
-        small_image_fraction=float(data['small_image_fraction']),
-        max_objects=int(data['max_objects']))
-    print(f'[data] {summary}')
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--root', required=True, help='dataset root (params data.root)')
+    args = parser.parse_args()
+
+    from dfmsd.core.params import Data, section, stage_params
+    from dfmsd.data.coco import split_files, validate_coco
+    data = section(Data, stage_params()['data'], 'data')
+    if data.generate:
+        from dfmsd.data.synthetic import generate_dataset
+        splits = {name: (s.ann, s.img, s.images) for name, s in data.splits.items()}
+        generate_dataset(args.root, splits, image_size=data.image_size, seed=data.seed,
+                         small_image_fraction=data.synthetic.small_image_fraction,
+                         max_objects=data.synthetic.max_objects)
+    for split in data.splits:
+        ann, img = split_files(data, split)
+        coco = validate_coco(ann, img)
+        print(f"[data] {split}: {ann} valid ({len(coco['images'])} images, {len(coco['annotations'])} boxes)")
 
 
 if __name__ == '__main__':

@@ -12,12 +12,13 @@ def main() -> None:
     parser.add_argument('--metrics', required=True, help='metrics JSON file')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Evaluate, section, stage_params
+    from dfmsd.core.params import Data, Evaluate, Runtime, section, stage_params
     from dfmsd.evaluation import evaluate_model
     from dfmsd.engine.launch import launch_settings
     p = stage_params()
     evaluate_model(args.model, data=section(Data, p['data'], 'data'),
-                   evaluate=section(Evaluate, p['evaluate'], 'evaluate'), launch=launch_settings(p.get('launch')),
+                   evaluate=section(Evaluate, p['evaluate'], 'evaluate'), runtime=section(Runtime, p['runtime'], 'runtime'),
+                   launch=launch_settings(p.get('launch')),
                    predictions=args.predictions, metrics=args.metrics)
 
 

@@ -12,12 +12,13 @@ def main() -> None:
     parser.add_argument('--out', required=True, help='directory for predictions.bbox.json, area_ratios.json')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, section, stage_params
+    from dfmsd.core.params import Data, Runtime, section, stage_params
     from dfmsd.evaluation import teacher_area_ratios
     from dfmsd.engine.launch import launch_settings
     p = stage_params()
     teacher_area_ratios(args.teacher, data=section(Data, p['data'], 'data'),
-                        score_thr=float(p['me']['teacher_score_thr']), launch=launch_settings(p.get('launch')),
+                        score_thr=float(p['me']['teacher_score_thr']), runtime=section(Runtime, p['runtime'], 'runtime'),
+                        launch=launch_settings(p.get('launch')),
                         out=args.out)
 
 
