@@ -1,35 +1,57 @@
-# make repro  - set up .venv if missing/stale, then run the DVC pipeline (embedded default)
-# make test   - set up .venv if missing/stale, then run the test suite
-# PRESET=smoke make repro  - apply presets/smoke.yaml to params.yaml first
-# make flow   - the same DAG as a Prefect flow, one task per DVC stage
-# make ui     - the Prefect UI on 127.0.0.1:4200 (export PREFECT_API_URL=http://127.0.0.1:4200/api)
+# make repro               set up .venv if missing/stale, check params, run the DVC pipeline (embedded default)
+# make repro PRESET=smoke  the same for presets/smoke.yaml, in its own worktree (.presets/smoke); params.yaml untouched
+# make test                the whole test suite (what CI runs);  make test-fast: the unit subset (< 2 min)
+# make flow                the pipeline as a Prefect flow (PRESET=, TARGETS=, JOBS=);  make serve: a Prefect deployment
+# make ui                  the Prefect UI on 127.0.0.1:4200 (export PREFECT_API_URL=http://127.0.0.1:4200/api)
+# make review              a reviewer's check of the checked-out commit: pull, repro, compare the metrics
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export OMP_NUM_THREADS ?= 2
+JOBS   ?= 2
 
-.PHONY: setup repro test flow ui clean-work
+.PHONY: setup check repro test test-fast lint flow serve ui review clean-work
 
 setup:
 	@bash scripts/setup_env.sh
 
-repro: setup
+check: setup  ## params.yaml (or the preset) against the schema, before DVC touches any output
 ifdef PRESET
-	$(PY) -m dfmsd.presets $(PRESET)
+	@$(PY) -m dfmsd.check --preset $(PRESET)
+else
+	@$(PY) -m dfmsd.check
 endif
-	dvc repro
+
+repro: check
+ifdef PRESET
+	$(PY) -m flows.presets $(PRESET) --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t))
+else
+	$(PY) -m flows.runner --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t))
 	dvc metrics show
+endif
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-flow: setup  ## the DVC pipeline as a Prefect flow; TARGETS="report" JOBS=2 RETRIES=1 FORCE=1
-	$(PY) -m flows.pipeline --repo . $(foreach t,$(TARGETS),--target $(t)) --max-concurrency $(or $(JOBS),1) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
+test-fast: setup
+	$(PY) -m pytest -q -m fast $(PYTEST_ARGS)
 
-ui: setup  ## Prefect UI on http://127.0.0.1:4200; runs show there with PREFECT_API_URL=http://127.0.0.1:4200/api
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+flow: check  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke
+	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET)) $(foreach t,$(TARGETS),--target $(t)) \
+	  --jobs $(JOBS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
+
+serve: setup  ## a Prefect deployment: start runs from the UI with a preset and targets as parameters
+	$(PY) -m flows.serve
+
+ui: setup
 	$(PY) -m prefect server start --host 127.0.0.1 --port 4200
+
+review: setup  ## REBUILD=1: rebuild what cannot be pulled
+	$(PY) -m flows.review --jobs $(JOBS) $(if $(REBUILD),--rebuild)
 
 clean-work:  ## training work dirs (resumable checkpoints); outputs stay in DVC
 	rm -rf work_dirs

@@ -1,22 +1,30 @@
-"""Size of each distillation term against the detection loss at initialisation, per run.
+"""The calibration protocol of params.yaml's loss weights: each distillation term's size against
+the detection loss at the start of training, on validation images, with the trained teachers.
 
-    python benchmarks/loss_scale.py [--batches 4]
+    python benchmarks/loss_scale.py [--preset NAME] [--batches 8]
 
-Loss weights in params.yaml are set from this: the paper's values assume 256-channel
-FPN features of 800 px images, so with the sum-over-elements reductions of MGD/DMKD they
-do not carry over to small presets. Needs data and teacher checkpoints (`dvc repro teacher`).
+Needs the teachers and the seed-0 student initialisation (`python -m flows.runner --target
+teacher --target student_init`). For each method and each of its loss terms it prints the
+term's mean over ``--batches`` val batches, its ratio to the detection loss, and the weight
+that would make that ratio ``--target`` (terms are linear in their weight). SAL methods are
+measured with the strong teacher, as their stage-2 terms and the single-stage rows are; the
+ME term with the same weights on the ME views. The val split is what anything tuned may read;
+the tables report test.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 from collections import defaultdict
 from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batches', type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--params', default='params.yaml')
+    parser.add_argument('--preset')
+    parser.add_argument('--batches', type=int, default=8)
+    parser.add_argument('--target', type=float, default=1.0, help='wanted ratio to the detection loss')
     args = parser.parse_args()
 
     import torch
@@ -25,38 +33,73 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.engine.configs import distill_config
-    from dfmsd.core.params import load_params
+    from dfmsd.core.params import load_params, validate
+    from dfmsd.core.presets import preset_params
+    from dfmsd.data.coco import area_ratio, load_json, split_files
+    from dfmsd.data.me import decision_table
+    from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
     init_default_scope('mmdet')
-    params = load_params(args.params)
-    distill = params['distill']
-    bs = int(params['train']['batch_size'])
-    runs = {**distill.get('runs', {}), **distill.get('me_runs', {})}
-    for run_name, run in runs.items():
-        me = run_name in distill.get('me_runs', {})
-        missing = [p for p in (f"models/{run['teacher']}.pth", run.get('init') or '',
-                               'data/augmented' if me else '') if p and not Path(p).exists()]
-        if missing:
-            print(f'{run_name:14s} skipped: {", ".join(missing)} missing (dvc repro first)')
-            continue
-        cfg, _ = distill_config(params, run_name, me_data_root='data/augmented' if me else None)
-        torch.manual_seed(0)
-        model = MODELS.build(cfg.model)
-        model.init_weights()
-        ds = DATASETS.build(cfg.train_dataloader.dataset)
-        stride = max(1, len(ds) // (args.batches * bs))  # spread over the set (and both halves with ME)
-        sums: dict[str, float] = defaultdict(float)
-        with torch.no_grad():
-            for b in range(args.batches):
-                batch = pseudo_collate([ds[(b * bs + i) * stride % len(ds)] for i in range(bs)])
-                _, log_vars = model.parse_losses(model(**model.data_preprocessor(batch, True), mode='loss'))
-                for k, v in log_vars.items():
-                    group = 'det' if not k.startswith('loss_distill') else k.rsplit('_s', 1)[0][5:]
-                    if k != 'loss':
-                        sums[group] += float(v) / args.batches
-        det = sums.pop('det')
-        parts = ', '.join(f'{k} {v:.3f} ({v / det:.2f}x det)' for k, v in sorted(sums.items()))
-        print(f'{run_name:14s} det {det:.3f} | {parts}')
+    params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
+    torch.set_num_threads(params.runtime.threads)
+    pair_name = next(iter(params.pairs))
+    student_name, student = next(iter(params.students.items()))
+    teacher_dir = Path(f'models/teachers/{pair_name}/strong')
+    init = Path(f'models/students/{student_name}/seed{params.seeds[0]}/init/model.pth')
+    missing = [p for p in (teacher_dir / 'model.pth', init) if not p.is_file()]
+    if missing:
+        raise SystemExit(f'missing {", ".join(map(str, missing))}: run `python -m flows.runner --target teacher '
+                         f'--target student_init` first')
+    scfg = detector_config(student, params.data, f'students.{student_name}')
+    # val images, with ME views decided from their ground-truth r(I)
+    val = copy.deepcopy(scfg)
+    val.train_dataloader.dataset.update(ann_file=params.data.splits['val'].ann,
+                                        data_prefix=dict(img=params.data.splits['val'].img))
+    coco = load_json(split_files(params.data, 'val')[0])
+    boxes = defaultdict(list)
+    for ann in coco['annotations']:
+        boxes[ann['image_id']].append(ann['bbox'])
+    ratios = {im['id']: area_ratio(boxes[im['id']], im['width'], im['height']) for im in coco['images']}
+    me = params.me
+    table = decision_table(ratios, threshold=me.threshold, noise_prob=me.noise_prob, noise_sigma=me.noise_sigma,
+                           crop_min=me.crop_min, crop_max=me.crop_max, seed=0)
+    table_path = Path('/tmp/dfmsd_loss_scale_me.json')
+    import json
+    table_path.write_text(json.dumps(table))
+    with_me_views(val, str(table_path))
+    ds = DATASETS.build(val.train_dataloader.dataset)
+    bs = params.train.batch_size
+    batches = [pseudo_collate([ds[(b * bs + i) % len(ds)] for i in range(bs)]) for b in range(args.batches)]
+    print(f'{args.batches} val batches of {bs}; strong teacher {teacher_dir}; student {init}')
+    for group in ('methods', 'me_methods', 'sal_methods'):
+        for name, method in getattr(params, group).items():
+            uses_me = group != 'methods' and method.aug_loss_weight > 0
+            torch.manual_seed(0)
+            model = MODELS.build(dict(
+                type='StageDistiller', student=copy.deepcopy(scfg.model),
+                teacher=dict(config=str(teacher_dir / 'model.py'), checkpoint=str(teacher_dir / 'model.pth')),
+                losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
+                aug_loss_weight=method.aug_loss_weight if uses_me else 0.0, seed=0,
+                min_cells=params.distill.min_cells, probe_size=probe_size_of(params.data, scfg),
+                student_init=str(init)))
+            model.init_weights()
+            model.train()
+            sums: dict[str, float] = defaultdict(float)
+            with torch.no_grad():
+                for batch in batches:
+                    _, log_vars = model.parse_losses(model(**model.data_preprocessor(batch, True), mode='loss'))
+                    for key, value in log_vars.items():
+                        if key == 'loss':
+                            continue
+                        term = key.rsplit('_s', 1)[0][len('loss_distill_'):] if key.startswith('loss_distill') else 'det'
+                        sums[term] += float(value) / len(batches)
+            det = sums.pop('det')
+            weights = {k: v.loss_weight for k, v in method.losses.items()}
+            parts = []
+            for term, value in sorted(sums.items()):
+                weight = method.aug_loss_weight if term == 'aug' else weights.get(term)
+                hint = f', weight for {args.target:g}x: {weight * args.target * det / value:.3g}' if weight else ''
+                parts.append(f'{term} {value:.4f} ({value / det:.2f}x det{hint})')
+            print(f'{group}.{name}: det {det:.3f} | ' + ' | '.join(parts))
 
 
 if __name__ == '__main__':

@@ -1,41 +1,41 @@
-"""Seconds per training step of each model in params.yaml, and each distillation method's
-cost relative to the plain student, measured in one run on this machine.
+"""Each method's distillation step against its cost floor, measured in one run.
 
-    python benchmarks/step_time.py [--steps 10] [--params params.yaml]
+    python benchmarks/step_time.py [--preset NAME] [--rounds 7] [--steps 3]
 
-Needs data (`dvc repro data`) and, for the distillation rows, the teachers' checkpoints
-(`dvc repro teacher`); rows whose inputs are missing are skipped with a note.
+Method: process CPU time (not wall clock: other load moves wall times by 3x here), with
+``runtime.threads`` torch threads, random weights (the cost of a step does not depend on
+them), one batch of the training split; the variants are timed in interleaved rounds and
+the median per variant is reported.
+
+The floor of a distillation step is what any distillation of that row must do: one plain
+student training step plus one teacher forward pass over the batch; for a row with ME
+views, also the student's backbone + neck forward and backward and the teacher's forward on
+the views. ``losses`` times the method's own loss modules alone (forward + backward on
+stored features): what the method adds by construction (DMKD's two generation blocks, ...).
+``overhead`` = step - floor - losses is what neither the floor nor the method explains:
+the distiller's own work.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import time
-from pathlib import Path
 
 
-def seconds_per_step(model, batch, steps: int) -> float:
-    import torch
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step():
-        data = model.data_preprocessor(batch, True)
-        loss, _ = model.parse_losses(model(**data, mode='loss'))
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-
-    step()  # warm-up: allocations, lazy init
-    start = time.perf_counter()
+def cpu_seconds(fn, steps: int) -> float:
+    start = time.process_time()
     for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+        fn()
+    return (time.process_time() - start) / steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--steps', type=int, default=10)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--params', default='params.yaml')
+    parser.add_argument('--preset')
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--steps', type=int, default=3)
     args = parser.parse_args()
 
     import torch
@@ -44,34 +44,137 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.engine.configs import build_model_config, distill_config, model_entry
-    from dfmsd.core.params import load_params
+    from dfmsd.core.params import load_params, validate
+    from dfmsd.core.presets import preset_params
+    from dfmsd.data.me import decision_table
+    from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
+    from dfmsd.models.distiller import views_batch
     init_default_scope('mmdet')
+    params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
+    torch.set_num_threads(params.runtime.threads)
     torch.manual_seed(0)
-    params = load_params(args.params)
-    data = params['data']
-    student_cfg = build_model_config(model_entry(params, 'student'), data_root=data['root'],
-                                     image_size=data.get('image_size'))
-    ds = DATASETS.build(student_cfg.train_dataloader.dataset)
-    batch = pseudo_collate([ds[i] for i in range(int(params['train']['batch_size']))])
-    print(f"batch {len(batch['inputs'])} at {data.get('image_size')} px, {args.steps} steps each, "
-          f'{torch.get_num_threads()} threads')
+    pair_name, pair = next(iter(params.pairs.items()))
+    student_name, student = next(iter(params.students.items()))
+    scfg = detector_config(student, params.data, f'students.{student_name}')
+    tcfg = detector_config(pair.strong, params.data, f'pairs.{pair_name}.strong')
+    tcfg.dump('/tmp/dfmsd_bench_teacher.py')
+    probe = probe_size_of(params.data, scfg)
 
-    times = {}
-    for name in ['student', *params.get('teachers', {})]:
-        cfg = build_model_config(model_entry(params, name), data_root=data['root'],
-                                 image_size=data.get('image_size'))
-        times[name] = seconds_per_step(MODELS.build(cfg.model), batch, args.steps)
-        print(f'{name:24s} {times[name]:.3f} s/step')
-    runs = params.get('distill', {}).get('runs', {})
-    for run_name, run in runs.items():
-        if not Path(f"models/{run['teacher']}.pth").is_file():
-            print(f'{run_name:24s} skipped: models/{run["teacher"]}.pth missing (dvc repro teacher)')
-            continue
-        cfg, _ = distill_config(params, run_name)
-        cfg.model.student_init = None
-        t = seconds_per_step(MODELS.build(cfg.model), batch, args.steps)
-        print(f'{run_name:24s} {t:.3f} s/step  ({t / times["student"]:.2f}x the plain student)')
+    # one batch with ME views: decisions from the ground truth's r(I) (the cost does not depend on who decides)
+    import json
+    import tempfile
+    from dfmsd.data.coco import area_ratio, load_json, split_files
+    coco = load_json(split_files(params.data, 'train')[0])
+    by_image = {im['id']: [] for im in coco['images']}
+    for ann in coco['annotations']:
+        by_image[ann['image_id']].append(ann['bbox'])
+    sizes = {im['id']: (im['width'], im['height']) for im in coco['images']}
+    ratios = {i: area_ratio(b, *sizes[i]) for i, b in by_image.items()}
+    me = params.me
+    table = decision_table(ratios, threshold=me.threshold, noise_prob=me.noise_prob, noise_sigma=me.noise_sigma,
+                           crop_min=me.crop_min, crop_max=me.crop_max, seed=0)
+    table_file = tempfile.NamedTemporaryFile('w', suffix='.json', delete=False)
+    json.dump(table, table_file)
+    table_file.close()
+    me_cfg = copy.deepcopy(scfg)
+    with_me_views(me_cfg, table_file.name)
+    ds = DATASETS.build(me_cfg.train_dataloader.dataset)
+    batch = pseudo_collate([ds[i] for i in range(params.train.batch_size)])
+    views = views_batch(batch['data_samples'])
+    n_views = 0 if views is None else len(views['inputs'])
+    print(f'{params.runtime.threads} thread(s), batch {len(batch["inputs"])} + {n_views} ME views, '
+          f'{params.train.batch_size} images at {params.data.image_size} px; CPU seconds per step, median of '
+          f'{args.rounds} interleaved rounds of {args.steps} steps')
+
+    def trainer(model, data_of):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        model.train()
+
+        def step():
+            loss, _ = model.parse_losses(model(**data_of(model), mode='loss'))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    student_model = MODELS.build(copy.deepcopy(scfg.model))
+    teacher = MODELS.build(copy.deepcopy(tcfg.model)).eval()
+
+    def teacher_forward(raw):
+        def run():
+            with torch.no_grad():
+                teacher.extract_feat(teacher.data_preprocessor(raw, False)['inputs'])
+        return run
+
+    def student_views_step():
+        feats = student_model.extract_feat(student_model.data_preprocessor(views, True)['inputs'])
+        sum(f.mean() for f in feats).backward()
+
+    variants = {'student step': trainer(student_model, lambda m: m.data_preprocessor(batch, True)),
+                'teacher forward': teacher_forward(batch)}
+    if views is not None:
+        variants['student on views'] = student_views_step
+        variants['teacher on views'] = teacher_forward(views)
+    rows = {}
+    for group in ('methods', 'me_methods', 'sal_methods'):
+        for name, method in getattr(params, group).items():
+            uses_me = group == 'me_methods' or (group == 'sal_methods' and 2 in method.me_stages)
+            distiller = MODELS.build(dict(
+                type='StageDistiller', student=copy.deepcopy(scfg.model),
+                teacher=dict(config='/tmp/dfmsd_bench_teacher.py', checkpoint=None),
+                losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
+                aug_loss_weight=method.aug_loss_weight if uses_me else 0.0, min_cells=params.distill.min_cells,
+                probe_size=probe))
+            variants[name] = trainer(distiller, lambda m: m.data_preprocessor(batch, True))
+            variants[f'{name} losses'] = losses_only(distiller, batch, views if uses_me else None)
+            rows[name] = uses_me and views is not None
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for key, fn in variants.items():
+            times[key].append(cpu_seconds(fn, args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med['student step'] + med['teacher forward']
+    me_floor = floor + med.get('student on views', 0.0) + med.get('teacher on views', 0.0)
+    print(f"student step {med['student step']:.3f}  teacher forward {med['teacher forward']:.3f}  floor {floor:.3f}"
+          + (f"  views: student {med['student on views']:.3f} teacher {med['teacher on views']:.3f} "
+             f"-> ME floor {me_floor:.3f}" if views is not None else ''))
+    print(f"{'method':16s} {'step':>7s} {'floor':>7s} {'ratio':>6s} {'losses':>7s} {'overhead':>9s}")
+    for name, uses_me in rows.items():
+        f = me_floor if uses_me else floor
+        step, own = med[name], med[f'{name} losses']
+        print(f'{name:16s} {step:7.3f} {f:7.3f} {step / f:6.2f} {own:7.3f} {(step - f - own) / f:+8.1%}')
+
+
+def losses_only(distiller, batch, views):
+    """Forward + backward of the method's loss modules alone, on stored features."""
+    import torch
+    with torch.no_grad():
+        data = distiller.student.data_preprocessor(batch, True)
+        s_feats = distiller.student.extract_feat(data['inputs'])
+        t_feats = distiller._teacher_feats(batch)
+        samples = data['data_samples']
+        if views is not None:
+            sv = distiller.student.extract_feat(distiller.student.data_preprocessor(views, True)['inputs'])
+            tv = distiller._teacher_feats(views)
+    feats = [(s_feats, t_feats)] + ([(sv, tv)] if views is not None else [])
+
+    def run():
+        total = 0.0
+        for index, (s_all, t_all) in enumerate(feats):
+            for level, pair in enumerate(distiller.level_pairs):
+                s = s_all[pair['student_idx']].detach().requires_grad_(True)
+                t = distiller._resized(t_all[pair['teacher_idx']], s)
+                inputs = distiller._level_inputs(level, samples, 0, s.device)
+                for name, per_level in distiller.losses.items():
+                    if index and name != distiller.aug_loss_name:
+                        continue
+                    if isinstance(per_level, torch.nn.ModuleList):
+                        loss = per_level[level]
+                        total = total + loss(s, t, **{k: inputs[k] for k in loss.needs})
+        total.backward()
+    return run
 
 
 if __name__ == '__main__':

@@ -1,11 +1,15 @@
-"""Prefect flows that run and monitor the project's DVC pipeline.
+"""Orchestration of the project's DVC pipeline (imports only ``dfmsd.core`` of the package).
 
-- :mod:`flows.dvc_graph`: the DVC stage graph (stages with foreach/matrix expanded, edges),
-  read through DVC's own ``Repo.index``; stage status and ``dvc repro`` command lines.
-- :mod:`flows.pipeline`: the ``dvc_pipeline`` Prefect flow (one task per DVC stage) and its
-  CLI, ``python -m flows.pipeline``.
-- :mod:`flows.progress`: parsing of mmengine training log lines into a progress fraction.
-- :mod:`flows.testing`: a tiny, cheap DVC project used by the tests.
+- :mod:`flows.runner`: the concurrent stage runner (``make repro``): the stage graph from
+  ``dvc dag``, networkx's order, ``dvc status --json``, training outside DVC's lock
+  (:mod:`dfmsd.core.runs`); ``python -m flows.runner``.
+- :mod:`flows.presets`: a preset run in its own git worktree, saved as a DVC experiment
+  (``make repro PRESET=...``); ``python -m flows.presets``.
+- :mod:`flows.pipeline`: the ``dvc-pipeline`` Prefect flow, one task per DVC stage, on top of
+  :mod:`flows.runner` (``make flow``); ``python -m flows.pipeline``.
+- :mod:`flows.serve`: that flow as a Prefect deployment, started from the UI (``make serve``).
+- :mod:`flows.progress`: mmengine training log lines as a progress fraction.
+- :mod:`flows.review`: a reviewer's check of the checked-out commit (``make review``).
 
-Nothing is imported here so that ``import flows.dvc_graph`` stays free of Prefect.
+Nothing is imported here, so that ``import flows.runner`` stays free of Prefect.
 """

@@ -1,45 +1,49 @@
-"""Run the DVC pipeline as a Prefect flow: one Prefect task per DVC stage.
+"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage.
 
-Usage::
+    python -m flows.pipeline [--repo .] [--preset NAME] [--target STAGE]... [--jobs N]
+                             [--retries N] [--retry-delay S] [--force] [--no-experiment]
 
-    python -m flows.pipeline [--repo .] [--target STAGE ...] [--max-concurrency N]
-                             [--retries N] [--retry-delay S] [--force]
+(what ``make flow`` runs; ``make serve`` serves the same flow as a deployment, see
+:mod:`flows.serve`). With ``PREFECT_API_URL`` set (``make ui``), the run, its task runs,
+logs and artifacts show in that server's UI; without it Prefect starts a temporary server.
 
-Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the run; with
-``PREFECT_API_URL=http://127.0.0.1:4200/api`` (and ``prefect server start`` running) the
-flow run, its task runs, logs and artifacts show in that server's UI.
+The scheduling is :func:`flows.runner.run_pipeline`'s, the same as ``make repro``'s: the stage
+graph from ``dvc dag``, networkx's order, at most ``jobs`` stages at a time, training outside
+DVC's lock (:mod:`dfmsd.core.runs`). The flow only wraps each stage in a Prefect task:
 
-What the flow does:
+* every stage is a task run named after the stage, started once its upstream stages are
+  done (their task runs are its ``wait_for``, so the UI draws the DAG); it runs
+  :func:`flows.runner.run_stage` and streams the stage's output into the task's log, and
+  mmengine ``Iter(train) [i/n]`` lines into a progress artifact ``progress-<stage>``;
+* its state says what happened, from machine-readable output only (``dvc status --json``,
+  exit codes, the run log): Completed named ``Skipped`` (up to date) or ``Restored`` (from
+  DVC's run-cache), Completed (ran), or Failed with the exit code and the last lines of
+  output (retried ``retries`` times). A stage downstream of a failure never runs: its task
+  run ends ``NotReady`` (Prefect's state for a task whose upstream did not complete), while
+  independent branches go on;
+* artifacts of the flow run: ``dvc-pipeline-summary`` (table: stage, outcome, seconds,
+  details), ``report-results`` (``reports/results.md`` of the repository the flow ran in)
+  and ``report-summary`` (``reports/summary.json`` as a table);
+* a run whose stages all succeeded is recorded as a DVC experiment (``dvc exp save``) named
+  ``<preset or "flow">-<flow run name>``, so ``dvc exp show`` lists it.
 
-1. reads the stage graph through DVC's index (:func:`flows.dvc_graph.load_pipeline`):
-   foreach/matrix stages come out expanded (``train@teacher_weak``); ``targets`` keeps
-   those stages and everything upstream of them;
-2. submits a task per stage, named after the stage, once all its upstream stages are done,
-   at most ``max_concurrency`` running stages at a time; each task first asks
-   ``dvc status <stage>`` whether the stage changed and, if not, ends in a Completed state
-   named ``Skipped``; otherwise it runs ``dvc repro --single-item <stage>``, streaming
-   every output line into the task's log (and mmengine training lines into a progress
-   artifact). A non-zero exit fails the task (stage name, exit code, last lines of output
-   in the message); the stages downstream of it end ``NotReady`` (Prefect's own state for
-   a task whose ``wait_for`` upstream did not complete) without running, while
-   independent branches go on;
-3. publishes artifacts: the markdown reports (``reports/**.md`` outputs), a table per
-   stage of its metrics files, and a summary table of the run; the flow run ends Failed
-   when any stage failed or could not run.
+With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_worktree`,
+as ``make repro PRESET=...``), and the experiment is saved there.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextvars
 import json
-import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -49,75 +53,87 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed, Failed, State
 
-from flows.dvc_graph import (
-    Pipeline,
-    is_lock_error,
-    load_pipeline,
-    repro_command,
-    stage_status,
-    subprocess_env,
-)
 from flows.progress import parse_train_line
+from flows.runner import DvcRepo, RunnerError, StageResult, run_pipeline, run_stage, summary_table
 
 __all__ = [
-    "RESTORED",
-    "SKIPPED",
-    "SUMMARY_KEY",
-    "StageFailed",
-    "dvc_pipeline",
-    "main",
-    "run_dvc_stage",
-    "slug",
+    'RESTORED',
+    'SKIPPED',
+    'SUMMARY_KEY',
+    'REPORT_KEY',
+    'REPORT_SUMMARY_KEY',
+    'StageFailed',
+    'dvc_pipeline',
+    'dvc_stage',
+    'main',
+    'save_experiment',
+    'slug',
 ]
 
 #: Name of the (Completed-type) state of a stage that was up to date and did not run.
-SKIPPED = "Skipped"
+SKIPPED = 'Skipped'
 #: Name of the (Completed-type) state of a stage DVC restored from its run-cache.
-RESTORED = "Restored"
-#: Key of the markdown artifact that summarises a run.
-SUMMARY_KEY = "dvc-pipeline-summary"
-#: Lines of stage output kept for the error message of a failed stage.
-TAIL_LINES = 20
-#: How long a stage waits for another DVC process to release the repository lock.
-LOCK_WAIT_S = 300.0
+RESTORED = 'Restored'
+#: Keys of the flow run's artifacts.
+SUMMARY_KEY = 'dvc-pipeline-summary'
+REPORT_KEY = 'report-results'
+REPORT_SUMMARY_KEY = 'report-summary'
+REPORT_MD = Path('reports/results.md')
+REPORT_JSON = Path('reports/summary.json')
+
+_REPOS: dict[Path, DvcRepo] = {}
+_REPOS_LOCK = threading.Lock()
+#: What run_stage said, by task run id: handed to the flow outside Prefect's state data
+#: (Prefect links a result's fields to its task by object identity, which strings share).
+_RESULTS: dict[UUID, StageResult] = {}
 
 
-class StageFailed(RuntimeError):
-    """``dvc repro`` of a stage exited with a non-zero code."""
-
-    def __init__(self, stage: str, exit_code: int, tail: list[str], command_exit: int | None):
-        self.stage, self.exit_code, self.tail, self.command_exit = stage, exit_code, tail, command_exit
-        which = f"its command exited with code {command_exit}; " if command_exit is not None else ""
-        lines = "\n".join(tail) if tail else "(no output)"
-        super().__init__(
-            f"DVC stage '{stage}' failed: {which}`dvc repro` exit code {exit_code}.\n"
-            f"Last {len(tail)} lines of output:\n{lines}"
-        )
+def shared_repo(root: str | Path) -> DvcRepo:
+    """One :class:`DvcRepo` (one lock serialising DVC commands) per repository and process."""
+    root = Path(root).resolve()
+    with _REPOS_LOCK:
+        return _REPOS.setdefault(root, DvcRepo(root))
 
 
 def slug(text: str) -> str:
-    """An artifact key: lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+    """An artifact key (or experiment name part): lowercase letters, digits and dashes only."""
+    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-') or 'x'
+
+
+class StageFailed(RuntimeError):
+    """A stage failed (:func:`flows.runner.run_stage` said so); its task run ends Failed."""
+
+    def __init__(self, result: StageResult):
+        self.result = result
+        code = f' (exit code {result.exit_code})' if result.exit_code is not None else ''
+        tail = '\n'.join(result.output) or '(no output)'
+        super().__init__(
+            f"DVC stage '{result.stage}' failed{code}: {result.message}.\n"
+            f'Last {len(result.output)} lines of output:\n{tail}'
+        )
 
 
 # --------------------------------------------------------------------------- the task
 
 
 class _Progress:
-    """Keeps a progress artifact of a training stage in step with its log lines."""
+    """A progress artifact of a training stage, kept in step with its mmengine log lines."""
 
     MIN_STEP = 1.0  # percentage points between two updates
-    MIN_INTERVAL_S = 5.0
+    MIN_INTERVAL_S = 2.0
 
     def __init__(self, stage: str):
         self.stage = stage
-        self.key = f"progress-{slug(stage)}"
         self.artifact_id = None
         self.started = time.monotonic()
         self.last_pct = -1.0
         self.last_time = 0.0
+
+    def _describe(self, what: str) -> str:
+        return f'Training progress of DVC stage `{self.stage}`: {what}'
 
     def feed(self, line: str) -> None:
         now = time.monotonic()
@@ -127,15 +143,11 @@ class _Progress:
         pct = max(0.0, min(100.0, progress.percent))
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(
-                progress=pct,
-                key=self.key,
-                description=f"Training progress of DVC stage `{self.stage}`: {progress.description}",
+                progress=pct, key=f'progress-{slug(self.stage)}', description=self._describe(progress.description)
             )
-        elif abs(pct - self.last_pct) >= self.MIN_STEP and now - self.last_time >= self.MIN_INTERVAL_S:
+        elif pct >= 100.0 or (pct - self.last_pct >= self.MIN_STEP and now - self.last_time >= self.MIN_INTERVAL_S):
             update_progress_artifact(
-                artifact_id=self.artifact_id,
-                progress=pct,
-                description=f"Training progress of DVC stage `{self.stage}`: {progress.description}",
+                artifact_id=self.artifact_id, progress=pct, description=self._describe(progress.description)
             )
         else:
             return
@@ -143,434 +155,283 @@ class _Progress:
 
     def finish(self) -> None:
         if self.artifact_id is not None and self.last_pct < 100.0:
-            update_progress_artifact(
-                artifact_id=self.artifact_id,
-                progress=100.0,
-                description=f"Training progress of DVC stage `{self.stage}`: done",
-            )
+            update_progress_artifact(artifact_id=self.artifact_id, progress=100.0, description=self._describe('done'))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate ``dvc repro`` and the stage command it started, if still running.
-
-    The child stays in our process group (Ctrl-C in a terminal reaches the stage command,
-    as with a plain ``dvc repro``), so its process tree is found with psutil (a DVC
-    dependency) rather than killed as a group.
-    """
-    if proc.poll() is not None:
-        return
-    try:
-        import psutil
-
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except Exception:
-        procs = []
-    for p in procs or [proc]:
-        try:
-            p.terminate()
-        except Exception:
-            pass
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    for p in procs or [proc]:
-        try:
-            p.kill()
-        except Exception:
-            pass
-    proc.wait()
-
-
-def _stream_repro(stage: str, repo_dir: str, force: bool, logger, progress: _Progress):
-    """Run ``dvc repro --single-item`` once; log each line as it arrives.
-
-    Returns ``(exit code, all lines)``.
-    """
-    cmd = repro_command(stage, force=force)
-    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))  # cmd: python -m dvc ...
-    proc = subprocess.Popen(
-        cmd,
-        cwd=repo_dir,
-        env=subprocess_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            # a progress bar redraws with "\r": keep what a terminal would show last
-            parts = [p for p in raw.rstrip(b"\r\n").split(b"\r") if p.strip()]
-            if not parts:
-                continue
-            line = parts[-1].decode("utf-8", errors="replace").rstrip()
-            lines.append(line)
-            logger.info(line)
-            try:
-                progress.feed(line)
-            except Exception as exc:  # progress is a nicety; never fail a stage over it
-                logger.warning("could not update the progress artifact: %s", exc)
-        return proc.wait(), lines
-    finally:
-        _stop(proc)
-
-
-@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False)
-def run_dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
-    """Bring one DVC stage up to date (see the module docstring)."""
+@task(name='dvc-stage', cache_policy=NO_CACHE, persist_result=False)
+def dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
+    """Bring one DVC stage up to date with :func:`flows.runner.run_stage`; the returned
+    state (or the raised :class:`StageFailed`) says what happened."""
     logger = get_run_logger()
-    if not force:
-        changes = stage_status(repo_dir, stage, lock_wait_s=LOCK_WAIT_S)
-        if not changes:
-            logger.info("Stage '%s' is up to date (dvc status): skipped", stage)
-            return Completed(name=SKIPPED, message="skipped: up to date")
-        logger.info("Stage '%s' changed: %s", stage, json.dumps(changes))
-
     progress = _Progress(stage)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    delay = 1.0
-    while True:
-        code, lines = _stream_repro(stage, repo_dir, force, logger, progress)
-        text = "\n".join(lines)
-        started = any(line.startswith("Running stage") for line in lines)
-        if code != 0 and not started and is_lock_error(text) and time.monotonic() < deadline:
-            logger.info("the DVC repository is locked by another DVC process; retrying in %.0f s", delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-            continue
-        break
 
-    if code != 0:
-        # DVC's own last words: "ERROR: failed to reproduce 'x': failed to run: CMD, exited with 3"
-        command_exit = None
-        for line in reversed(lines):
-            m = re.search(r"exited with (-?\d+)\s*$", line)
-            if line.startswith("ERROR") and m:
-                command_exit = int(m.group(1))
-                break
-        raise StageFailed(stage, code, lines[-TAIL_LINES:], command_exit)
+    def on_line(line: str) -> None:
+        logger.info(line)
+        try:
+            progress.feed(line)
+        except Exception as exc:  # progress is a nicety; never fail a stage over it
+            logger.warning('could not update the progress artifact: %s', exc)
+
+    result = run_stage(shared_repo(repo_dir), stage, force=force, on_line=on_line)
+    logger.info('%s: %s (%.1f s) %s', stage, result.outcome, result.seconds, result.message)
+    _RESULTS[TaskRunContext.get().task_run.id] = result
+    if result.outcome == 'failed':
+        raise StageFailed(result)
     try:
         progress.finish()
     except Exception as exc:
-        logger.warning("could not update the progress artifact: %s", exc)
-    if re.search(r"is cached - skipping run", text):
-        return Completed(name=RESTORED, message="restored from the DVC run-cache")
-    if re.search(r"didn't change, skipping", text):
-        return Completed(name=SKIPPED, message="skipped: up to date (dvc repro)")
-    return Completed(message="ran")
+        logger.warning('could not update the progress artifact: %s', exc)
+    name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
+    return Completed(name=name, message=result.message)
 
 
-# --------------------------------------------------------------------------- results
+def _result_of(stage: str, state: State | None, seconds: float) -> StageResult:
+    """The runner's view of a stage task's final state."""
+    found = _RESULTS.pop(state.state_details.task_run_id, None) if state is not None else None
+    if state is not None and state.is_completed():
+        outcome = {SKIPPED: 'skipped', RESTORED: 'restored'}.get(state.name, 'ran')
+        if found is not None:
+            return StageResult(stage, outcome, seconds, found.message, found.output, found.exit_code)
+        return StageResult(stage, outcome, seconds, state.message or '')
+    if found is not None and found.outcome == 'failed':
+        return StageResult(stage, 'failed', seconds, found.message, found.output, found.exit_code)
+    what = f'{state.name}: {state.message}' if state is not None else 'no state'
+    return StageResult(stage, 'failed', seconds, f'the task run ended {what}')
 
 
-def _result_of(state: State | None) -> str:
-    if state is None:
-        return "not run"
-    if state.is_completed():
-        if state.name == SKIPPED:
-            return "skipped"
-        if state.name == RESTORED:
-            return "restored"
-        return "ran"
-    if state.is_failed() or state.is_crashed():
-        return "failed"
-    if state.name == "NotReady":
-        return "not run (upstream failed)"
-    return f"not run ({state.name})"
+# --------------------------------------------------------------------------- artifacts
 
 
-def _details(result: str, state: State | None) -> str:
-    """What the summary says about a stage beyond its result: why it did not run."""
-    if state is None or result == "ran" or not state.message:
-        return ""
-    if result == "failed":  # "Task run encountered an exception StageFailed: DVC stage ..."
-        message = state.message.split("StageFailed: ", 1)[-1]
-        return message.split("\nLast ")[0].strip()
-    return state.message.splitlines()[0]
-
-
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _summary_markdown(pipeline: Pipeline, rows: list[dict[str, Any]], targets, force) -> str:
-    counts: dict[str, int] = {}
-    for row in rows:
-        key = row["result"].split(" (")[0]
-        counts[key] = counts.get(key, 0) + 1
-    lines = [
-        "# DVC pipeline run",
-        "",
-        f"Repository `{pipeline.root}`; targets: "
-        + (", ".join(f"`{t}`" for t in targets) if targets else "all stages")
-        + ("; forced re-run" if force else ""),
-        "",
-        "| Stage | Result | Duration | Details |",
-        "|---|---|---|---|",
+def _summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            'stage': r.stage,
+            'outcome': r.outcome,
+            'seconds': round(r.seconds, 1),
+            'details': ' '.join(r.message.split())[:300],
+        }
+        for r in results
     ]
-    for row in rows:
-        details = row["message"] or ""
-        if len(details) > 200:
-            details = details[:200] + "..."
-        lines.append(
-            f"| `{row['stage']}` | {row['result']} | {_fmt_duration(row['duration_s'])} | {_cell(details)} |"
-        )
-    lines += ["", ", ".join(f"{n} {k}" for k, n in counts.items())]
-    return "\n".join(lines) + "\n"
 
 
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        out = []
-        for i, v in enumerate(value):
-            out += _flatten(v, f"{prefix}[{i}]")
-        return out
-    return [(prefix or "value", value)]
+def _report_summary_rows(summary: Any) -> list[dict[str, Any]]:
+    """``reports/summary.json`` ({group: {row: {metric: value}}}) as table rows."""
+    rows: list[dict[str, Any]] = []
+    if isinstance(summary, dict) and all(isinstance(v, dict) for v in summary.values()):
+        for group, entries in summary.items():
+            for row, metrics in entries.items():
+                cells = metrics if isinstance(metrics, dict) else {'value': metrics}
+                rows.append({'group': group, 'row': row, **cells})
+    else:
+        rows = [{'row': 'summary', 'value': json.dumps(summary)}]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{c: r.get(c) for c in columns} for r in rows]
 
 
-def _read_metrics(path: Path) -> Any:
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text)
-    return json.loads(text)
-
-
-def _publish_artifacts(pipeline: Pipeline, results: dict[str, str], logger) -> list[str]:
-    """Markdown reports and metrics tables of the stages that completed; returns keys."""
-    keys: list[str] = []
-    done = {name for name, result in results.items() if not result.startswith(("failed", "not run"))}
-
-    for name in pipeline.stages:
-        if name not in done:
-            continue
-        for out in pipeline.stages[name].outs:
-            path = pipeline.root / out
-            if not (out == "reports" or out.startswith("reports/")):
-                continue
-            files = sorted(path.rglob("*.md")) if path.is_dir() else [path]
-            for file in files:
-                if file.suffix.lower() != ".md" or not file.is_file():
-                    continue
-                rel = file.relative_to(pipeline.root / "reports").with_suffix("").as_posix()
-                key = f"report-{slug(rel)}"
-                create_markdown_artifact(
-                    markdown=file.read_text(),
-                    key=key,
-                    description=f"`{file.relative_to(pipeline.root).as_posix()}`, output of DVC stage `{name}`",
-                )
-                keys.append(key)
-
-    per_stage: dict[str, list[str]] = {name: list(st.metrics) for name, st in pipeline.stages.items()}
-    loose: list[str] = []
-    for path, producer in pipeline.top_level_metrics.items():
-        if producer is None:
-            loose.append(path)
-        elif producer in per_stage and path not in per_stage[producer]:
-            per_stage[producer].append(path)
-    groups = [(f"metrics-{slug(n)}", n, paths) for n, paths in per_stage.items() if n in done and paths]
-    groups += [(f"metrics-{slug(p)}", None, [p]) for p in loose]
-    for key, stage, paths in groups:
-        rows = []
-        for rel in paths:
-            path = pipeline.root / rel
-            if not path.is_file():
-                continue
-            try:
-                data = _read_metrics(path)
-            except Exception as exc:
-                logger.warning("cannot read metrics file %s: %s", rel, exc)
-                continue
-            rows += [{"file": rel, "metric": k, "value": v} for k, v in _flatten(data)]
-        if rows:
-            origin = f"DVC stage `{stage}`" if stage else "dvc.yaml `metrics:`"
-            create_table_artifact(table=rows, key=key, description=f"Metrics of {origin}")
-            keys.append(key)
+def _publish_reports(root: Path, all_ok: bool, logger) -> list[str]:
+    """The repository's report (markdown) and its summary.json (table), when present."""
+    keys = []
+    state = 'this run completed' if all_ok else 'some stages of this run failed: it may be stale'
+    md = root / REPORT_MD
+    if md.is_file():
+        create_markdown_artifact(markdown=md.read_text(), key=REPORT_KEY, description=f'`{md}` ({state})')
+        keys.append(REPORT_KEY)
+    summary = root / REPORT_JSON
+    if summary.is_file():
+        try:
+            rows = _report_summary_rows(json.loads(summary.read_text()))
+        except ValueError as exc:
+            logger.warning('cannot read %s: %s', summary, exc)
+        else:
+            create_table_artifact(table=rows, key=REPORT_SUMMARY_KEY, description=f'`{summary}` ({state})')
+            keys.append(REPORT_SUMMARY_KEY)
     return keys
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def save_experiment(repo: DvcRepo, name: str, stages: list[str] | None = None, message: str | None = None) -> str:
+    """``dvc exp save``: the workspace of ``repo`` as DVC experiment ``name`` (replaced if it
+    exists); ``stages`` limits what DVC commits (a run of some targets leaves the others'
+    outputs absent). Untracked ``.gitignore`` files DVC wrote and ``reports/`` go with it.
+    Returns the experiment's name."""
+    untracked = subprocess.run(
+        ['git', 'ls-files', '-z', '--others', '--exclude-standard'],
+        cwd=repo.root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split('\0')
+    include = sorted(p for p in untracked if p and (Path(p).name == '.gitignore' or p.startswith('reports/')))
+    args = ['exp', 'save', '--json', '--force', '--name', name]
+    args += [a for p in include for a in ('--include-untracked', p)]
+    if message:
+        args += ['--message', message]
+    _, lines = repo.dvc(*args, *(stages or []))
+    text = '\n'.join(lines)
+    start = text.find('{')
+    saved = json.loads(text[start : text.rfind('}') + 1]) if start >= 0 else {}
+    return saved.get('ref_info', {}).get('name') or saved.get('name') or name
 
 
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="dvc-pipeline")
+@flow(name='dvc-pipeline')
 def dvc_pipeline(
-    repo_dir: str = ".",
+    repo_dir: str = '.',
+    preset: str | None = None,
     targets: list[str] | None = None,
-    max_concurrency: int = 1,
+    jobs: int = 2,
     retries: int = 0,
-    retry_delay_seconds: float = 10,
+    retry_delay_seconds: float = 10.0,
     force: bool = False,
+    experiment: bool = True,
 ) -> Any:
-    """Bring the DVC pipeline of ``repo_dir`` up to date, one Prefect task per stage."""
-    if max_concurrency < 1:
-        raise ValueError("max_concurrency must be at least 1")
+    """Bring the DVC pipeline up to date, one Prefect task per stage (see :mod:`flows.pipeline`).
+
+    repo_dir: the DVC repository; preset: run ``presets/<preset>.yaml`` in its own worktree;
+    targets: only these stages (or foreach/matrix groups) and their upstream; jobs: stages
+    trained at the same time; retries: of a failed stage; force: rerun every selected stage;
+    experiment: record a successful run as a DVC experiment.
+    """
+    if jobs < 1:
+        raise ValueError('jobs must be at least 1')
     logger = get_run_logger()
-    pipeline = load_pipeline(repo_dir).select(targets)
-    root = str(pipeline.root)
-    logger.info(
-        "DVC pipeline in %s: %d stage(s) in dependency order: %s",
-        root, len(pipeline.stages), ", ".join(pipeline.stages),
-    )
+    root = Path(repo_dir).resolve()
+    if preset:
+        from flows.presets import preset_worktree
 
-    waiting = list(pipeline.stages)  # topological order
-    futures: dict[str, Any] = {}
-    running: dict[concurrent.futures.Future, str] = {}
+        root = preset_worktree(root, preset)
+        logger.info("preset '%s': running in its git worktree %s", preset, root)
+    repo = shared_repo(root)
+    graph = repo.graph(targets or None)
+    logger.info('DVC pipeline in %s: %d stage(s), %d at a time', root, graph.number_of_nodes(), jobs)
+
     states: dict[str, State] = {}
-    started: dict[str, float] = {}
-    durations: dict[str, float | None] = {}
+    flow_context = contextvars.copy_context()  # the flow run's context, for the runner's threads
 
-    def submit(name: str) -> None:
-        escaped = name.replace("{", "{{").replace("}", "}}")  # task_run_name is a format string
-        stage_task = run_dvc_stage.with_options(
-            name=name,
-            task_run_name=escaped,
+    def stage_task(stage: str):
+        return dvc_stage.with_options(
+            name=stage,
+            task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
             retries=retries,
             retry_delay_seconds=retry_delay_seconds,
         )
-        future = stage_task.submit(
-            name, root, force, wait_for=[futures[up] for up in pipeline.upstream[name]]
-        )
-        futures[name] = future
-        started[name] = time.monotonic()
-        running[future.wrapped_future] = name
 
-    while waiting or running:
-        busy = sum(1 for n in running.values() if all(states[u].is_completed() for u in pipeline.upstream[n]))
-        for name in list(waiting):
-            ups = pipeline.upstream[name]
-            if not all(up in states for up in ups):
-                continue
-            blocked = not all(states[up].is_completed() for up in ups)
-            # a stage with a failed upstream ends at once (NotReady): no slot needed
-            if not blocked and busy >= max_concurrency:
-                continue
-            waiting.remove(name)
-            submit(name)
-            busy += 0 if blocked else 1
-        if not running:  # cannot happen with a DAG; guard against an endless loop
-            raise RuntimeError(f"no runnable stage among {waiting}")
-        done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
-        for wrapped in done:
-            name = running.pop(wrapped)
-            durations[name] = time.monotonic() - started[name]
-            futures[name].wait()  # sets the future's final state from the task engine's
-            states[name] = futures[name].state  # (reading it before asks the API: may lag)
+    def call(stage: str) -> State:
+        upstream = [states[u] for u in graph.predecessors(stage) if u in states]
+        return stage_task(stage)(stage, str(root), force, wait_for=upstream, return_state=True)
 
-    rows = []
-    for name in pipeline.stages:
-        state = states.get(name)
-        result = _result_of(state)
-        blockers = [up for up in pipeline.upstream[name] if up in states and not states[up].is_completed()]
-        details = _details(result, state)
-        if result.startswith("not run") and blockers:
-            details = "upstream stage(s) did not complete: " + ", ".join(f"`{b}`" for b in sorted(blockers))
-        rows.append(
-            {
-                "stage": name,
-                "result": result,
-                "state": state.name if state else None,
-                "duration_s": durations.get(name) if not result.startswith("not run") else None,
-                "message": details,
-            }
-        )
-        logger.info("stage %-30s %s", name, result)
-    results = {row["stage"]: row["result"] for row in rows}
+    def run(stage: str) -> StageResult:  # in a thread of the runner's pool
+        start = time.monotonic()
+        state = flow_context.copy().run(call, stage)
+        states[stage] = state
+        return _result_of(stage, state, time.monotonic() - start)
 
+    def on_result(result: StageResult) -> None:  # in this thread
+        if result.outcome == 'not run':  # a task run that never starts: NotReady, as its upstream failed
+            states[result.stage] = call(result.stage)
+
+    results = run_pipeline(repo, jobs=jobs, force=force, run=run, on_result=on_result, graph=graph)
+    all_ok = all(r.ok for r in results)
+    markdown = summary_table(results)
+    logger.info('summary:\n%s', markdown)
+
+    exp_name = exp_error = None
+    if all_ok and experiment:
+        flow_run = FlowRunContext.get().flow_run
+        name = f'{slug(preset) if preset else "flow"}-{slug(flow_run.name)}'
+        try:
+            exp_name = save_experiment(
+                repo,
+                name,
+                stages=list(graph.nodes) if targets else None,
+                message=f'Prefect flow run {flow_run.name} ({flow_run.id})',
+            )
+        except RunnerError as err:
+            exp_error = str(err)
+            logger.error('the run could not be recorded as a DVC experiment: %s', err)
+        else:
+            logger.info('recorded as DVC experiment %s (dvc exp show, in %s)', exp_name, root)
+
+    keys = [SUMMARY_KEY]
+    create_table_artifact(
+        table=_summary_rows(results),
+        key=SUMMARY_KEY,
+        description=f'DVC stages of this run in `{root}`'
+        + (f" (preset '{preset}')" if preset else '')
+        + (f'; saved as DVC experiment `{exp_name}`' if exp_name else ''),
+    )
     try:
-        artifact_keys = _publish_artifacts(pipeline, results, logger)
+        keys += _publish_reports(root, all_ok, logger)
     except Exception as exc:  # artifacts are a report, not the pipeline: do not fail over them
-        logger.warning("could not publish the report/metrics artifacts: %s", exc)
-        artifact_keys = []
-    markdown = _summary_markdown(pipeline, rows, targets, force)
-    create_markdown_artifact(markdown=markdown, key=SUMMARY_KEY, description="DVC stages of this run")
-    logger.info("summary:\n%s", markdown)
+        logger.warning('could not publish the report artifacts: %s', exc)
 
     summary = {
-        "repo_dir": root,
-        "stages": rows,
-        "artifacts": artifact_keys + [SUMMARY_KEY],
-        "markdown": markdown,
+        'repo_dir': str(root),
+        'preset': preset,
+        'experiment': exp_name,
+        'stages': _summary_rows(results),
+        'artifacts': keys,
+        'markdown': markdown,
     }
-    bad = [row["stage"] for row in rows if row["result"].startswith(("failed", "not run"))]
-    if bad:
-        failed = [r["stage"] for r in rows if r["result"] == "failed"]
-        not_run = [r["stage"] for r in rows if r["result"].startswith("not run")]
-        message = f"{len(failed)} DVC stage(s) failed: {', '.join(failed) or '-'}"
+    if exp_error:
+        return Failed(message=f'every stage completed, but `dvc exp save` failed: {exp_error}', data=summary)
+    if not all_ok:
+        failed = [r.stage for r in results if r.outcome == 'failed']
+        not_run = [r.stage for r in results if r.outcome == 'not run']
+        message = f'{len(failed)} DVC stage(s) failed: {", ".join(failed)}'
         if not_run:
-            message += f"; not run: {', '.join(not_run)}"
-        summary["failed"] = True
+            message += f'; not run: {", ".join(not_run)}'
         return Failed(message=message, data=summary)
-    summary["failed"] = False
     return summary
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.pipeline",
-        description="Run the DVC pipeline as a Prefect flow (one task per DVC stage). "
-        "Set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) to record the run in a "
-        "running Prefect server; without it Prefect uses a temporary local server.",
-    )
-    parser.add_argument("--repo", default=".", help="DVC repository (default: .)")
-    parser.add_argument(
-        "--target", action="append", default=[], metavar="STAGE",
-        help="run only this stage (or foreach group) and its upstream; repeatable",
-    )
-    parser.add_argument("--max-concurrency", type=int, default=1, metavar="N",
-                        help="independent stages run at the same time (default: 1)")
-    parser.add_argument("--retries", type=int, default=0, metavar="N",
-                        help="retries of a failed stage (default: 0)")
-    parser.add_argument("--retry-delay", type=float, default=10.0, metavar="S",
-                        help="seconds between retries (default: 10)")
-    parser.add_argument("--force", action="store_true", help="re-run every stage, changed or not")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    # the temporary server Prefect starts without PREFECT_API_URL inherits this; its
-    # telemetry heartbeat has no network to reach and logs sqlite lock errors instead
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = argparse.ArgumentParser(
+        prog='python -m flows.pipeline',
+        description='Run the DVC pipeline as a Prefect flow (one task per DVC stage). Set PREFECT_API_URL '
+        '(e.g. http://127.0.0.1:4200/api, `make ui`) to record the run in a running Prefect server.',
+    )
+    parser.add_argument('--repo', default='.', help='DVC repository (default: .)')
+    parser.add_argument('--preset', help='run presets/PRESET.yaml in its own git worktree (.presets/PRESET)')
+    parser.add_argument(
+        '--target',
+        action='append',
+        default=[],
+        metavar='STAGE',
+        help='only this stage (or foreach/matrix group) and its upstream; repeatable',
+    )
+    parser.add_argument('--jobs', type=int, default=2, help='stages trained at the same time (default 2)')
+    parser.add_argument('--retries', type=int, default=0, help='retries of a failed stage (default 0)')
+    parser.add_argument('--retry-delay', type=float, default=10.0, help='seconds between retries (default 10)')
+    parser.add_argument('--force', action='store_true', help='rerun every selected stage')
+    parser.add_argument('--no-experiment', action='store_true', help='do not record the run as a DVC experiment')
+    args = parser.parse_args(argv)
     state = dvc_pipeline(
         repo_dir=args.repo,
+        preset=args.preset,
         targets=args.target or None,
-        max_concurrency=args.max_concurrency,
+        jobs=args.jobs,
         retries=args.retries,
         retry_delay_seconds=args.retry_delay,
         force=args.force,
+        experiment=not args.no_experiment,
         return_state=True,
     )
-    try:
-        summary = state.result(raise_on_failure=False)
-    except Exception:
-        summary = None
-    if isinstance(summary, dict) and "markdown" in summary:
-        print(summary["markdown"])
-    print(f"flow run {state.name}: {state.message or ''}".rstrip(": "))
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, dict):
+        print(summary['markdown'])
+        if summary.get('experiment'):
+            print(f'recorded as DVC experiment {summary["experiment"]} (dvc exp show, in {summary["repo_dir"]})')
+    print(f'flow run {state.name}' + (f': {state.message}' if state.message else ''))
     return 0 if state.is_completed() else 1
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

@@ -58,13 +58,16 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
                     (shutil.copytree if (Path(keep) / rel).is_dir() else shutil.copy2)(Path(keep) / rel, tree / rel)
     changed = _git('ls-files', '-z', '--modified', '--others', '--exclude-standard', cwd=root).split('\0')
     deleted = set(_git('ls-files', '-z', '--deleted', cwd=root).split('\0'))
+    # The workspace's own results (e.g. an uncommitted default run) are not the preset's.
+    own = tuple(f'{rel}/' for rel in OWN_OUTPUTS)
     for rel in filter(None, changed):
-        if rel in deleted or rel.startswith(f'{WORKTREES}/'):
+        if rel in deleted or rel.startswith(f'{WORKTREES}/') or rel in OWN_OUTPUTS or rel.startswith(own):
             continue
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, tree / rel)
     for rel in filter(None, deleted):
-        (tree / rel).unlink(missing_ok=True)
+        if rel not in OWN_OUTPUTS and not rel.startswith(own):
+            (tree / rel).unlink(missing_ok=True)
     (tree / 'params.yaml').write_text(f'# params.yaml with presets/{name}.yaml merged (flows.presets); '
                                       f'the repository\'s own params.yaml is unchanged\n'
                                       + yaml.safe_dump(params, sort_keys=False, width=110))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["TrainProgress", "parse_eta", "parse_train_line"]
+__all__ = ['TrainProgress', 'parse_eta', 'parse_train_line']
 
-_EPOCH = re.compile(r"Epoch\(train\)\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]")
-_ITER = re.compile(r"Iter\(train\)\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]")
-_ETA = re.compile(r"eta:\s*(?:(\d+)\s+days?,\s*)?(\d+):(\d{1,2}):(\d{1,2})")
+_EPOCH = re.compile(r'Epoch\(train\)\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]')
+_ITER = re.compile(r'Iter\(train\)\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]')
+_ETA = re.compile(r'eta:\s*(?:(\d+)\s+days?,\s*)?(\d+):(\d{1,2}):(\d{1,2})')
 
 
 def parse_eta(line: str) -> float | None:
@@ -50,23 +50,23 @@ def parse_train_line(line: str, elapsed_s: float | None = None) -> TrainProgress
         if total <= 0:
             return None
         pct = 100.0 * min(done, total) / total
-        return TrainProgress(pct, f"iteration {done}/{total}")
+        return TrainProgress(pct, f'iteration {done}/{total}')
     m = _EPOCH.search(line)
     if m:
         epoch, done, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
         if total <= 0:
             return None
         eta = parse_eta(line)
-        where = f"epoch {epoch}, iteration {done}/{total}"
+        where = f'epoch {epoch}, iteration {done}/{total}'
         if eta is not None and elapsed_s is not None and elapsed_s + eta > 0:
             pct = 100.0 * elapsed_s / (elapsed_s + eta)
-            return TrainProgress(pct, f"{where}, eta {_fmt(eta)} (estimated from eta)")
-        return TrainProgress(100.0 * min(done, total) / total, f"{where} (of this epoch)")
+            return TrainProgress(pct, f'{where}, eta {_fmt(eta)} (estimated from eta)')
+        return TrainProgress(100.0 * min(done, total) / total, f'{where} (of this epoch)')
     return None
 
 
 def _fmt(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
+    text = f'{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}'
+    return f'{days}d {text}' if days else text

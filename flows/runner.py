@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class StageResult:
     seconds: float = 0.0
     message: str = ''
     output: list[str] = field(default_factory=list)
+    exit_code: int | None = None  #: of the failed command (`dvc repro`, or the stage's own while training)
 
     @property
     def ok(self) -> bool:
@@ -82,7 +84,8 @@ class DvcRepo:
             on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
         cmd = [sys.executable, '-m', 'dvc', *args]
         with self.lock:
-            return _stream(cmd, self.root, env or subprocess_env(self.root), on_line, check, what=f"dvc {' '.join(args)}")
+            return _stream(cmd, self.root, env or subprocess_env(self.root), on_line, check,
+                           what=f"dvc {' '.join(args)}")
 
     def graph(self, targets: list[str] | None = None) -> nx.DiGraph:
         """Stages and edges (upstream -> downstream) of ``dvc dag --dot``; with ``targets``,
@@ -90,7 +93,9 @@ class DvcRepo:
         import networkx.drawing.nx_pydot as nx_pydot
         import pydot
         _, lines = self.dvc('dag', '--dot')
-        dot = pydot.graph_from_dot_data('\n'.join(lines))[0]
+        with warnings.catch_warnings():  # pydot's parser uses pyparsing's deprecated names
+            warnings.simplefilter('ignore', DeprecationWarning)
+            dot = pydot.graph_from_dot_data('\n'.join(lines))[0]
         graph = nx.DiGraph(nx_pydot.from_pydot(dot))
         graph = nx.relabel_nodes(graph, {n: n.strip('"') for n in graph.nodes})
         if targets:
@@ -174,25 +179,29 @@ def _run_changed(repo: DvcRepo, stage: str, force: bool, log_file: Path, on_line
     repro = ['repro', '--single-item', stage] + (['--force'] if force else [])
     if force:
         _clean_work_dirs(repo.root, stage)
-    code, lines = repo.dvc(*repro, env=env, check=False, on_line=on_line)
+    code, lines = repo.dvc(*repro, env=env, check=False)  # held back: see below
     records = runs.read_records(log_file)
     waiting = [r for r in records if r['status'] == 'needs-training']
+    if on_line:  # a probe that only asked for training ends in DVC's 'failed to reproduce': not news
+        for line in lines if not waiting else [f'{stage}: training outside DVC\'s lock, then export']:
+            on_line(line)
     if waiting:
-        env_train = subprocess_env(repo.root, **{runs.PHASE_ENV: 'train', runs.RUN_LOG_ENV: str(log_file), 'DVC_STAGE': stage,
-                                      'DVC_ROOT': str(repo.root)})
+        env_train = subprocess_env(repo.root, **{runs.PHASE_ENV: 'train', runs.RUN_LOG_ENV: str(log_file),
+                                                 'DVC_STAGE': stage, 'DVC_ROOT': str(repo.root)})
         argv = [sys.executable, *waiting[0]['argv']]  # the stage's own command line, as DVC ran it
         train_code, train_lines = _stream(argv, Path(waiting[0]['cwd']), env_train, on_line, check=False,
                                           what=stage)
         lines += train_lines
         if train_code != 0:
             return StageResult(stage, 'failed', time.monotonic() - start,
-                               f'its command exited with {train_code} while training', lines[-TAIL_LINES:])
+                               f'its command exited with {train_code} while training', lines[-TAIL_LINES:],
+                               exit_code=train_code)
         code, more = repo.dvc(*repro, env=env, check=False, on_line=on_line)
         lines += more
         records = runs.read_records(log_file)
     if code != 0:
         return StageResult(stage, 'failed', time.monotonic() - start, f'`dvc repro` exited with {code}',
-                           lines[-TAIL_LINES:])
+                           lines[-TAIL_LINES:], exit_code=code)
     _clean_work_dirs(repo.root, stage)  # exported or restored: nothing left to resume
     ran = any(r['status'] == 'done' and r['phase'] == 'commit' for r in records)
     return StageResult(stage, 'ran' if ran else 'restored', time.monotonic() - start,
@@ -204,17 +213,21 @@ def _clean_work_dirs(root: Path, stage: str) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def run_pipeline(repo_dir: str | Path = '.', *, targets: list[str] | None = None, jobs: int = 2,
+def run_pipeline(repo_dir: str | Path | DvcRepo = '.', *, targets: list[str] | None = None, jobs: int = 2,
                  force: bool = False, run: Callable[[str], StageResult] | None = None,
                  on_result: Callable[[StageResult], None] | None = None,
-                 on_line: Callable[[str, str], None] | None = None) -> list[StageResult]:
+                 on_line: Callable[[str, str], None] | None = None,
+                 graph: nx.DiGraph | None = None) -> list[StageResult]:
     """Every stage (or ``targets`` and their upstream) in dependency order, ``jobs`` at a time.
 
     A stage whose upstream failed is 'not run'; independent branches go on. ``run`` replaces
-    :func:`run_stage` (the Prefect flow wraps it in a task).
+    :func:`run_stage` (the Prefect flow wraps it in a task); ``on_result`` is called in the
+    calling thread, as each stage settles; ``graph`` (from :meth:`DvcRepo.graph`) replaces
+    the one read here.
     """
-    repo = DvcRepo(repo_dir)
-    graph = repo.graph(targets)
+    repo = repo_dir if isinstance(repo_dir, DvcRepo) else DvcRepo(repo_dir)
+    if graph is None:
+        graph = repo.graph(targets)
     if run is None:
         def run(stage: str) -> StageResult:
             printer = (lambda line: on_line(stage, line)) if on_line else None

@@ -1,141 +1,244 @@
-"""A tiny, real DVC project for testing the flow: cheap Python stages, no data.
+"""A tiny, real DVC project for testing flows.runner and the Prefect flow: cheap Python stages.
 
 Shape (``prepare`` has a directory output that ``left`` depends on a file inside of)::
 
     prepare ──> left ──> train@small ──┐
-       │                 train@large ──┼──> report   (reports/results.md, metrics.json)
+       │                 train@large ──┼──> report   (reports/results.md, reports/summary.json, metrics.json)
        └──────> right ─────────────────┘
     lonely                                            (independent of all others)
 
-Every stage command is ``python step.py NAME --in ... --out ...``: it appends
-``NAME start <t>`` and ``NAME end <t>`` to ``run.log`` (not tracked by DVC) and writes
-outputs whose content depends on its inputs, so a changed input changes what is
-downstream of it.
+Every stage command is ``python step.py NAME --in ... --out ...`` run through
+``dfmsd.core.cli.run``, so it follows the runner protocol of :mod:`dfmsd.core.runs`. The
+``train@*`` stages behave like training stages (dfmsd.engine.training): under
+``DFMSD_PHASE=commit`` they exit with ``runs.NEEDS_TRAINING`` until their work dir
+``work_dirs/<stage>-<digest>`` holds a finished run; under ``DFMSD_PHASE=train`` they "train"
+(print mmengine ``Iter(train) [i/n]`` lines, sleep) into that work dir and write no output;
+otherwise they export and remove the work dir.
+
+Each command appends ``NAME PHASE start <t>`` and ``NAME PHASE end <t>`` to ``run.log`` (not
+tracked): PHASE is ``commit``, ``train`` or ``none``. Outputs depend only on the inputs (and
+the ``seeds`` param of ``prepare``), so a changed input changes what is downstream of it.
+params.yaml is the project's own (a preset is validated against its schema).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["STAGES", "EDGES", "make_project", "read_run_log", "dvc_env"]
+import yaml
+from support import REPO
+
+__all__ = ['STAGES', 'EDGES', 'TRAINING', 'make_project', 'read_run_log', 'commands_run', 'dvc_env', 'git_commit']
 
 #: stage names, foreach items expanded
-STAGES = ["prepare", "left", "right", "train@small", "train@large", "report", "lonely"]
+STAGES = ['prepare', 'left', 'right', 'train@small', 'train@large', 'report', 'lonely']
+#: the stages that train outside DVC under flows.runner
+TRAINING = ['train@small', 'train@large']
 #: (upstream, downstream) pairs
 EDGES = [
-    ("prepare", "left"),
-    ("prepare", "right"),
-    ("left", "train@small"),
-    ("left", "train@large"),
-    ("right", "report"),
-    ("train@small", "report"),
-    ("train@large", "report"),
+    ('prepare', 'left'),
+    ('prepare', 'right'),
+    ('left', 'train@small'),
+    ('left', 'train@large'),
+    ('right', 'report'),
+    ('train@small', 'report'),
+    ('train@large', 'report'),
 ]
 
-STEP_PY = r'''
-import argparse, hashlib, json, pathlib, sys, time
+STEP_PY = r"""
+import argparse, hashlib, json, os, pathlib, shutil, sys, time
+
+import yaml
+
+from dfmsd.core import cli, runs
 
 p = argparse.ArgumentParser()
-p.add_argument("name")
-p.add_argument("--in", dest="inputs", action="append", default=[])
-p.add_argument("--out", dest="outputs", action="append", default=[])
-p.add_argument("--metrics")
-p.add_argument("--sleep", type=float, default=0.0)
-p.add_argument("--flaky", help="counter file: fail on the first call, succeed after")
-p.add_argument("--train-log", type=int, default=0, help="print N mmengine-like lines")
+p.add_argument('name')
+p.add_argument('--in', dest='inputs', action='append', default=[])
+p.add_argument('--out', dest='outputs', action='append', default=[])
+p.add_argument('--param', action='append', default=[], help='a key of params.yaml the output depends on')
+p.add_argument('--metrics')
+p.add_argument('--summary')
+p.add_argument('--sleep', type=float, default=0.0)
+p.add_argument('--flaky', help='counter file: fail on the first call, succeed after')
+p.add_argument('--train', type=int, default=0, help='a training stage of N iterations')
+p.add_argument('--fail-training', action='store_true', help='the training phase exits with 4')
+p.add_argument('--await-partner', type=float, default=0.0, help='see await_partner()')
 a = p.parse_args()
+phase = runs.phase() or 'none'
 
-log = pathlib.Path("run.log")
-with log.open("a") as f:
-    f.write(f"{a.name} start {time.time():.6f}\n")
-print(f"[{a.name}] starting", flush=True)
-if a.flaky:
-    counter = pathlib.Path(a.flaky)
-    n = int(counter.read_text()) + 1 if counter.exists() else 1
-    counter.write_text(str(n))
-    if n == 1:
-        print(f"[{a.name}] flaky failure on attempt {n}", flush=True)
-        sys.exit(5)
-for i in range(1, a.train_log + 1):
-    print(f"2026/01/01 00:00:00 - mmengine - INFO - Iter(train) [{i}/{a.train_log}]  lr: 1.0e-02  eta: 0:00:0{a.train_log - i}", flush=True)
-time.sleep(a.sleep)
-digest = hashlib.sha256(a.name.encode())
-for src in a.inputs:
-    digest.update(pathlib.Path(src).read_bytes())
-for dst in a.outputs:
-    out = pathlib.Path(dst)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".md":
-        out.write_text(f"# Results\n\n| stage | digest |\n|---|---|\n| {a.name} | {digest.hexdigest()[:12]} |\n")
+
+def log(event):
+    with open('run.log', 'a') as f:
+        f.write(f'{a.name} {phase} {event} {time.time():.6f}\n')
+
+
+def digest():
+    h = hashlib.sha256(a.name.encode())
+    params = yaml.safe_load(open('params.yaml')) if a.param else {}
+    for key in a.param:
+        h.update(json.dumps(params[key], sort_keys=True).encode())
+    for src in a.inputs:
+        h.update(pathlib.Path(src).read_bytes())
+    return h.hexdigest()
+
+
+def await_partner():
+    # wait up to --await-partner seconds for another stage to start training, then 0.5 s more
+    deadline = time.time() + a.await_partner
+    while time.time() < deadline:
+        lines = [line.split() for line in open('run.log').read().splitlines()]
+        if any(w[0] != a.name and w[1:3] == ['train', 'start'] for w in lines):
+            time.sleep(0.5)
+            return
+        time.sleep(0.05)
+
+
+def train(work):
+    log('start')
+    print(f'[{a.name}] training in {work}', flush=True)
+    if a.fail_training:
+        print(f'[{a.name}] training diverged', flush=True)
+        sys.exit(4)
+    for i in range(1, a.train + 1):
+        print(f'2026/01/01 00:00:00 - mmengine - INFO - Iter(train) [{i}/{a.train}]  lr: 1.0e-02  '
+              f'eta: 0:00:0{a.train - i}', flush=True)
+        time.sleep(a.sleep / max(a.train, 1))
+    if a.await_partner:
+        await_partner()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / 'final.txt').write_text(digest())
+    log('end')
+
+
+def main():
+    if a.flaky:
+        counter = pathlib.Path(a.flaky)
+        n = int(counter.read_text()) + 1 if counter.exists() else 1
+        counter.write_text(str(n))
+        if n == 1:
+            print(f'[{a.name}] flaky failure on attempt {n}', flush=True)
+            sys.exit(5)
+    if a.train:
+        work = pathlib.Path('work_dirs') / f"{runs.work_dir_label(os.environ.get('DVC_STAGE', a.name))}-{digest()[:12]}"
+        if not (work / 'final.txt').is_file():
+            if phase == 'commit':
+                raise runs.NeedsTraining()
+            train(work)
+        if phase == 'train':
+            return
     else:
-        out.write_text(f"{a.name} {digest.hexdigest()}\n")
-if a.metrics:
-    pathlib.Path(a.metrics).write_text(json.dumps({"mAP": 0.5, "detail": {"mAP_50": 0.75}}))
-print(f"[{a.name}] done", flush=True)
-with log.open("a") as f:
-    f.write(f"{a.name} end {time.time():.6f}\n")
-'''
+        log('start')
+        print(f'[{a.name}] starting', flush=True)
+        time.sleep(a.sleep)
+    value = digest()
+    for dst in a.outputs:
+        out = pathlib.Path(dst)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == '.md':
+            out.write_text(f'# Results\n\n| stage | digest |\n|---|---|\n| {a.name} | {value[:12]} |\n')
+        else:
+            out.write_text(f'{a.name} {value}\n')
+    if a.metrics:
+        pathlib.Path(a.metrics).write_text(json.dumps({'mAP': 0.5, 'detail': {'mAP_50': 0.75}}))
+    if a.summary:
+        pathlib.Path(a.summary).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(a.summary).write_text(json.dumps({
+            'retinanet/tiny': {'baseline': {'mAP': 20.5}, 'dfmsd': {'mAP': 22.25, 'gain': 1.75}},
+        }, indent=1))
+    if a.train:
+        shutil.rmtree(work, ignore_errors=True)  # exported: nothing left to resume
+        log('exported')
+    else:
+        log('end')
+    print(f'[{a.name}] done', flush=True)
 
 
-def _dvc_yaml(py: str, fail: str | None, flaky: str | None, sleep: dict[str, float] | None) -> str:
-    sleep = sleep or {}
-
-    def cmd(name: str, args: str) -> str:
-        if name == fail:
-            return "exit 3"
-        extra = f" --flaky counter-{name}.txt" if name == flaky else ""
-        if name == "train@${item}":
-            extra += " --train-log 3"
-            naps = {sleep.get("train@small"), sleep.get("train@large")} - {None}
-            if naps:  # one command for both foreach items
-                extra += f" --sleep {max(naps)}"
-        elif name in sleep:
-            extra += f" --sleep {sleep[name]}"
-        return f"{py} step.py {name} {args}{extra}"
-
-    return f"""\
-stages:
-  prepare:
-    cmd: {cmd("prepare", "--in params.txt --out data/prepared/a.txt")}
-    deps: [step.py, params.txt]
-    outs: [data/prepared]
-  left:
-    cmd: {cmd("left", "--in data/prepared/a.txt --out data/left.txt")}
-    deps: [step.py, data/prepared/a.txt]
-    outs: [data/left.txt]
-  right:
-    cmd: {cmd("right", "--in data/prepared/a.txt --in right.txt --out data/right.txt")}
-    deps: [step.py, data/prepared, right.txt]
-    outs: [data/right.txt]
-  train:
-    foreach: [small, large]
-    do:
-      cmd: {cmd("train@${item}", "--in data/left.txt --out models/${item}.txt")}
-      deps: [step.py, data/left.txt]
-      outs:
-        - models/${{item}}.txt
-  report:
-    cmd: {cmd("report", "--in data/right.txt --in models/small.txt --in models/large.txt --out reports/results.md --metrics metrics.json")}
-    deps: [step.py, data/right.txt, models/small.txt, models/large.txt]
-    outs: [reports/results.md]
-    metrics:
-      - metrics.json:
-          cache: false
-  lonely:
-    cmd: {cmd("lonely", "--in lonely.txt --out data/lonely.txt")}
-    deps: [step.py, lonely.txt]
-    outs: [data/lonely.txt]
+cli.run(main)
 """
 
 
+def _dvc_yaml(
+    py: str,
+    fail: str | None,
+    flaky: str | None,
+    fail_training: str | None,
+    sleep: dict[str, float],
+    await_partner: float,
+) -> dict:
+    def cmd(name: str, args: str) -> str:
+        if name == fail:
+            return 'exit 3'
+        extra = f' --flaky counter-{name}.txt' if name == flaky else ''
+        if name == 'train@${item}':
+            naps = {sleep.get(t, 0.0) for t in TRAINING}
+            extra += f' --train 3 --sleep {max(naps)}'  # one command for both foreach items
+            if await_partner:
+                extra += f' --await-partner {await_partner}'
+            if fail_training in TRAINING:
+                extra += ' --fail-training'
+        elif name in sleep:
+            extra += f' --sleep {sleep[name]}'
+        return f'{py} step.py {name} {args}{extra}'
+
+    return {
+        'stages': {
+            'prepare': {
+                'cmd': cmd('prepare', '--param seeds --out data/prepared/a.txt'),
+                'deps': ['step.py'],
+                'params': ['seeds'],
+                'outs': ['data/prepared'],
+            },
+            'left': {
+                'cmd': cmd('left', '--in data/prepared/a.txt --out data/left.txt'),
+                'deps': ['step.py', 'data/prepared/a.txt'],
+                'outs': ['data/left.txt'],
+            },
+            'right': {
+                'cmd': cmd('right', '--in data/prepared/a.txt --in right.txt --out data/right.txt'),
+                'deps': ['step.py', 'data/prepared', 'right.txt'],
+                'outs': ['data/right.txt'],
+            },
+            'train': {
+                'foreach': ['small', 'large'],
+                'do': {
+                    'cmd': cmd('train@${item}', '--in data/left.txt --out models/${item}.txt'),
+                    'deps': ['step.py', 'data/left.txt'],
+                    'outs': ['models/${item}.txt'],
+                },
+            },
+            'report': {
+                'cmd': cmd(
+                    'report',
+                    '--in data/right.txt --in models/small.txt --in models/large.txt '
+                    '--out reports/results.md --summary reports/summary.json --metrics metrics.json',
+                ),
+                'deps': ['step.py', 'data/right.txt', 'models/small.txt', 'models/large.txt'],
+                'outs': [{'reports/results.md': {'cache': False}}, {'reports/summary.json': {'cache': False}}],
+                'metrics': [{'metrics.json': {'cache': False}}],
+            },
+            'lonely': {
+                'cmd': cmd('lonely', '--in lonely.txt --out data/lonely.txt'),
+                'deps': ['step.py', 'lonely.txt'],
+                'outs': ['data/lonely.txt'],
+            },
+        }
+    }
+
+
 def dvc_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
+    return dict(os.environ, DVC_NO_ANALYTICS='1')
+
+
+def git_commit(root: Path, message: str = 'demo') -> None:
+    git = ['git', '-c', 'user.email=test@dfmsd', '-c', 'user.name=test']
+    subprocess.run(git + ['add', '-A'], cwd=root, check=True)
+    subprocess.run(git + ['commit', '-qm', message], cwd=root, check=True)
 
 
 def make_project(
@@ -143,37 +246,54 @@ def make_project(
     *,
     fail: str | None = None,
     flaky: str | None = None,
+    fail_training: str | None = None,
     sleep: dict[str, float] | None = None,
+    await_partner: float = 0.0,
+    presets: dict[str, dict] | None = None,
     python: str = sys.executable,
 ) -> Path:
-    """Create the demo DVC project in ``path`` (git init, dvc init, analytics off).
+    """Create and commit the demo DVC project in ``path`` (git init, dvc init, analytics off).
 
-    ``fail``: stage whose command is ``exit 3``; ``flaky``: stage failing on its first
-    run only; ``sleep``: seconds some stages sleep.
+    ``fail``: stage whose command is ``exit 3``; ``flaky``: stage failing on its first run
+    only; ``fail_training``: a ``train@*`` stage whose training exits with 4 (both items:
+    one command); ``sleep``: seconds some stages sleep (training: spread over its iterations);
+    ``await_partner``: each training waits up to that long for the other one to start
+    training (then trains 0.5 s more), so that two trainings overlap whenever the runner
+    lets them, however slow DVC is; ``presets``: ``presets/<name>.yaml`` files to write.
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     env = dvc_env()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run([python, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run(
-        [python, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True, env=env
-    )
-    (root / "step.py").write_text(STEP_PY)
-    (root / "params.txt").write_text("seed=1\n")
-    (root / "right.txt").write_text("right input v1\n")
-    (root / "lonely.txt").write_text("lonely input\n")
-    (root / "dvc.yaml").write_text(_dvc_yaml(shlex.quote(python), fail, flaky, sleep))
+    subprocess.run(['git', 'init', '-q'], cwd=root, check=True, env=env)
+    subprocess.run([python, '-m', 'dvc', 'init', '-q'], cwd=root, check=True, env=env)
+    subprocess.run([python, '-m', 'dvc', 'config', 'core.analytics', 'false'], cwd=root, check=True, env=env)
+    (root / 'step.py').write_text(STEP_PY)
+    shutil.copyfile(REPO / 'params.yaml', root / 'params.yaml')
+    (root / 'right.txt').write_text('right input v1\n')
+    (root / 'lonely.txt').write_text('lonely input\n')
+    (root / '.gitignore').write_text('run.log\ncounter-*.txt\nwork_dirs/\n/.presets/\n')
+    stages = _dvc_yaml(shlex.quote(python), fail, flaky, fail_training, sleep or {}, await_partner)
+    (root / 'dvc.yaml').write_text(yaml.safe_dump(stages, sort_keys=False, width=200))
+    for name, overrides in (presets or {}).items():
+        (root / 'presets').mkdir(exist_ok=True)
+        (root / 'presets' / f'{name}.yaml').write_text(yaml.safe_dump(overrides, sort_keys=False))
+    git_commit(root)
     return root
 
 
-def read_run_log(root: str | os.PathLike) -> list[tuple[str, str, float]]:
-    """``(stage, "start"|"end", time)`` entries of ``run.log``, in file order."""
-    log = Path(root) / "run.log"
+def read_run_log(root: str | os.PathLike) -> list[tuple[str, str, str, float]]:
+    """``(stage, phase, event, time)`` entries of ``run.log``, in file order; phase is
+    commit | train | none, event start | end | exported."""
+    log = Path(root) / 'run.log'
     if not log.exists():
         return []
     entries = []
     for line in log.read_text().splitlines():
-        name, what, when = line.rsplit(" ", 2)
-        entries.append((name, what, float(when)))
+        name, phase, event, when = line.rsplit(' ', 3)
+        entries.append((name, phase, event, float(when)))
     return entries
+
+
+def commands_run(root: str | os.PathLike) -> list[str]:
+    """Stages whose command did its work (a stage that trains counts once), in start order."""
+    return [name for name, _, event, _ in read_run_log(root) if event == 'start']

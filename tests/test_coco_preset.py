@@ -1,319 +1,324 @@
-"""presets/coco.yaml: every teacher resolves in mmdet's model zoo, every model of the
-default runs and of the paper grid builds (CPU, no weights) and shares FPN strides with
-its teachers, each run's distiller config is complete, and DVC parses the pipeline.
+"""The COCO presets (presets/coco*.yaml): the paper's tables as presets of the grid, checked on a CPU.
 
-No COCO images are needed: the project copy gets COCO 2017-named annotation files that
-hold only the 80 categories.
+* every preset validates (schema and the mmdet-side checks), every zoo teacher resolves in the
+  installed mmdet model index to a URL with a sha256 prefix, every student config exists, and
+  the tables share coco's loss settings (no network);
+* every (teacher, student) of every preset builds a StageDistiller from the configs with random
+  weights, sharing at least one FPN stride;
+* under the coco preset, DVC keeps the dataset out of its cache (the data stage's output);
+* the stages of one SAL row and one single-stage row build and start on a CPU and run through
+  evaluation, on a COCO-shaped sample (COCO 2017 layout and 80 categories, a handful of small
+  images), with local teachers: the coco pair's zoo configs with random weights.
 """
 from __future__ import annotations
 
+import csv
 import json
-import os
-import re
-import subprocess
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from support import REPO, copy_project, preset_params, run
 
-from conftest import copy_project
-
-VENV_BIN = str(Path(sys.executable).parent)
-ITERS_24_EPOCHS = 177430  # 118,287 images x 24 epochs / 16 per batch
-
-
-def run(cmd, cwd, check=True):
-    env = dict(os.environ, PATH=f'{VENV_BIN}:{os.environ["PATH"]}', DVC_NO_ANALYTICS='1')
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and res.returncode != 0:
-        raise AssertionError(f'{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}')
-    return res
+PRESETS = sorted(p.stem for p in (REPO / 'presets').glob('coco*.yaml'))
+GROUPS = ('methods', 'me_methods', 'sal_methods')
+ITERS_24_EPOCHS = 177430  # 118,287 train2017 images x 24 epochs / 16 per batch
+#: COCO 2017's category ids (1-90 with gaps), in the order of mmdet's 80 class names
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
+def teachers(params: dict):
+    """(pair, role, teacher entry) of every teacher of a merged preset."""
+    for pair_name, pair in params['pairs'].items():
+        for role in ('weak', 'strong'):
+            yield pair_name, role, pair[role]
+
+
+def all_methods(params: dict) -> dict[str, dict]:
+    return {name: m for group in GROUPS for name, m in params[group].items()}
+
+
+# ---------------------------------------------------------------- (a) the presets themselves
+@pytest.mark.fast
+def test_the_presets_cover_the_paper_tables():
+    assert {'coco', 'coco-table1', 'coco-table2', 'coco-table3-retina', 'coco-table3-gfl', 'coco-table4',
+            'coco-table5', 'coco-table6-retina', 'coco-table6-reppoints', 'coco-table6-gfl', 'coco-table6-fcos',
+            'coco-table7', 'coco-table8', 'coco-table10', 'coco-table11'} <= set(PRESETS)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('name', PRESETS)
+def test_preset_validates_with_mmdet_and_its_models_resolve(name, monkeypatch, capsys):
+    from dfmsd.check import main
+    from dfmsd.core.params import ZooTeacher, validate
+    from dfmsd.engine.configs import resolve_config
+    from dfmsd.engine.zoo import find_model
+
+    monkeypatch.chdir(REPO)  # `python -m dfmsd.check --preset <name>`: schema, losses, config files
+    assert main(['--preset', name]) == 0, capsys.readouterr().err
+    merged = preset_params(name)
+    params = validate(merged, name)
+    for pair_name, role, _ in teachers(merged):
+        teacher = getattr(params.pairs[pair_name], role)
+        assert isinstance(teacher, ZooTeacher), f'{name}: pairs.{pair_name}.{role} is not a zoo teacher'
+        model = find_model(teacher.zoo)
+        assert model.name == teacher.zoo, f'{teacher.zoo} resolves to {model.name} (give the exact index name)'
+        assert model.url.startswith('https://') and len(model.sha256_prefix) >= 8, model
+        assert Path(model.config).is_file(), model
+    for student_name, student in params.students.items():
+        assert student.config.startswith('mmdet::'), f'{name}: students.{student_name}: use an mmdet:: reference'
+        assert Path(resolve_config(student.config, f'students.{student_name}.config')).is_file()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('name', PRESETS)
+def test_preset_keeps_the_common_coco_settings(name):
+    coco, p = preset_params('coco'), preset_params(name)
+    for key in ('data', 'train', 'launch', 'seeds', 'me', 'evaluate', 'report', 'distill', 'runtime'):
+        assert p[key] == coco[key], f'{name} changes {key}: common to every COCO preset'
+    assert p['figures']['method'] in p['sal_methods'] and p['figures']['pair'] in p['pairs']
+    assert p['data']['generate'] is False and p['data']['image_size'] is None
+    assert p['data']['splits']['test'] == p['data']['splits']['val']  # val2017, the paper's
+    assert p['train']['iters'] == ITERS_24_EPOCHS and p['train']['lr'] is None
+    assert p['train']['batch_size'] * p['launch']['nproc_per_node'] * p['launch']['nnodes'] == 16
+
+
+def _losses_by_type(method: dict) -> dict[str, dict]:
+    return {loss['type']: loss for loss in method['losses'].values()}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('name', [p for p in PRESETS if p != 'coco'])
+def test_tables_reuse_coco_loss_settings(name):
+    """A method named as one of coco's is coco's; every DFMSD row (full or ablation) uses coco's
+    alpha, beta and gamma; so the tables cannot drift apart."""
+    coco, p = all_methods(preset_params('coco')), all_methods(preset_params(name))
+    dfmsd = coco['dfmsd']
+    stage, sfa = dfmsd['losses']['stage'], dfmsd['losses']['sfa']
+    assert stage['reduction'] == 'mean' and dfmsd['aug_loss_weight'] == stage['loss_weight'] / 2
+    for method_name, method in p.items():
+        if method_name in coco:
+            assert method == coco[method_name], f'{name}: {method_name} differs from coco.yaml'
+        if method_name == 'dfmsd' or method.get('ablation_of') == 'dfmsd':
+            assert method['losses'].get('stage') == stage, f'{name}: {method_name}.losses.stage'
+            assert method['losses'].get('sfa', sfa) == sfa, f'{name}: {method_name}.losses.sfa'
+            assert method.get('aug_loss_weight', 0) in (0, dfmsd['aug_loss_weight']), method_name
+    if name.startswith('coco-table6'):  # single-stage weights of Table 6: the papers' own settings
+        for method_name in ('mgd', 'amd', 'dmkd'):
+            assert _losses_by_type(p[method_name]), method_name
+
+
+# ---------------------------------------------------------------- (b) every model pair builds
 @pytest.fixture(scope='module')
-def project(tmp_path_factory) -> Path:
+def coco_categories(tmp_path_factory):
+    """A dfmsd Data whose train annotation file holds COCO's 80 categories (no images)."""
     from mmdet.datasets import CocoDataset
-    root = copy_project(tmp_path_factory.mktemp('coco') / 'p')
-    run([sys.executable, '-m', 'dfmsd.presets', 'coco'], root)
-    categories = [{'id': i + 1, 'name': name} for i, name in enumerate(CocoDataset.METAINFO['classes'])]
-    for split in ('train2017', 'val2017'):
-        (root / 'data/coco' / split).mkdir(parents=True)
-        ann = root / f'data/coco/annotations/instances_{split}.json'
-        ann.parent.mkdir(parents=True, exist_ok=True)
-        ann.write_text(json.dumps({'images': [], 'annotations': [], 'categories': categories}))
-    return root
+
+    from dfmsd.core.params import Data
+    root = tmp_path_factory.mktemp('coco-categories')
+    names = CocoDataset.METAINFO['classes']
+    ann = root / 'annotations/instances_train2017.json'
+    ann.parent.mkdir(parents=True)
+    ann.write_text(json.dumps({'images': [], 'annotations': [],
+                               'categories': [{'id': i, 'name': n} for i, n in zip(COCO_IDS, names)]}))
+    split = {'ann': 'annotations/instances_train2017.json', 'img': 'train2017/'}
+    return Data(root=str(root), generate=False, splits={'train': split, 'val': split, 'test': split})
 
 
-@pytest.fixture(scope='module')
-def params(project) -> dict:
-    return yaml.safe_load((project / 'params.yaml').read_text())
+def test_every_teacher_and_student_of_every_preset_build_a_stage_distiller(coco_categories, monkeypatch):
+    """StageDistiller from the configs with random weights, levels matched by stride (probe 256 px).
 
+    Every (teacher, student) of every preset builds one, with the losses of all the methods that
+    use that teacher (the weak one: the SAL methods). To keep this quick, each config is built and
+    probed once: the distiller gets the cached teacher and a copy of the cached student."""
+    import copy
 
-def grid_rows(params):
-    """(group, row name, row, teachers in SAL order) for every grid row."""
-    for group_name, group in params['grid'].items():
-        for row_name, row in group['rows'].items():
-            teachers = list(row.get('teachers') or group.get('teachers') or [])
-            yield group_name, row_name, row, teachers
-
-
-def row_teachers(row, teachers):
-    """The teachers a row distills from: none (baseline), each in turn (DFMSD), or the last."""
-    if row['method'] == 'baseline':
-        return []
-    if row['method'] == 'dfmsd':
-        return teachers[:row.get('stages', len(teachers))]
-    return teachers[-1:]
-
-
-def zoo_names(params) -> set[str]:
-    names = {t['zoo'] for t in params['teachers'].values()}
-    for _, _, row, teachers in grid_rows(params):
-        names.update(teachers)
-    return names
-
-
-def student_configs(params) -> set[str]:
-    return {params['student']['config']} | {row['student'] for _, _, row, _ in grid_rows(params)}
-
-
-# ----------------------------------------------------------------------------- params
-
-def test_preset_settings(params):
-    data = params['data']
-    assert data['root'] == 'data/coco' and data['generate'] is False and data['image_size'] is None
-    assert (data['train_ann'], data['train_img']) == ('annotations/instances_train2017.json', 'train2017/')
-    assert (data['val_ann'], data['val_img']) == ('annotations/instances_val2017.json', 'val2017/')
-    assert params['launch']['nproc_per_node'] * params['train']['batch_size'] == 16
-    assert params['launch']['backend'] == 'nccl'
-    assert params['train']['optimizer'] == {'type': 'SGD', 'momentum': 0.9, 'weight_decay': 1e-4}  # lr: each config's own
-    assert 'lr' not in params['train']  # the small presets' AdamW learning rate is gone
-    runs = {**params['distill']['runs'], **params['distill']['me_runs']}
-    assert set(runs) == {'mgd', 'dmkd', 'pkd', 'dfmsd_stage1', 'dfmsd_stage2'}
-    assert {r['iters'] for r in runs.values()} == {params['student']['iters']} == {ITERS_24_EPOCHS}
-    assert all(r['teacher'] == 'teacher_strong' for k, r in runs.items() if k in ('mgd', 'dmkd', 'pkd'))
-    assert params['teachers']['teacher_weak']['zoo'].startswith('mask-rcnn_swin-t')
-    assert params['teachers']['teacher_strong']['zoo'].startswith('mask-rcnn_swin-s')
-
-
-def test_grid_records_the_papers_numbers(params):
-    groups = params['grid']
-    for key in ('table1_vit_to_cnn', 'table2_cascade_teachers', 'table3_retinanet_teachers',
-                'table3_gfl_teachers', 'table4_fcos_teachers', 'table6_retinanet', 'table6_reppoints',
-                'table6_gfl', 'table6_fcos'):
-        assert key in groups
-    rows = {(g, r): row for g, r, row, _ in grid_rows(params)}
-    assert rows['table1_vit_to_cnn', 'faster_rcnn_dfmsd']['paper'] == {'mAP': 43.1}
-    assert rows['table6_retinanet', 'dfmsd']['paper'] == {'mAP': 42.0}
-    assert rows['table6_retinanet', 'mgd']['paper'] == {'mAP': 41.0}
-    assert rows['table6_retinanet', 'dmkd']['paper'] == {'mAP': 41.5}
-    assert rows['table2_cascade_teachers', 'retinanet_dfmsd']['paper'] == {'mAP': 40.1}
-    assert 'paper' not in rows['table1_vit_to_cnn', 'fcos_dfmsd']  # lost in the text: left out
-    for (group, name), row in rows.items():
-        assert row['method'] in {'baseline', 'fkd', 'fgd', 'mgd', 'amd', 'dmkd', 'pkd', 'crosskd', 'dfmsd'}
-        if 'paper' in row:
-            assert 30 < row['paper']['mAP'] < 50, (group, name)
-        if row['method'] != 'baseline':
-            assert len(row_teachers(row, list(row.get('teachers') or params['grid'][group]['teachers']))) >= 1
-
-
-def test_every_zoo_teacher_resolves_to_a_verifiable_url(params):
-    from dfmsd.zoo import find_model
-    names = zoo_names(params)
-    assert len(names) >= 13
-    for name in names:
-        model = find_model(name)
-        assert model.name == name  # exact model-index names, no fuzzy match
-        assert model.url.startswith('https://download.openmmlab.com/'), model
-        assert re.fullmatch(r'[0-9a-f]{8,64}', model.sha256_prefix), model
-        assert Path(model.config).is_file()
-
-
-def test_student_configs_resolve_through_the_zoo(params):
-    from dfmsd.configs import resolve_config_path
-    from dfmsd.params import ParamsError
-    for config in student_configs(params):
-        assert config.startswith('zoo:')
-        assert resolve_config_path(config, 'student').is_file()
-    with pytest.raises(ParamsError, match='models.student.config.*retinanet_r50_fpn_2x_coco'):
-        resolve_config_path('zoo:retinanet_r50_fpn_2x_cocoo', 'student')
-
-
-# ----------------------------------------------------------------------------- models
-
-@pytest.fixture(scope='module')
-def fpn_levels(project, params):
-    """Build every teacher and student once (CPU, random weights) -> its FPN (stride, channels)."""
     import torch
-    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.configs import build_model_config, data_layout
-    from dfmsd.models.distiller import probe_fpn
-    from dfmsd.zoo import find_model
+    from dfmsd.core.params import Detector, validate
+    from dfmsd.engine.configs import detector_config, point_at_dataset
+    from dfmsd.engine.zoo import find_model
+    from dfmsd.models import distiller
     init_default_scope('mmdet')
-    data = dict(params['data'], root=str(project / 'data/coco'))
-    levels = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # light on a shared CPU; restored: other tests compare exact floats
-    try:
-        for name in sorted(zoo_names(params)):  # teachers: the zoo config, as the teacher stage dumps it
-            model = MODELS.build(Config.fromfile(find_model(name).config).model)
-            levels[name] = probe_fpn(model)
-            del model
-        for config in sorted(student_configs(params)):  # students: through params -> config
-            cfg = build_model_config({'config': config}, data_root=data['root'], image_size=data['image_size'],
-                                     name='student', layout=data_layout(data))
-            model = MODELS.build(cfg.model)
-            assert sum(p.numel() for p in model.parameters()) > 1e7
-            levels[config] = probe_fpn(model)
-            del model
-    finally:
-        torch.set_num_threads(threads)
-    return levels
+    torch.set_num_threads(2)
+    real_build_teacher, real_probe, registry = distiller.build_teacher, distiller.probe_fpn, distiller.MODELS
+    teachers_built: dict[str, torch.nn.Module] = {}  # zoo name -> frozen teacher
+    students_built: dict[int, torch.nn.Module] = {}  # id(student model config) -> built student
+    source: dict[int, object] = {}  # id(model) -> the config it was built from (cached probes)
+    probes: dict[int, list] = {}
+
+    def build_teacher(config, checkpoint):
+        assert checkpoint is None
+        if config not in teachers_built:
+            cfg = Config.fromfile(find_model(config).config)
+            point_at_dataset(cfg, coco_categories)  # as dfmsd.engine.teachers.import_teacher does
+            teachers_built[config] = real_build_teacher(cfg, None)
+            source[id(teachers_built[config])] = config
+        return teachers_built[config]
+
+    class Registry:  # the student from its cache; every other build (the losses) as usual
+        def __getattr__(self, name):
+            return getattr(registry, name)
+
+        def build(self, cfg, *args, **kwargs):
+            if id(cfg) not in students_built:
+                return registry.build(cfg, *args, **kwargs)
+            model = copy.deepcopy(students_built[id(cfg)])
+            source[id(model)] = cfg
+            return model
+
+    def probe(model, size):
+        key = (id(source.get(id(model), model)), size)
+        if key not in probes:
+            probes[key] = real_probe(model, size)
+        return probes[key]
+
+    monkeypatch.setattr(distiller, 'build_teacher', build_teacher)
+    monkeypatch.setattr(distiller, 'probe_fpn', probe)
+    monkeypatch.setattr(distiller, 'MODELS', Registry())
+    student_cfgs: dict[str, dict] = {}
+    built: dict[tuple, list[int]] = {}
+    for name in PRESETS:
+        params = validate(preset_params(name), name)
+        for pair_name, pair in params.pairs.items():
+            for role in ('weak', 'strong'):
+                groups = ('sal_methods',) if role == 'weak' else GROUPS
+                configs = {json.dumps(loss.model_dump(exclude_none=True), sort_keys=True)
+                           for g in groups for method in getattr(params, g).values() for loss in method.losses.values()}
+                if not configs:
+                    continue
+                losses = {f'loss{i}': json.loads(c) for i, c in enumerate(sorted(configs))}  # each distinct loss once
+                zoo = getattr(pair, role).zoo
+                for student_name, student in params.students.items():
+                    if student.config not in student_cfgs:
+                        spec = Detector(config=student.config, pretrained=False)
+                        cfg = detector_config(spec, coco_categories, f'students.{student_name}').model
+                        student_cfgs[student.config] = cfg
+                        students_built[id(cfg)] = registry.build(cfg)
+                    key = (zoo, student.config, json.dumps(losses, sort_keys=True))
+                    if key in built:
+                        continue
+                    model = distiller.StageDistiller(
+                        student=student_cfgs[student.config], teacher=dict(config=zoo, checkpoint=None),
+                        losses=losses, probe_size=256, min_cells=2)
+                    built[key] = [p['stride'] for p in model.level_pairs]
+                    assert built[key], f'{name}: pairs.{pair_name}.{role} x {student_name}: no shared FPN level'
+                    assert set(model.losses) == set(losses)
+    assert len(teachers_built) == 13 and len(student_cfgs) == 5
+    # heterogeneous pairs share strides 8-64 (two-stage teachers have P2-P6, dense students P3-P7)
+    assert all(len(strides) >= 4 and {8, 16, 32, 64} <= set(strides) for strides in built.values()), built
 
 
-def test_every_model_builds_and_every_pair_shares_fpn_strides(params, fpn_levels):
-    from dfmsd.models.distiller import StageDistiller
-    pairs = {(params['student']['config'], t['zoo']) for t in params['teachers'].values()}
-    for _, _, row, teachers in grid_rows(params):
-        pairs |= {(row['student'], t) for t in row_teachers(row, teachers)}
-    for student, teacher in sorted(pairs):
-        matched = StageDistiller._match_levels(fpn_levels[student], fpn_levels[teacher], None)
-        assert {p['stride'] for p in matched} >= {8, 16, 32, 64}, (student, teacher)
+# ---------------------------------------------------------------- a COCO-shaped sample
+def write_coco_sample(root: Path, *, train: int = 4, val: int = 2, seed: int = 0) -> None:
+    """COCO 2017's layout and categories with a few small JPEG images: boxes with polygon
+    masks, one training image without boxes (COCO has 1,021)."""
+    from mmdet.datasets import CocoDataset
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    categories = [{'supercategory': 'thing', 'id': i, 'name': n}
+                  for i, n in zip(COCO_IDS, CocoDataset.METAINFO['classes'])]
+    ann_id = 1
+    for split, count in (('train2017', train), ('val2017', val)):
+        (root / split).mkdir(parents=True)
+        images, annotations = [], []
+        for k in range(count):
+            image_id = 1000 * (split == 'val2017') + k + 1
+            w, h = (160, 120) if k % 2 == 0 else (120, 160)
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            boxes = [] if (split == 'train2017' and k == count - 1) else range(int(rng.integers(1, 4)))
+            for _ in boxes:
+                bw, bh = int(rng.integers(16, w // 2)), int(rng.integers(16, h // 2))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                pixels[y:y + bh, x:x + bw] = rng.integers(0, 256, size=3, dtype=np.uint8)
+                annotations.append({'id': ann_id, 'image_id': image_id, 'category_id': int(rng.choice(COCO_IDS)),
+                                    'bbox': [x, y, bw, bh], 'area': bw * bh, 'iscrowd': 0,
+                                    'segmentation': [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
+                ann_id += 1
+            file_name = f'{image_id:012d}.jpg'
+            Image.fromarray(pixels).save(root / split / file_name, quality=90)
+            images.append({'id': image_id, 'file_name': file_name, 'width': w, 'height': h})
+        ann = root / f'annotations/instances_{split}.json'
+        ann.parent.mkdir(parents=True, exist_ok=True)
+        ann.write_text(json.dumps({'info': {'description': 'COCO-shaped sample'}, 'licenses': [],
+                                   'images': images, 'annotations': annotations, 'categories': categories}))
 
 
-# ----------------------------------------------------------------------------- distillation
-
-def _check_distiller_cfg(cfg, student_cfg, run, *, me: bool, iters: int):
-    assert cfg.model.type == 'StageDistiller'
-    assert cfg.model.teacher == dict(config=f'models/{run["teacher"]}.py', checkpoint=f'models/{run["teacher"]}.pth')
-    assert cfg.model.student == student_cfg.model and cfg.model.student_init == run['init']
-    student = cfg.model.student
-    assert (student.roi_head.bbox_head if 'roi_head' in student else student.bbox_head).num_classes == 80
-    own_lr = student_cfg.optim_wrapper.optimizer.lr  # the student's mmdet config value, kept
-    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=own_lr, momentum=0.9, weight_decay=1e-4)
-    assert own_lr in (0.01, 0.02)
-    assert cfg.train_cfg.max_iters == iters and cfg.train_dataloader.batch_size == 2
-    assert cfg.param_scheduler[0]['end'] == min(500, iters) and cfg.log_processor.by_epoch is False
-    ds = cfg.train_dataloader.dataset
-    if me:
-        assert cfg.model.aug_loss_weight > 0 and ds.type == 'ConcatDataset'
-        ds = ds.datasets[0]
-    else:
-        assert cfg.model.aug_loss_weight == 0
-    assert ds.data_root.endswith('data/coco/')
-    assert (ds.ann_file, ds.data_prefix) == ('annotations/instances_train2017.json', dict(img='train2017/'))
-    assert 'launcher' not in cfg  # set only inside a torchrun worker
+# ---------------------------------------------------------------- (c) the dataset stays out of DVC's cache
+def test_dvc_keeps_the_coco_dataset_out_of_its_cache(tmp_path):
+    params = preset_params('coco')
+    root = copy_project(tmp_path / 'project', params=params)
+    data = root / params['data']['root']
+    write_coco_sample(data)
+    stages = run([sys.executable, '-m', 'dvc', 'stage', 'list'], root).stdout
+    assert any(line.split()[:3] == ['data', 'Outputs', params['data']['root']] for line in stages.splitlines())
+    before = sorted(str(p.relative_to(data)) for p in data.rglob('*'))
+    run([sys.executable, '-m', 'dvc', 'repro', '--single-item', 'data'], root)
+    # persist: the stage did not delete the dataset before running; cache: false: nothing copied
+    assert sorted(str(p.relative_to(data)) for p in data.rglob('*')) == before
+    cached = [p for p in (root / '.dvc/cache').rglob('*') if p.is_file()]
+    assert not cached, f'DVC cached {len(cached)} files of the dataset'
+    lock = yaml.safe_load((root / 'dvc.lock').read_text())['stages']['data']
+    assert [o['path'] for o in lock['outs']] == [params['data']['root']]  # hashed and recorded, not cached
+    status = run([sys.executable, '-m', 'dvc', 'status', 'data'], root).stdout
+    assert 'up to date' in status
 
 
-def test_default_runs_build_distiller_configs(project, params, monkeypatch):
-    from dfmsd.configs import distill_config
-    monkeypatch.chdir(project)
-    monkeypatch.delenv('LOCAL_RANK', raising=False)
-    distill = params['distill']
-    for name, run in {**distill['runs'], **distill['me_runs']}.items():
-        me = name in distill['me_runs']
-        cfg, student_cfg = distill_config(params, name, me_data_root='data/augmented' if me else None)
-        _check_distiller_cfg(cfg, student_cfg, run, me=me, iters=ITERS_24_EPOCHS)
-        assert student_cfg.model.type == 'RetinaNet'
+# ---------------------------------------------------------------- (d) the stages start on a CPU
+def local_teacher(zoo: str, out: Path) -> dict:
+    """The zoo config with random weights, exported as a plain checkpoint: a local teacher."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from dfmsd.core.io import sha256_file
+    from dfmsd.engine.checkpoint import export_plain_checkpoint
+    from dfmsd.engine.zoo import find_model, mim_dir
+    init_default_scope('mmdet')
+    config = find_model(zoo).config
+    model = MODELS.build(Config.fromfile(config).model)  # PyTorch's default init: no download
+    export_plain_checkpoint(model.state_dict(), out)
+    return {'config': 'mmdet::' + str(Path(config).relative_to(mim_dir() / 'configs')),
+            'checkpoint': str(out), 'sha256': sha256_file(out)}
 
 
-def test_grid_rows_build_distiller_configs(project, params, monkeypatch):
-    """Each grid row of an implemented method, set up as the docs say (its teachers under
-    `teachers:`, its student config, one run per SAL stage), gives a distiller config."""
-    from dfmsd.configs import distill_config
-    monkeypatch.chdir(project)
-    checked = 0
-    for group, name, row, teachers in grid_rows(params):
-        if row['method'] not in params['distill']['methods']:
-            continue
-        used = row_teachers(row, teachers)
-        p = dict(params, teachers={f't{i}': {'zoo': t} for i, t in enumerate(used)},
-                 student={'config': row['student'], 'iters': 8})
-        runs, init = {}, 'models/student_init.pth'
-        for i in range(len(used)):  # SAL stage i from teacher i, starting from stage i-1's student
-            runs[f's{i}'] = {'method': row['method'], 'teacher': f't{i}', 'init': init, 'iters': 8}
-            init = f'models/s{i}.pth'
-        *earlier, last = runs  # DFMSD: ME in the last stage only; single-stage methods: one run
-        me_runs = {last: runs.pop(last)} if row['method'] == 'dfmsd' else {}
-        p['distill'] = dict(params['distill'], runs=runs, me_runs=me_runs)
-        for run_name, run in {**runs, **me_runs}.items():
-            me = run_name in p['distill']['me_runs']
-            cfg, student_cfg = distill_config(p, run_name, me_data_root='data/augmented' if me else None)
-            _check_distiller_cfg(cfg, student_cfg, run, me=me, iters=8)
-            checked += 1
-    assert checked >= 60
-
-
-# ----------------------------------------------------------------------------- stages, DVC
-
-def test_report_rows_name_only_models_the_preset_makes(params):
-    made = set(params['teachers']) | {'student'} | set(params['distill']['runs']) \
-        | set(params['distill']['me_runs'])
-    for name, row in params['report']['rows'].items():
-        assert name in made, name  # evaluate@<row> needs models/<row>.pth
-        assert set(row['budget']) <= made, row
-    assert params['report']['baseline'] == 'student'
-
-
-def test_zoo_teacher_stage_runs_in_one_process_offline(project, tmp_path):
-    """The teacher stage of a `zoo:` entry, with `launch` at 8 processes: it does not
-    relaunch, verifies the (here: pre-placed, fully pinned) file and exports tensors only.
-    A zoo entry without a hash prefix in mmdet's index lets a made-up file stand in."""
-    import hashlib
-    import urllib.parse
-
+def test_sal_and_single_stage_rows_run_on_a_cpu_through_evaluation(tmp_path):
+    """The coco preset, changed only where a CPU needs it: small images, 2 iterations of 1 image,
+    one gloo process, no pretrained downloads, local random-weight copies of the zoo teachers."""
     import torch
-
-    from dfmsd.zoo import find_model
-    zoo = find_model('ddq-detr-5scale_r50_8xb2-12e_coco')
-    assert not zoo.sha256_prefix
-    fake = tmp_path / Path(urllib.parse.urlparse(zoo.url).path).name
-    torch.save({'state_dict': {'backbone.w': torch.ones(2, 3)}, 'meta': {'note': 'stand-in'}}, fake)
-    digest = hashlib.sha256(fake.read_bytes()).hexdigest()
-    params_file = project / 'params.yaml'
-    saved = params_file.read_text()
-    p = yaml.safe_load(saved)
-    p['teachers']['teacher_weak'] = {'zoo': zoo.name, 'sha256': digest, 'cache_dir': str(tmp_path)}
-    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
-    try:
-        res = run([sys.executable, 'stages/train.py', 'teacher_weak'], project)
-        ckpt = torch.load(project / 'models/teacher_weak.pth', weights_only=True)
-        exported_cfg = (project / 'models/teacher_weak.py').read_text()
-        log = (project / 'logs/teacher_weak.csv').read_text()
-    finally:
-        params_file.write_text(saved)
-        for out in ('models/teacher_weak.pth', 'models/teacher_weak.py', 'logs/teacher_weak.csv'):
-            (project / out).unlink(missing_ok=True)
-    assert '[launch]' not in res.stdout and 'verified' in res.stdout
-    assert torch.equal(ckpt['state_dict']['backbone.w'], torch.ones(2, 3))
-    assert ckpt['meta']['zoo'] == zoo.name and ckpt['meta']['url'] == zoo.url
-    assert 'DDQ' in exported_cfg
-    assert log == 'iter,loss\n'
-
-
-def test_data_stage_checks_the_layout_instead_of_generating(project):
-    res = run([sys.executable, 'stages/data.py'], project)
-    assert 'instances_train2017.json' in res.stdout
-    assert not (project / 'data/synthetic').exists()
-    val = project / 'data/coco/val2017'
-    val.rename(val.with_name('val2017.moved'))
-    try:
-        res = run([sys.executable, 'stages/data.py'], project, check=False)
-    finally:
-        val.with_name('val2017.moved').rename(val)
-    assert res.returncode == 2
-    last = res.stderr.strip().splitlines()[-1]
-    assert 'data/coco/val2017' in last and 'data.val_img' in last and 'docs/coco.md' in last
-
-
-def test_dvc_parses_the_preset(project):
-    listed = run(['dvc', 'stage', 'list'], project).stdout
-    for stage in ('teacher@teacher_weak', 'teacher@teacher_strong', 'baseline', 'distill@mgd',
-                  'distill@pkd', 'distill@dfmsd_stage1', 'distill_me@dfmsd_stage2', 'evaluate@dfmsd_stage2'):
-        assert stage in listed
-    run(['dvc', 'status'], project)
+    params = preset_params('coco')
+    params['data']['image_size'] = 128
+    params['train'].update(iters=2, batch_size=1, checkpoint_interval=1)
+    params['launch'].update(nproc_per_node=1, backend='gloo')
+    torch.manual_seed(0)
+    for pair_name, role, spec in list(teachers(params)):
+        params['pairs'][pair_name][role] = local_teacher(spec['zoo'], tmp_path / f'{pair_name}-{role}.pth')
+    for student in params['students'].values():
+        student['pretrained'] = False
+    root = copy_project(tmp_path / 'project', params=params)
+    write_coco_sample(root / params['data']['root'])
+    pair, student = next(iter(params['pairs'])), next(iter(params['students']))
+    rows = {'sal': ('evaluate_sal', 'dfmsd'), 'single': ('evaluate', next(iter(params['methods'])))}
+    targets = [f'{stage}@{student}-{pair}-{method}-0' for stage, method in rows.values()]
+    res = run([sys.executable, '-m', 'dvc', 'repro', *targets], root, timeout=600)
+    for _, method in rows.values():
+        rel = f'students/{student}/seed0/{pair}/{method}'
+        record = json.loads((root / f'metrics/{rel}.json').read_text())
+        assert set(record['test']) >= {'mAP'} and all(math.isfinite(v) for v in record['test'].values())
+        assert record['iters'] == 2, record
+        log = list(csv.DictReader((root / f'logs/{rel}.csv').open()))
+        assert log and all(math.isfinite(float(v)) for row in log for k, v in row.items() if k.startswith('loss')
+                           and v not in ('', None)), log
+        assert any(k.startswith('loss_distill') for k in log[0]), log[0].keys()
+    header = (root / f'logs/students/{student}/seed0/{pair}/dfmsd.csv').read_text().splitlines()[0]
+    assert 'loss_distill_aug_s8' in header and 'loss_distill_sfa_s8' in header, header  # ME views and SFA
+    stage1 = json.loads((root / f'models/students/{student}/seed0/{pair}/dfmsd.stage1/run.json').read_text())
+    assert stage1['iters'] == 1, stage1
+    assert 'swin' in (root / f'models/teachers/{pair}/strong/model.py').read_text()
+    assert 'failed' not in res.stdout.lower()

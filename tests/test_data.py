@@ -1,5 +1,5 @@
-"""Tests for the synthetic COCO dataset generator and validator (dfmsd.data)."""
-
+"""The synthetic dataset generator (dfmsd.data.synthetic) and the COCO checks and box
+arithmetic (dfmsd.data.coco)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,320 +10,395 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfmsd import data
-from dfmsd.data import CLASS_NAMES, DatasetError, generate_dataset, validate_coco
+from dfmsd.core.errors import DatasetError
+from dfmsd.data import coco as coco_mod
+from dfmsd.data import synthetic
+from dfmsd.data.coco import area_ratio, rounded_box, split_files, validate_coco
+from dfmsd.data.synthetic import generate_dataset
 
-IMAGE_SIZE = 96
-NUM_TRAIN = 40
-SMALL_FRACTION = 0.4
-
-
-def tree_digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root``, keyed by relative path."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+SIZE = 64
 
 
-def load_split(root: Path, split: str) -> dict:
-    return json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+def layout(counts: dict[str, int]) -> dict[str, tuple[str, str, int]]:
+    """Non-default paths, so that the test sees the generator honour the ones it is given."""
+    return {split: (f'labels/{split}-boxes.json', f'pictures/{split}', n) for split, n in counts.items()}
 
 
-def boxes_per_image(coco: dict) -> dict[int, list[list[float]]]:
-    boxes = {img["id"]: [] for img in coco["images"]}
-    for ann in coco["annotations"]:
-        boxes[ann["image_id"]].append(ann["bbox"])
+def digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def generate(out: Path, counts: dict[str, int], **kwargs) -> dict:
+    kwargs = {'image_size': SIZE, 'seed': 5, 'progress': False} | kwargs
+    return generate_dataset(out, layout(counts), **kwargs)
+
+
+def boxes_by_image(coco: dict) -> dict[int, list]:
+    boxes: dict[int, list] = {img['id']: [] for img in coco['images']}
+    for ann in coco['annotations']:
+        boxes[ann['image_id']].append(ann['bbox'])
     return boxes
 
 
-def summed_area_ratio(boxes, width, height) -> float:
-    return sum(w * h for _, _, w, h in boxes) / (width * height)
+# ---------------------------------------------------------------- generate_dataset
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A small dataset shared by the read-only tests: (root, summary)."""
-    root = tmp_path_factory.mktemp("gen") / "shapes"
-    summary = generate_dataset(root, num_train=NUM_TRAIN, num_val=10, image_size=IMAGE_SIZE, seed=3,
-                               small_image_fraction=SMALL_FRACTION, progress=False)
-    return root, summary
+@pytest.mark.fast
+def test_three_splits_at_the_given_paths(tmp_path):
+    counts = {'train': 4, 'val': 2, 'test': 3}
+    summary = generate(tmp_path / 'ds', counts)
+    for split, (ann, img, n) in layout(counts).items():
+        coco = validate_coco(tmp_path / 'ds' / ann, tmp_path / 'ds' / img)
+        assert len(coco['images']) == n == summary[split]['images']
+        assert len(coco['annotations']) == summary[split]['annotations'] > 0
+        assert sorted(p.name for p in (tmp_path / 'ds' / img).iterdir()) == sorted(
+            i['file_name'] for i in coco['images'])
+    assert sorted(p.name for p in (tmp_path / 'ds').iterdir()) == ['labels', 'pictures']
 
 
-# ---------------------------------------------------------------- determinism
+@pytest.mark.fast
+def test_same_seed_gives_the_same_bytes_and_another_seed_other_bytes(tmp_path):
+    counts = {'train': 3, 'val': 2, 'test': 2}
+    generate(tmp_path / 'a', counts)
+    generate(tmp_path / 'b', counts)
+    generate(tmp_path / 'c', counts, seed=6)
+    first, again, other = digests(tmp_path / 'a'), digests(tmp_path / 'b'), digests(tmp_path / 'c')
+    assert len(first) == 3 + 2 + 2 + 3
+    assert first == again
+    assert first.keys() == other.keys()
+    assert all(first[name] != other[name] for name in first)
 
 
-def test_same_seed_gives_byte_identical_files(tmp_path):
-    kwargs = dict(num_train=6, num_val=3, image_size=64, seed=11, progress=False)
-    generate_dataset(tmp_path / "a", **kwargs)
-    generate_dataset(tmp_path / "b", **kwargs)
-    digests_a, digests_b = tree_digests(tmp_path / "a"), tree_digests(tmp_path / "b")
-    assert len(digests_a) == 6 + 3 + 2
-    assert digests_a == digests_b
+@pytest.mark.fast
+def test_adding_a_split_leaves_the_others_bytes_unchanged(tmp_path):
+    generate(tmp_path / 'two', {'train': 3, 'val': 2})
+    generate(tmp_path / 'three', {'test': 2, 'val': 2, 'train': 3})  # another order, too
+    two, three = digests(tmp_path / 'two'), digests(tmp_path / 'three')
+    assert two.items() <= three.items()
+    assert any(name.startswith('pictures/test/') for name in three.keys() - two.keys())
 
 
-def test_different_seeds_give_different_data(tmp_path):
-    kwargs = dict(num_train=6, num_val=3, image_size=64, progress=False)
-    generate_dataset(tmp_path / "a", seed=1, **kwargs)
-    generate_dataset(tmp_path / "b", seed=2, **kwargs)
-    digests_a, digests_b = tree_digests(tmp_path / "a"), tree_digests(tmp_path / "b")
-    assert digests_a.keys() == digests_b.keys()
-    differing = [name for name in digests_a if digests_a[name] != digests_b[name]]
-    assert len(differing) == len(digests_a)  # every image and both annotation files
+@pytest.mark.fast
+def test_more_images_leave_the_first_ones_unchanged(tmp_path):
+    generate(tmp_path / 'few', {'train': 2})
+    generate(tmp_path / 'more', {'train': 4})
+    few, more = digests(tmp_path / 'few'), digests(tmp_path / 'more')
+    images = {name: digest for name, digest in few.items() if name.endswith('.png')}
+    assert len(images) == 2 and images.items() <= more.items()
 
 
-def test_train_and_val_use_different_seeds(dataset):
-    root, _ = dataset
-    assert (root / "train" / "000001.png").read_bytes() != (root / "val" / "000001.png").read_bytes()
+@pytest.mark.fast
+def test_size_modes_keep_their_area_ratio_ranges(tmp_path):
+    counts = {'train': 40, 'val': 10, 'test': 10}
+    summary = generate(tmp_path / 'ds', counts, small_image_fraction=0.3)
+    for split, (ann, _, n) in layout(counts).items():
+        coco = json.loads((tmp_path / 'ds' / ann).read_text())
+        modes = [img['size_mode'] for img in coco['images']]
+        assert modes.count('small') == round(0.3 * n)
+        assert modes.count('large') == n - round(0.3 * n)
+        boxes = boxes_by_image(coco)
+        for img in coco['images']:
+            assert boxes[img['id']], f'{split} image {img["id"]} has no box'
+            ratio = area_ratio(boxes[img['id']], img['width'], img['height'])
+            if img['size_mode'] == 'small':  # 1e-3: boxes are rounded to 0.01 px in the JSON
+                assert ratio <= synthetic.SMALL_MODE_MAX_RATIO + 1e-3, (split, img)
+            else:
+                assert ratio >= synthetic.LARGE_MODE_MIN_RATIO - 1e-3, (split, img)
+        assert summary[split]['small_dominated'] == modes.count('small')
+        assert summary[split]['large_dominated'] == modes.count('large')
+        assert sum(summary[split]['per_class'].values()) == len(coco['annotations'])
 
 
-# ---------------------------------------------------------------- format
+@pytest.mark.fast
+def test_small_mode_images_hold_several_small_objects_and_large_mode_ones_big_ones(tmp_path):
+    counts = {'train': 30}
+    generate(tmp_path / 'ds', counts)
+    coco = json.loads((tmp_path / 'ds' / layout(counts)['train'][0]).read_text())
+    boxes = boxes_by_image(coco)
+    small = [img['id'] for img in coco['images'] if img['size_mode'] == 'small']
+    large = [img['id'] for img in coco['images'] if img['size_mode'] == 'large']
+    assert np.mean([len(boxes[i]) for i in small]) >= 2
+    largest = [max(w * h for _, _, w, h in boxes[i]) / SIZE**2 for i in large]
+    assert min(largest) >= 0.1
+    assert max(max(w, h) for i in small for _, _, w, h in boxes[i]) <= SIZE / 2
 
 
-def test_layout_and_pycocotools_loads(dataset):
-    from pycocotools.coco import COCO
-
-    root, summary = dataset
-    for split, count in (("train", NUM_TRAIN), ("val", 10)):
-        coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
-        assert len(coco.getImgIds()) == count
-        assert coco.getCatIds() == [1, 2, 3, 4, 5]
-        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASS_NAMES)
-        assert len(coco.getAnnIds()) == summary[split]["annotations"] > 0
-        for img in coco.loadImgs(coco.getImgIds()):
-            assert "/" not in img["file_name"]
-            with Image.open(root / split / img["file_name"]) as pil:
-                assert pil.size == (img["width"], img["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
-                assert pil.mode == "RGB"
-            assert img["size_mode"] in ("small", "large")
+@pytest.mark.fast
+def test_boxes_lie_inside_their_image_and_area_is_the_box_area(tmp_path):
+    counts = {'train': 8}
+    generate(tmp_path / 'ds', counts)
+    coco = json.loads((tmp_path / 'ds' / layout(counts)['train'][0]).read_text())
+    assert len({ann['id'] for ann in coco['annotations']}) == len(coco['annotations'])
+    for ann in coco['annotations']:
+        x, y, w, h = ann['bbox']
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= SIZE and y + h <= SIZE
+        assert ann['area'] == pytest.approx(w * h, abs=0.01)
 
 
-def test_annotation_fields_and_unique_ids(dataset):
-    root, _ = dataset
-    coco = load_split(root, "train")
-    ids = [ann["id"] for ann in coco["annotations"]]
-    assert len(set(ids)) == len(ids)
-    for ann in coco["annotations"]:
-        assert ann["iscrowd"] == 0
-        assert ann["area"] == pytest.approx(ann["bbox"][2] * ann["bbox"][3], abs=0.01)
+@pytest.mark.fast
+def test_a_failure_midway_keeps_the_previous_dataset_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    out = tmp_path / 'ds'
+    generate(out, {'train': 2, 'val': 1})
+    before = digests(out)
+    written = []
+
+    def disk_full_on_the_third(image, path):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(28, 'No space left on device')
+        Image.fromarray(image).save(path, format='PNG')
+
+    monkeypatch.setattr(synthetic, 'save_png', disk_full_on_the_third)
+    with pytest.raises(OSError, match='No space left'):
+        generate(out, {'train': 3, 'val': 2}, seed=9)
+    assert len(written) == 3
+    assert digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ds']
 
 
-def test_boxes_inside_image_with_positive_size(dataset):
-    root, _ = dataset
-    for split in ("train", "val"):
-        coco = load_split(root, split)
-        sizes = {img["id"]: (img["width"], img["height"]) for img in coco["images"]}
-        for ann in coco["annotations"]:
-            x, y, w, h = ann["bbox"]
-            width, height = sizes[ann["image_id"]]
-            assert w > 0 and h > 0
-            assert x >= 0 and y >= 0
-            assert x + w <= width + 1e-6 and y + h <= height + 1e-6
-
-
-def test_several_classes_present_and_balanced(dataset):
-    root, summary = dataset
-    coco = load_split(root, "train")
-    counts = np.bincount([ann["category_id"] for ann in coco["annotations"]], minlength=6)[1:]
-    assert (counts > 0).sum() >= 4
-    assert counts.max() < 0.5 * counts.sum()
-    assert list(counts) == [summary["train"]["per_class"][name] for name in CLASS_NAMES]
-
-
-# ---------------------------------------------------------------- size mix
-
-
-def test_share_of_small_mode_images_matches_request(dataset):
-    root, summary = dataset
-    coco = load_split(root, "train")
-    small = sum(img["size_mode"] == "small" for img in coco["images"])
-    assert abs(small / NUM_TRAIN - SMALL_FRACTION) <= 0.05
-    assert summary["train"]["size_mode_small"] == small
-
-
-def test_area_ratio_agrees_with_size_mode(dataset):
-    root, summary = dataset
-    coco = load_split(root, "train")
-    boxes = boxes_per_image(coco)
-    ratios = {img["id"]: summed_area_ratio(boxes[img["id"]], img["width"], img["height"]) for img in coco["images"]}
-    small = [ratios[img["id"]] for img in coco["images"] if img["size_mode"] == "small"]
-    large = [ratios[img["id"]] for img in coco["images"] if img["size_mode"] == "large"]
-    assert small and large
-    assert np.mean(np.array(small) < 0.5) >= 0.9
-    assert np.mean(np.array(large) >= 0.5) >= 0.9
-    # Small-mode images hold several objects, large-mode ones at least one.
-    assert np.mean([len(boxes[img["id"]]) for img in coco["images"] if img["size_mode"] == "small"]) >= 2.5
-    assert all(boxes[img["id"]] for img in coco["images"])
-    assert summary["train"]["small_dominated"] == sum(r < 0.5 for r in ratios.values())
-
-
-def test_object_sizes_span_tiny_to_most_of_image(dataset):
-    root, _ = dataset
-    coco = load_split(root, "train")
-    longest_sides = [max(ann["bbox"][2], ann["bbox"][3]) for ann in coco["annotations"]]
-    assert min(longest_sides) < 8
-    assert max(longest_sides) > IMAGE_SIZE / 2
-
-
-def test_objects_stand_out_from_background(dataset):
-    """The centre of a large object's box differs clearly in colour from the pixels
-    outside every box: a weak proxy for "visible, learnable objects"."""
-    root, _ = dataset
-    coco = load_split(root, "train")
-    boxes = boxes_per_image(coco)
-    differences = []
-    for img in coco["images"]:
-        pixels = np.asarray(Image.open(root / "train" / img["file_name"]), dtype=np.float64)
-        outside = np.ones(pixels.shape[:2], bool)
-        for bx, by, bw, bh in boxes[img["id"]]:
-            outside[int(by) : int(np.ceil(by + bh)), int(bx) : int(np.ceil(bx + bw))] = False
-        if img["size_mode"] != "large" or outside.sum() < 100:
-            continue
-        x, y, w, h = (int(round(v)) for v in max(boxes[img["id"]], key=lambda b: b[2] * b[3]))
-        centre = pixels[y + h // 3 : y + 2 * h // 3, x + w // 3 : x + 2 * w // 3].reshape(-1, 3).mean(axis=0)
-        differences.append(np.linalg.norm(centre - pixels[outside].mean(axis=0)))
-    assert len(differences) >= 5
-    assert np.median(differences) > 40
-
-
-# ---------------------------------------------------------------- behaviour
-
-
-def test_summary_counts_match_files(dataset):
-    root, summary = dataset
-    for split in ("train", "val"):
-        coco = load_split(root, split)
-        assert summary[split]["images"] == len(coco["images"]) == len(list((root / split).glob("*.png")))
-        assert summary[split]["annotations"] == len(coco["annotations"])
-        assert summary[split]["small_dominated"] + summary[split]["large_dominated"] == len(coco["images"])
-
-
-def test_existing_output_is_replaced(tmp_path):
-    out = tmp_path / "ds"
+@pytest.mark.fast
+def test_a_rerun_replaces_the_whole_directory(tmp_path):
+    out = tmp_path / 'ds'
     out.mkdir()
-    (out / "stale.txt").write_text("old")
-    generate_dataset(out, num_train=2, num_val=1, image_size=64, progress=False)
-    assert not (out / "stale.txt").exists()
-    assert (out / "annotations" / "instances_train.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temp dirs left
+    (out / 'stale.txt').write_text('from an older layout')
+    generate(out, {'train': 1})
+    assert not (out / 'stale.txt').exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ds']
 
 
-def test_crash_leaves_previous_output_untouched(tmp_path, monkeypatch):
-    out = tmp_path / "ds"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous dataset")
-    calls = []
-
-    def failing_save(image, path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        Image.fromarray(image).save(path, format="PNG")
-
-    monkeypatch.setattr(data, "save_png", failing_save)
-    with pytest.raises(RuntimeError, match="disk full"):
-        generate_dataset(out, num_train=5, num_val=1, image_size=64, progress=False)
-    assert len(calls) == 3
-    assert (out / "keep.txt").read_text() == "previous dataset"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
-
-
-def test_progress_lines_go_to_stderr(tmp_path, capsys):
-    generate_dataset(tmp_path / "ds", num_train=3, num_val=1, image_size=64, progress=True)
-    captured = capsys.readouterr()
-    assert "train: 3/3" in captured.err and "val: 1/1" in captured.err
-    assert captured.out == ""
-    generate_dataset(tmp_path / "ds", num_train=3, num_val=1, image_size=64, progress=False)
-    assert capsys.readouterr().err == ""
-
-
-@pytest.mark.parametrize("bad", [dict(small_image_fraction=1.5), dict(num_train=-1), dict(max_objects=0),
-                                 dict(image_size=8), dict(seed=-1)])
-def test_rejects_bad_arguments(tmp_path, bad):
-    kwargs = dict(num_train=1, num_val=1, image_size=64, progress=False) | bad
-    with pytest.raises(ValueError):
-        generate_dataset(tmp_path / "ds", **kwargs)
-    assert not (tmp_path / "ds").exists()
+@pytest.mark.fast
+@pytest.mark.parametrize('bad', [{'small_image_fraction': 1.5}, {'max_objects': 0}, {'image_size': 16},
+                                 {'seed': -1}])
+def test_bad_arguments_write_nothing(tmp_path, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        generate(tmp_path / 'ds', {'train': 1}, **bad)
+    assert not (tmp_path / 'ds').exists()
 
 
 # ---------------------------------------------------------------- validate_coco
 
 
 @pytest.fixture
-def ann_copy(dataset, tmp_path):
-    """A writable copy of the val annotations, still pointing at the real images."""
-    root, _ = dataset
-    path = tmp_path / "instances.json"
-    path.write_text((root / "annotations" / "instances_val.json").read_text())
-    return path, root / "val"
+def val_copy(tiny_dataset, tmp_path):
+    """(annotation file, image dir, coco): a private copy of the tiny dataset's val split."""
+    ann = tiny_dataset / 'annotations/instances_val.json'
+    return ann, tiny_dataset / 'val', json.loads(ann.read_text())
 
 
-def rewrite(path: Path, change) -> None:
-    coco = json.loads(path.read_text())
-    change(coco)
-    path.write_text(json.dumps(coco))
+def broken(ann: Path, coco: dict) -> Path:
+    ann.write_text(json.dumps(coco))
+    return ann
 
 
-def test_validate_accepts_generated_data(dataset):
-    root, summary = dataset
-    coco = validate_coco(root / "annotations" / "instances_train.json", root / "train")
-    assert len(coco["images"]) == NUM_TRAIN
-    assert len(coco["annotations"]) == summary["train"]["annotations"]
+def assert_names(err: pytest.ExceptionInfo, ann: Path, *needles: str) -> None:
+    message = str(err.value)
+    assert isinstance(err.value, DatasetError)
+    assert str(ann) in message, message
+    for needle in needles:
+        assert needle in message, message
 
 
-def test_validate_missing_file(tmp_path):
-    missing = tmp_path / "nope.json"
-    with pytest.raises(DatasetError, match="nope.json") as err:
-        validate_coco(missing, tmp_path)
-    assert isinstance(err.value, ValueError)
+@pytest.mark.fast
+def test_accepts_the_generated_splits(tiny_dataset):
+    for split in ('train', 'val', 'test'):
+        coco = validate_coco(tiny_dataset / f'annotations/instances_{split}.json', tiny_dataset / split)
+        assert coco['images'] and coco['annotations']
 
 
-def test_validate_invalid_json(ann_copy):
-    path, img_dir = ann_copy
-    path.write_text('{"images": [')
-    with pytest.raises(DatasetError, match="not valid JSON") as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-
-
-@pytest.mark.parametrize("key", ["images", "annotations", "categories"])
-def test_validate_missing_section(ann_copy, key):
-    path, img_dir = ann_copy
-    rewrite(path, lambda coco: coco.pop(key))
-    with pytest.raises(DatasetError, match=key) as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-
-
-def test_validate_unknown_image_id(ann_copy):
-    path, img_dir = ann_copy
-    rewrite(path, lambda coco: coco["annotations"][0].update(image_id=999_999))
-    with pytest.raises(DatasetError, match="unknown image_id 999999") as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-
-
-def test_validate_unknown_category(ann_copy):
-    path, img_dir = ann_copy
-    rewrite(path, lambda coco: coco["annotations"][-1].update(category_id=42))
-    with pytest.raises(DatasetError, match="unknown category_id 42") as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-
-
-def test_validate_bad_bbox(ann_copy):
-    path, img_dir = ann_copy
-    rewrite(path, lambda coco: coco["annotations"][0].update(bbox=[1, 2, 0, 5]))
-    with pytest.raises(DatasetError, match="invalid bbox") as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-
-
-def test_validate_missing_image_file(ann_copy):
-    path, img_dir = ann_copy
-    rewrite(path, lambda coco: coco["images"][1].update(file_name="ghost.png"))
+@pytest.mark.fast
+def test_missing_annotation_file(tmp_path):
     with pytest.raises(DatasetError) as err:
-        validate_coco(path, img_dir)
-    assert str(path) in str(err.value)
-    assert str(img_dir / "ghost.png") in str(err.value)
+        validate_coco(tmp_path / 'absent.json', tmp_path)
+    assert_names(err, tmp_path / 'absent.json', 'not found')
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('text', ['{"images": [', 'not json at all', '\udcff'])
+def test_not_json(val_copy, text):
+    ann, img, _ = val_copy
+    ann.write_bytes(text.encode('utf-8', 'surrogateescape'))
+    with pytest.raises(DatasetError) as err:
+        validate_coco(ann, img)
+    assert_names(err, ann, 'JSON')
+
+
+@pytest.mark.fast
+def test_top_level_not_an_object(val_copy):
+    ann, img, _ = val_copy
+    ann.write_text('[]')
+    with pytest.raises(DatasetError) as err:
+        validate_coco(ann, img)
+    assert_names(err, ann, 'list')
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('key', ['images', 'annotations', 'categories'])
+@pytest.mark.parametrize('value', [None, {}])
+def test_missing_or_non_list_section(val_copy, key, value):
+    ann, img, coco = val_copy
+    if value is None:
+        del coco[key]
+    else:
+        coco[key] = value
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"'{key}'")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('kind, noun', [('images', 'image'), ('annotations', 'annotation'),
+                                        ('categories', 'category')])
+def test_duplicate_ids(val_copy, kind, noun):
+    ann, img, coco = val_copy
+    duplicate = dict(coco[kind][1], id=coco[kind][0]['id'])
+    coco[kind][1] = duplicate
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"{noun} id {duplicate['id']} appears twice")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('kind', ['images', 'annotations', 'categories'])
+def test_entry_without_an_integer_id(val_copy, kind):
+    ann, img, coco = val_copy
+    coco[kind][0] = dict(coco[kind][0], id='7')
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, 'integer id', "'7'")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('change', [{'width': 0}, {'height': -3}, {'width': 64.0}, {'file_name': None}])
+def test_image_entry_without_file_name_or_size(val_copy, change):
+    ann, img, coco = val_copy
+    coco['images'][2].update(change)
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"image {coco['images'][2]['id']}")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('field, value', [('image_id', 999_999), ('category_id', 42)])
+def test_unknown_image_or_category(val_copy, field, value):
+    ann, img, coco = val_copy
+    coco['annotations'][-1][field] = value
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"annotation {coco['annotations'][-1]['id']}", f'unknown {field} {value}')
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('bbox', [[1, 2, 0, 5], [1, 2, 5, -1], [1, 2, 3], 'box', [1, 2, 3, float('nan')],
+                                  [1, True, 3, 4], None])
+def test_invalid_bbox(val_copy, bbox):
+    ann, img, coco = val_copy
+    coco['annotations'][0]['bbox'] = bbox
+    ann.write_text(json.dumps(coco))  # NaN is written as the JSON extension NaN, which json reads back
+    with pytest.raises(DatasetError) as err:
+        validate_coco(ann, img)
+    assert_names(err, ann, f"annotation {coco['annotations'][0]['id']}", 'invalid bbox')
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('side', ['left', 'top', 'right', 'bottom'])
+def test_bbox_outside_its_image_beyond_the_tolerance(val_copy, side):
+    ann, img, coco = val_copy
+    image = next(i for i in coco['images'] if i['id'] == coco['annotations'][0]['image_id'])
+    width, height = image['width'], image['height']
+    slack = coco_mod.BOX_TOLERANCE
+    within = {'left': [-slack / 2, 0, 4, 4], 'top': [0, -slack / 2, 4, 4],
+              'right': [width - 4, 0, 4 + slack / 2, 4], 'bottom': [0, height - 4, 4, 4 + slack / 2]}[side]
+    beyond = {'left': [-2 * slack, 0, 4, 4], 'top': [0, -2 * slack, 4, 4],
+              'right': [width - 4, 0, 4 + 2 * slack, 4], 'bottom': [0, height - 4, 4, 4 + 2 * slack]}[side]
+    coco['annotations'][0]['bbox'] = within
+    validate_coco(broken(ann, coco), img)
+    coco['annotations'][0]['bbox'] = beyond
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"annotation {coco['annotations'][0]['id']}", 'outside', f"image {image['id']}")
+
+
+@pytest.mark.fast
+def test_missing_image_file(val_copy):
+    ann, img, coco = val_copy
+    victim = coco['images'][3]
+    (img / victim['file_name']).unlink()
+    with pytest.raises(DatasetError) as err:
+        validate_coco(ann, img)
+    assert_names(err, ann, f"image {victim['id']}", str(img / victim['file_name']))
+    assert validate_coco(ann, img, check_images=False)['images'] == coco['images']
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'flipped bytes'])
+def test_image_that_does_not_decode(val_copy, damage):
+    ann, img, coco = val_copy
+    victim = coco['images'][1]
+    path = img / victim['file_name']
+    data = path.read_bytes()
+    path.write_bytes({'truncated': data[: len(data) // 2], 'garbage': b'GIF89a nothing',
+                      'flipped bytes': data[:100] + bytes(b ^ 0xFF for b in data[100:200]) + data[200:]}[damage])
+    with pytest.raises(DatasetError) as err:
+        validate_coco(ann, img)
+    assert_names(err, ann, f"image {victim['id']}", str(path), 'not a readable image')
+
+
+@pytest.mark.fast
+def test_image_whose_size_differs_from_its_entry(val_copy):
+    ann, img, coco = val_copy
+    victim = coco['images'][0]
+    victim['width'] += 10  # wider: every box still fits, only the file disagrees
+    with pytest.raises(DatasetError) as err:
+        validate_coco(broken(ann, coco), img)
+    assert_names(err, ann, f"image {victim['id']}", f"{victim['width']}x{victim['height']}")
+
+
+# ---------------------------------------------------------------- box arithmetic, split files
+
+
+@pytest.mark.fast
+def test_area_ratio_by_hand():
+    # (10*10 + 20*10) / (40*20) = 300 / 800; overlapping boxes count twice
+    assert area_ratio([[0, 0, 10, 10], [5, 5, 20, 10]], 40, 20) == pytest.approx(0.375)
+    assert area_ratio([[0, 0, 40, 20], [0, 0, 40, 20]], 40, 20) == pytest.approx(2.0)
+    assert area_ratio(np.array([[1, 1, 4, 5]]), 10, 10) == pytest.approx(0.2)
+    assert area_ratio([], 40, 20) == 0.0
+    for width, height in ((0, 20), (40, -1)):
+        with pytest.raises(ValueError, match='positive'):
+            area_ratio([[0, 0, 1, 1]], width, height)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('box, expected', [
+    ((1.234, 2.345, 3.456, 4.567), [1.23, 2.35, 3.46, 4.56]),  # corners rounded, then the size
+    ((-3.0, -1.0, 10.0, 5.0), [0.0, 0.0, 7.0, 4.0]),  # clipped at the top left
+    ((60.0, 62.5, 10.0, 10.0), [60.0, 62.5, 4.0, 1.5]),  # clipped at the bottom right
+    ((70.0, 10.0, 5.0, 5.0), [64.0, 10.0, 0.0, 5.0]),  # entirely outside: no width left
+])
+def test_rounded_box(box, expected):
+    assert rounded_box(*box, 64, 64) == pytest.approx(expected)
+
+
+@pytest.mark.fast
+def test_rounded_box_never_reaches_past_the_image():
+    rng = np.random.default_rng(0)
+    for x, y, w, h in rng.uniform(-20, 80, size=(500, 4)):
+        bx, by, bw, bh = rounded_box(x, y, abs(w), abs(h), 64, 48)
+        assert 0 <= bx and 0 <= by and bw >= 0 and bh >= 0
+        assert bx + bw <= 64 + 1e-9 and by + bh <= 48 + 1e-9
+        assert all(round(v, 2) == v for v in (bx, by, bw, bh))
+
+
+@pytest.mark.fast
+def test_split_files_from_a_dict_and_from_validated_params():
+    from dfmsd.core.params import Data
+    data = {'root': 'data/mine', 'generate': False,
+            'splits': {'train': {'ann': 'a/train.json', 'img': 'imgs/tr/'},
+                       'val': {'ann': 'a/val.json', 'img': 'imgs/va/'},
+                       'test': {'ann': 'a/test.json', 'img': 'imgs/te/'}}}
+    expected = (Path('data/mine/a/val.json'), Path('data/mine/imgs/va'))
+    assert split_files(data, 'val') == expected
+    assert split_files(Data.model_validate(data), 'val') == expected
+    with pytest.raises(KeyError):
+        split_files(data, 'holdout')

@@ -1,221 +1,325 @@
-"""StageDistiller: frozen hidden teacher, stride matching, own preprocessors, clear errors."""
+"""StageDistiller on its own: the hidden teacher follows the model and stays frozen, the stage and
+ME terms share one normalisation, levels are matched by stride, the ME transform makes the
+reference pixels, and damaged checkpoints fail with a message that says what to do."""
+
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
+import re
+from pathlib import Path
 
+import mmcv
+import numpy as np
 import pytest
 import torch
-from mmdet.registry import MODELS
-from mmengine.config import Config
+from mmdet.registry import DATASETS, MODELS, TRANSFORMS
+from mmengine.dataset import pseudo_collate
+from mmengine.logging import MessageHub
+from mmengine.model import BaseDataPreprocessor
 from mmengine.registry import init_default_scope
+from mmengine.runner.checkpoint import CheckpointLoader
+from support import REPO
 
-import dfmsd.models  # noqa: F401
-from dfmsd.checkpoint import export_plain_checkpoint
-from dfmsd.configs import apply_training_params, build_model_config, set_iterations
-from dfmsd.models.distiller import DistillError, StageDistiller
+import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform)
+from dfmsd.core.errors import CheckpointError
+from dfmsd.core.io import write_json
+from dfmsd.core.params import Data, Detector, Train, load_params
+from dfmsd.data.coco import load_json
+from dfmsd.data.me import OPS, decision_table, write_views
+from dfmsd.engine.checkpoint import (
+    VERIFIED_SCHEME,
+    export_plain_checkpoint,
+    load_verified,
+    record_hash,
+    register_verified_checkpoints,
+)
+from dfmsd.engine.configs import detector_config, training_config, with_me_views
+from dfmsd.engine.training import run_training
+from dfmsd.models.distiller import StageDistiller, draw_seed
 
 init_default_scope('mmdet')
 SMALL = dict(depth=18, width=8, fpn_channels=16)
+SIZE = 64  # px: the tiny dataset's images and training size
 
 
-def make_teacher(tmp_path, tiny_dataset, detector='faster_rcnn', name='teacher', **overrides):
-    """A randomly initialised small detector saved as config + plain checkpoint."""
-    cfg = build_model_config({'config': f'configs/small/{detector}.py', **SMALL, **overrides},
-                             data_root=tiny_dataset, image_size=64)
+def tiny_data(root: Path) -> Data:
+    return Data(
+        root=str(root),
+        generate=False,
+        image_size=SIZE,
+        splits={s: dict(ann=f'annotations/instances_{s}.json', img=f'{s}/') for s in ('train', 'val', 'test')},
+    )
+
+
+def small(detector: str) -> Detector:
+    return Detector(config=str(REPO / 'configs' / 'small' / f'{detector}.py'), **SMALL)
+
+
+def build(data: Data, tmp_path: Path, *, teacher: str = 'faster_rcnn', checkpoint=None, **kwargs) -> StageDistiller:
+    """A distiller around a small RetinaNet student; the teacher from a dumped config (random
+    weights unless ``checkpoint``)."""
+    teacher_py = tmp_path / f'{teacher}.py'
+    detector_config(small(teacher), data, 'teacher').dump(str(teacher_py))
+    kwargs.setdefault('losses', {'feature': dict(type='MGDLoss', loss_weight=1e-3)})
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    model = StageDistiller(
+        student=detector_config(small('retinanet'), data, 'student').model,
+        teacher=dict(config=str(teacher_py), checkpoint=checkpoint),
+        probe_size=SIZE,
+        **kwargs,
+    )
     model.init_weights()
-    cfg.dump(str(tmp_path / f'{name}.py'))
-    export_plain_checkpoint(model.state_dict(), tmp_path / f'{name}.pth')
-    return cfg, tmp_path / f'{name}.py', tmp_path / f'{name}.pth'
+    return model
 
 
-def distiller_cfg(tiny_dataset, teacher_py, teacher_pth, feature_loss=None, **kw):
-    student = build_model_config({'config': 'configs/small/retinanet.py', **SMALL},
-                                 data_root=tiny_dataset, image_size=64)
-    return student, dict(type='StageDistiller', student=student.model,
-                         teacher=dict(config=str(teacher_py), checkpoint=str(teacher_pth)),
-                         feature_loss=feature_loss or dict(type='DMKDLoss', loss_weight=2e-5),
-                         **{'data_preprocessor': dict(type='BaseDataPreprocessor'), **kw})
+def train_dataset(data: Data, me_table: Path | None = None):
+    cfg = detector_config(small('retinanet'), data, 'student')
+    if me_table is not None:
+        with_me_views(cfg, str(me_table))
+    return DATASETS.build(cfg.train_dataloader.dataset)
 
 
-def a_batch(model, tiny_dataset, n=2):
-    from mmengine.dataset import pseudo_collate
-    from mmdet.datasets import CocoDataset
-    cfg = build_model_config({'config': 'configs/small/retinanet.py', **SMALL},
-                             data_root=tiny_dataset, image_size=64)
-    ds_cfg = cfg.train_dataloader.dataset
-    ds = CocoDataset(**{k: v for k, v in ds_cfg.items() if k != 'type'})
-    return pseudo_collate([ds[i] for i in range(n)])
+def a_batch(data: Data, n: int = 2, me_table: Path | None = None) -> dict:
+    dataset = train_dataset(data, me_table)
+    return pseudo_collate([dataset[i] for i in range(n)])
 
 
-def test_heterogeneous_levels_matched_by_stride(tiny_dataset, tmp_path):
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')  # P2-P6
-    _, cfg = distiller_cfg(tiny_dataset, py, pth)                     # student RetinaNet P3-P7
-    model = MODELS.build(cfg)
-    assert [p['stride'] for p in model.level_pairs] == [8, 16, 32, 64]
-    # Faster R-CNN's P3 is its level 1, RetinaNet's P3 its level 0.
-    assert [(p['student_idx'], p['teacher_idx']) for p in model.level_pairs] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+def me_table(data: Data, path: Path, *, noise_prob: float, seed: int = 3) -> tuple[Path, dict]:
+    """A decision table on made-up area ratios: every third image 'large' (crop), the others
+    'small' (noise with probability noise_prob)."""
+    ids = [im['id'] for im in load_json(Path(data.root) / data.splits['train'].ann)['images']]
+    ratios = {i: 0.9 if i % 3 == 0 else 0.1 for i in ids}
+    table = decision_table(
+        ratios, threshold=0.5, noise_prob=noise_prob, noise_sigma=25.0, crop_min=0.1, crop_max=0.3, seed=seed
+    )
+    write_json(path, table)
+    return path, table
 
 
-def test_teacher_frozen_hidden_and_unchanged_by_a_step(tiny_dataset, tmp_path):
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')
-    _, cfg = distiller_cfg(tiny_dataset, py, pth, sfa_loss=dict(type='PKDLoss'))
-    model = MODELS.build(cfg)
-    model.init_weights()
-    model.train()
+@pytest.fixture
+def hub(request):
+    """A message hub of this test's own (the distiller reads the iteration from the current one)."""
+    return MessageHub.get_instance(f'hub:{request.node.nodeid}')
+
+
+# ---------------------------------------------------------------- the hidden teacher
+@pytest.mark.fast
+def test_to_device_moves_the_hidden_teacher_and_its_preprocessors(tiny_dataset, tmp_path):
+    model = build(tiny_data(tiny_dataset), tmp_path)
     teacher = model.teacher
-    assert not teacher.training and not any(m.training for m in teacher.modules())
-    names = dict(model.named_parameters())
-    assert not any(n.startswith('teacher') for n in names)
-    assert not any(k.startswith('teacher') for k in model.state_dict())
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN running stats included
+    preprocessors = [m for m in teacher.modules() if isinstance(m, BaseDataPreprocessor)]
+    assert preprocessors, 'the teacher normalises the raw batch with its own DetDataPreprocessor'
+    assert all(p.device == torch.device('cpu') for p in preprocessors)
 
-    optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = model.data_preprocessor(a_batch(model, tiny_dataset), True)
-    losses = model(**data, mode='loss')
-    assert {'loss_distill_feat_s8', 'loss_distill_sfa_s8'} <= set(losses)
-    total, log_vars = model.parse_losses(losses)
-    # Distillation terms count in the optimised total (mmengine sums only keys with "loss").
-    parts = sum(v for k, v in log_vars.items() if k != 'loss')
-    assert float(log_vars['loss']) == pytest.approx(float(parts), rel=1e-5) and log_vars['loss_distill_feat_s8'] > 0
-    optim.zero_grad()
+    assert model.to('meta') is model
+    meta = torch.device('meta')
+    left_behind = [n for n, t in [*teacher.named_parameters(), *teacher.named_buffers()] if t.device != meta]
+    assert not left_behind, f'teacher tensors left on cpu: {left_behind[:5]}'
+    assert sum(1 for _ in teacher.buffers()) > 0  # BN statistics moved too
+    assert all(p._device == meta and p.device == meta for p in preprocessors)
+    assert all(t.device == meta for t in [*model.parameters(), *model.buffers()])
+    assert model.student.data_preprocessor.device == meta
+
+
+@pytest.mark.fast
+def test_teacher_is_hidden_frozen_and_stays_in_eval_mode(tiny_dataset, tmp_path, hub):
+    data = tiny_data(tiny_dataset)
+    model = build(data, tmp_path, losses={'stage': dict(type='DMKDLoss', loss_weight=1.0), 'sfa': dict(type='PKDLoss')})
+    teacher = model.teacher
+    teacher_tensors = {id(t) for t in [*teacher.parameters(), *teacher.buffers()]}
+    assert teacher_tensors
+    assert not teacher_tensors & {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert not any(name.startswith('teacher.') for name in model.state_dict())
+    assert not any(name.startswith('teacher') for name, _ in model.named_modules())
+
+    model.train()
+    assert model.student.training and not any(m.training for m in teacher.modules())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN running statistics included
+    losses = model(**model.data_preprocessor(a_batch(data), True), mode='loss')
+    total, _ = model.parse_losses(losses)
     total.backward()
-    optim.step()
-    assert all(p.grad is None for p in teacher.parameters())
-    after = teacher.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    student_grads = [p.grad for p in model.student.parameters() if p.requires_grad]
-    assert any(g is not None and g.abs().sum() > 0 for g in student_grads)
+
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any(m.training for m in teacher.modules())
+    # the gradient reached the student and the loss modules
+    assert model.student.backbone.conv1.weight.grad.abs().sum() > 0
+    assert all(m.fusion_logits.grad is not None for m in model.losses['stage'])
 
 
-def test_teacher_uses_its_own_preprocessor(tiny_dataset, tmp_path):
-    # A teacher with caffe-style preprocessing (BGR, mean only) must see exactly that.
-    teacher_cfg, py, pth = make_teacher(tmp_path, tiny_dataset, 'retinanet')
-    teacher_cfg.model.data_preprocessor.update(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0],
-                                               bgr_to_rgb=False)
-    teacher_cfg.dump(str(py))
-    _, cfg = distiller_cfg(tiny_dataset, py, pth)
-    model = MODELS.build(cfg)
-    seen = {}
-    model.teacher.backbone.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
-    raw = model.data_preprocessor(a_batch(model, tiny_dataset), True)
-    model(**raw, mode='loss')
-    img = raw['inputs'][0].float()  # BGR uint8 as loaded
-    expected = img - torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
-    h, w = img.shape[-2:]
-    assert torch.allclose(seen['x'][0, :, :h, :w], expected, atol=1e-4)
+# ---------------------------------------------------------------- one normalisation
+@pytest.mark.fast
+def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, hub):
+    data = tiny_data(tiny_dataset)
+    table, _ = me_table(data, tmp_path / 'me.json', noise_prob=1.0)  # every image gets a view
+    alpha, beta, seed, it = 0.7, 0.3, 5, 11
+    model = build(
+        data,
+        tmp_path,
+        teacher='retinanet',
+        seed=seed,
+        aug_loss_weight=beta,
+        losses={'stage': dict(type='DMKDLoss', loss_weight=alpha, reduction='mean')},
+    )
+    model.train()
+    hub.update_info('iter', it)
+    raw = a_batch(data, 4, me_table=table)
+    views = [s.metainfo['me_view'] for s in raw['data_samples']]
+    originals = list(raw['inputs'])
+    losses = model(**model.data_preprocessor(raw, True), mode='loss')
+    strides = [8, 16, 32]
+    assert {k for k in losses if k.startswith('loss_distill')} == {
+        f'loss_distill_{term}_s{s}' for term in ('stage', 'aug') for s in strides
+    }
+
+    def expected(weight: float, images: list[torch.Tensor], *tag: str) -> dict[int, torch.Tensor]:
+        """weight * mean over N, C, H, W of (reconstruct(S, T) - T)^2, with the draws of (seed, it, level)."""
+        batch = dict(inputs=images, data_samples=None)
+        with torch.no_grad():
+            s_feats = model.student.extract_feat(model.student.data_preprocessor(batch, True)['inputs'])
+            t_feats = model.teacher.extract_feat(model.teacher.data_preprocessor(batch, True)['inputs'])
+            out = {}
+            for level, pair in enumerate(model.level_pairs):
+                s, t = s_feats[pair['student_idx']], t_feats[pair['teacher_idx']]
+                gen = torch.Generator().manual_seed(draw_seed(seed, it, level, *tag))
+                rebuilt = model.losses['stage'][level].reconstruct(s, t, gen)
+                out[pair['stride']] = weight * ((rebuilt - t) ** 2).mean()
+        return out
+
+    stage = expected(alpha, originals)
+    aug = expected(beta, [torch.from_numpy(v.transpose(2, 0, 1).copy()) for v in views], 'aug')
+    for s in strides:
+        torch.testing.assert_close(losses[f'loss_distill_stage_s{s}'].detach(), stage[s], rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses[f'loss_distill_aug_s{s}'].detach(), aug[s], rtol=1e-5, atol=0)
+        assert not torch.isclose(stage[s] / alpha, aug[s] / beta), 'the views are other images'
 
 
-def test_no_common_stride_is_a_clear_error(tiny_dataset, tmp_path):
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')
-    _, cfg = distiller_cfg(tiny_dataset, py, pth, distill_strides=[4])  # RetinaNet has no P2
-    with pytest.raises(DistillError, match='share no FPN stride'):
-        MODELS.build(cfg)
+@pytest.mark.fast
+def test_baselines_keep_mgd_normalisation_and_dfmsd_uses_means():
+    params = load_params(REPO / 'params.yaml')
+    torch.manual_seed(0)
+    preds_s, preds_t = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+
+    def check(loss_spec, reduction: str) -> None:
+        loss = MODELS.build(dict(loss_spec.model_dump(exclude_none=True), student_channels=16, teacher_channels=16))
+        assert loss.reduction == reduction
+        got = loss(preds_s, preds_t, generator=torch.Generator().manual_seed(1))
+        err = (loss.reconstruct(preds_s, preds_t, torch.Generator().manual_seed(1)) - preds_t) ** 2
+        want = err.sum() / preds_s.shape[0] if reduction == 'sum_over_batch' else err.mean()
+        torch.testing.assert_close(got.detach(), loss.loss_weight * want.detach(), rtol=1e-6, atol=0)
+
+    for name in ('mgd', 'dmkd'):
+        check(params.methods[name].losses['feature'], 'sum_over_batch')
+    dfmsd = [params.sal_methods['dfmsd'], params.me_methods['dfmsd_no_sal']]
+    for method in dfmsd:
+        check(method.losses['stage'], 'mean')
+        assert method.aug_loss_weight > 0
 
 
-def test_teacher_checkpoint_not_matching_config(tiny_dataset, tmp_path):
-    _, py, _ = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn', name='a')
-    _, _, other = make_teacher(tmp_path, tiny_dataset, 'retinanet', name='b')
-    _, cfg = distiller_cfg(tiny_dataset, py, other)
-    with pytest.raises(DistillError, match='does not match its config'):
-        MODELS.build(cfg)
+# ---------------------------------------------------------------- levels
+@pytest.mark.fast
+@pytest.mark.parametrize(('min_cells', 'strides'), [(2, [8, 16, 32]), (1, [8, 16, 32, 64])])
+def test_levels_with_enough_cells_are_matched_by_stride(tiny_dataset, tmp_path, hub, min_cells, strides):
+    data = tiny_data(tiny_dataset)
+    model = build(data, tmp_path, teacher='faster_rcnn', min_cells=min_cells)  # teacher P2-P6, student P3-P7
+    assert [p['stride'] for p in model.level_pairs] == strides
+    assert [p['cells'] for p in model.level_pairs] == [max(1, SIZE // s) for s in strides]
+    # RetinaNet's P3 is its level 0; Faster R-CNN's is its level 1 (P2 comes first)
+    assert [(p['student_idx'], p['teacher_idx']) for p in model.level_pairs] == [
+        (i, i + 1) for i in range(len(strides))
+    ]
+    assert model.state_dict()['distilled_strides'].tolist() == strides
+    losses = model(**model.data_preprocessor(a_batch(data), True), mode='loss')
+    assert sorted(k for k in losses if k.startswith('loss_distill')) == sorted(
+        f'loss_distill_feature_s{s}' for s in strides
+    )
 
 
-def test_nan_distillation_loss_stops_the_run(tiny_dataset, tmp_path):
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'retinanet')
-    _, cfg = distiller_cfg(tiny_dataset, py, pth, feature_loss=dict(type='FeatureKDLoss', loss_weight=float('nan')))
-    model = MODELS.build(cfg)
-    data = model.data_preprocessor(a_batch(model, tiny_dataset), True)
-    with pytest.raises(DistillError, match='loss_distill_feat_s8 is nan'):
-        model(**data, mode='loss')
+# ---------------------------------------------------------------- ME transform
+@pytest.mark.fast
+def test_me_transform_makes_the_offline_reference_views_pixel_for_pixel(tiny_dataset, tmp_path):
+    data = tiny_data(tiny_dataset)
+    table_file, table = me_table(data, tmp_path / 'me.json', noise_prob=0.5)
+    assert all(table['counts'][op] > 0 for op in OPS), table['counts']
+    coco = load_json(Path(data.root) / data.splits['train'].ann)
+    reference = write_views(coco, Path(data.root) / data.splits['train'].img, table_file, tmp_path / 'views')
+    resize = TRANSFORMS.build(dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True))
+    dataset = train_dataset(data, table_file)  # the training pipeline, with MaskingEnhancement inserted
+    compared = {op: 0 for op in OPS}
+    for i in range(len(dataset)):
+        sample = dataset[i]['data_samples']
+        op = table['ops'][str(sample.img_id)]
+        online = sample.metainfo.get('me_view')
+        compared[op] += 1
+        if op == 'none':
+            assert online is None and sample.img_id not in reference
+            continue
+        ref = mmcv.imread(str(reference[sample.img_id]))  # BGR, as LoadImageFromFile loads
+        ref = resize(dict(img=ref, img_shape=ref.shape[:2], ori_shape=ref.shape[:2]))['img']
+        assert online.dtype == np.uint8 and online.shape == ref.shape, (op, online.shape, ref.shape)
+        assert np.array_equal(online, ref), f'image {sample.img_id} ({op}): online view differs from the reference'
+    assert all(compared.values()), compared
 
 
-def test_distilled_checkpoint_loads_in_stock_mmdet(tiny_dataset, tmp_path):
-    """Train 2 distillation steps, export, then load and predict in a process without dfmsd."""
-    from dfmsd.evaluation import coco_metrics, predict_coco_json
-    from dfmsd.training import train_and_export
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')
-    student_cfg, model_cfg = distiller_cfg(tiny_dataset, py, pth)
-    cfg = student_cfg.copy()
-    cfg.model = model_cfg
-    apply_training_params(cfg, {'seed': 0, 'train': {'batch_size': 2}}, iters=2)
-    out = train_and_export(cfg, name='d', out_checkpoint=tmp_path / 's.pth', out_config=tmp_path / 's.py',
-                           export_cfg=student_cfg, export_prefix='student.', work_root=tmp_path / 'w')
-    ours = predict_coco_json(Config.fromfile(str(tmp_path / 's.py')), out, tmp_path / 'ours.json', score_thr=0.0)
+# ---------------------------------------------------------------- checkpoint errors
+def _unpickling_marker(marker: Path):
+    class MakesDirectory:  # unpickling it runs os.mkdir(marker)
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
 
-    # Stock mmdet, no project code, mmdet's own test loop: the same predictions.
-    stock = f'''
-import sys
-from mmengine.config import Config
-from mmengine.runner import Runner
-cfg = Config.fromfile({str(tmp_path / 's.py')!r})
-cfg.work_dir = {str(tmp_path / 'stock')!r}
-cfg.load_from = {str(out)!r}
-cfg.model.test_cfg.score_thr = 0.0
-cfg.test_evaluator = dict(type='CocoMetric', ann_file=cfg.test_evaluator.ann_file, metric='bbox',
-                          format_only=True, outfile_prefix={str(tmp_path / 'stock')!r})
-Runner.from_cfg(cfg).test()
-assert not any(m.startswith('dfmsd') for m in sys.modules), 'project code was imported'
-print('STOCK_OK')
-'''
-    res = subprocess.run([sys.executable, '-c', stock], capture_output=True, text=True, cwd=tmp_path)
-    assert 'STOCK_OK' in res.stdout, res.stderr[-3000:]
-    stock_preds = tmp_path / 'stock.bbox.json'
-    ann = tiny_dataset / 'annotations/instances_val.json'
-    assert json.loads(stock_preds.read_text()) == json.loads(ours.read_text())
-    assert coco_metrics(ann, stock_preds) == coco_metrics(ann, ours)
+    return MakesDirectory()
 
 
-def test_distiller_with_normalising_preprocessor_is_a_clear_error(tiny_dataset, tmp_path):
-    _, py, pth = make_teacher(tmp_path, tiny_dataset, 'faster_rcnn')
-    student, cfg = distiller_cfg(tiny_dataset, py, pth)
-    cfg['data_preprocessor'] = student.model.data_preprocessor  # normalising: mean/std
-    with pytest.raises(DistillError, match='BaseDataPreprocessor'):
-        MODELS.build(cfg)
-    cfg['data_preprocessor'] = MODELS.build(student.model.data_preprocessor)  # a built module
-    with pytest.raises(DistillError, match='DetDataPreprocessor'):
-        MODELS.build(cfg)
+@pytest.mark.fast
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'code'])
+def test_damaged_teacher_checkpoint_names_the_file_and_the_remedy(tiny_dataset, tmp_path, damage):
+    data = tiny_data(tiny_dataset)
+    path = tmp_path / 'teacher' / 'model.pth'
+    marker = tmp_path / 'unpickled'
+    if damage == 'garbage':
+        path.parent.mkdir()
+        path.write_bytes(b'\x80\x04 not a checkpoint \x00' * 50)
+    elif damage == 'truncated':
+        torch.manual_seed(0)
+        teacher = MODELS.build(detector_config(small('faster_rcnn'), data, 'teacher').model)
+        export_plain_checkpoint(teacher.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a pickle that runs code when fully unpickled
+        path.parent.mkdir()
+        torch.save({'state_dict': {}, 'meta': _unpickling_marker(marker)}, path)
+    with pytest.raises(CheckpointError) as err:
+        build(data, tmp_path, checkpoint=path)
+    message = str(err.value)
+    assert str(path) in message and 'teacher' in message
+    assert re.search(rf'`dvc checkout [^`]*{re.escape(str(path))}`', message) and 'dvc repro' in message
+    assert 'weights_only' not in message, message
+    assert not marker.exists()
 
 
-def test_zero_weight_distillation_trains_the_student_exactly_like_plain_training(tiny_dataset, tmp_path):
-    """Configs from distill_config, trained by mmengine's Runner as the stages do: with the
-    distillation weight at 0, the student after 3 steps (weights and BN statistics) equals
-    the plain student trained from the same init. Catches any difference in what the student
-    sees: a second normalisation (the Runner hands a config's top-level data_preprocessor to
-    a model that names none), another optimizer, schedule or data order."""
-    from dfmsd.configs import distill_config, student_config
-    from dfmsd.training import train_and_export
-    models = tmp_path / 'models'
-    models.mkdir()
-    make_teacher(models, tiny_dataset, 'retinanet', name='teacher', **SMALL)
-    params = {'seed': 0, 'data': {'root': str(tiny_dataset), 'image_size': 64},
-              'train': {'batch_size': 2, 'lr': 0.01},
-              'student': {'config': 'configs/small/retinanet.py', **SMALL},
-              'teachers': {'teacher': {'config': 'configs/small/retinanet.py', **SMALL}},
-              'distill': {'methods': {'pkd': {'feature_loss': {'type': 'PKDLoss', 'loss_weight': 0.0}}},
-                          'runs': {'pkd': {'method': 'pkd', 'teacher': 'teacher',
-                                           'init': str(models / 'init.pth'), 'iters': 3}}}}
-    plain = student_config(params)
-    torch.manual_seed(1)
-    init = MODELS.build(plain.model)
-    init.init_weights()
-    export_plain_checkpoint(init.state_dict(), models / 'init.pth')
+@pytest.mark.fast
+def test_training_state_with_a_wrong_hash_is_refused_before_unpickling(tiny_dataset, tmp_path, monkeypatch):
+    data = tiny_data(tiny_dataset)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('DVC_STAGE', 'sal2@x')
+    marker = tmp_path / 'unpickled'
+    state = tmp_path / 'sal1' / 'state.pth'
+    state.parent.mkdir()
+    torch.save({'meta': _unpickling_marker(marker)}, state)
+    Path(f'{state}.sha256').write_text('0' * 64 + '\n')
 
-    apply_training_params(plain, params, iters=3)
-    plain.load_from = str(models / 'init.pth')
-    distill, student_cfg = distill_config(params, 'pkd', models_dir=str(models))
-    outs = {}
-    for name, cfg, extra in (('plain', plain, {}),
-                             ('distill', distill, dict(export_cfg=student_cfg, export_prefix='student.'))):
-        outs[name] = torch.load(train_and_export(cfg, name=name, out_checkpoint=tmp_path / f'{name}.pth',
-                                                 out_config=tmp_path / f'{name}.py',
-                                                 work_root=tmp_path / 'w', **extra),
-                                weights_only=False)['state_dict']
-    trained = [k for k in outs['plain'] if not torch.equal(outs['plain'][k], init.state_dict()[k])]
-    assert 'backbone.bn1.running_mean' in trained and len(trained) > 50  # the steps did train
-    assert outs['plain'].keys() == outs['distill'].keys()
-    for key, value in outs['plain'].items():
-        torch.testing.assert_close(outs['distill'][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    register_verified_checkpoints()
+    cfg = training_config(small('retinanet'), data, Train(batch_size=2, iters=2), 2, 0, 'students.retinanet')
+    refusals = [
+        lambda: load_verified(state),
+        lambda: CheckpointLoader.load_checkpoint(f'{VERIFIED_SCHEME}{state}'),
+        lambda: run_training(cfg, threads=torch.get_num_threads(), resume_from=state),
+    ]
+    for refuse in refusals:
+        with pytest.raises(CheckpointError) as err:
+            refuse()
+        assert str(state) in str(err.value) and 'weights_only' not in str(err.value)
+        assert not marker.exists(), 'the file was unpickled before its hash was checked'
+
+    record_hash(state)  # the same file with its true hash is unpickled: the marker shows it
+    load_verified(state)
+    assert marker.is_dir()

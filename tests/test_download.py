@@ -1,4 +1,5 @@
-"""Tests for dfmsd.download against a loopback HTTP server started by the tests.
+"""Verified downloads (dfmsd.engine.download) against a loopback HTTP server started by the
+tests, and verified unpickling (dfmsd.engine.checkpoint.load_verified).
 
 Nothing here leaves 127.0.0.1: the fixture serves bytes from a dict on an ephemeral
 port and is shut down at the end of every test.
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from dfmsd import download as dl
-from dfmsd.download import DownloadError, download_verified, load_verified_checkpoint, sha256_of
+from dfmsd.core.errors import CheckpointError, DownloadError
+from dfmsd.core.io import sha256_file
+from dfmsd.engine import download as dl
+from dfmsd.engine import zoo
+from dfmsd.engine.download import download_verified
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.fast]
 
 TIMEOUT = 5  # client socket timeout for every download in this file
 
@@ -163,11 +167,11 @@ def leftovers(d: Path) -> list[str]:
 # ------------------------------------------------------------------------ tests
 
 
-def test_sha256_of(tmp_path):
+def test_sha256_file(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(PAYLOAD)
-    assert sha256_of(p) == P_SHA
-    assert sha256_of(p, chunk=7) == P_SHA
+    assert sha256_file(p) == P_SHA
+    assert sha256_file(p, chunk=7) == P_SHA
 
 
 @pytest.mark.parametrize("how", ["full", "prefix", "both"])
@@ -226,7 +230,7 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     dest = tmp_path / "m.pth"
     fetch(server, "/m.pth", dest, sha256_prefix=P_SHA[:8])
     assert server.state.ranges("/m.pth") == [None, f"bytes={k}-"]
-    assert sha256_of(dest) == P_SHA and leftovers(tmp_path) == ["m.pth"]
+    assert sha256_file(dest) == P_SHA and leftovers(tmp_path) == ["m.pth"]
 
 
 def test_hangup_before_response_is_retried(server, tmp_path):
@@ -341,7 +345,7 @@ def test_malformed_or_inconsistent_hashes_are_refused(server, tmp_path, kw):
     assert server.state.count() == 0
 
 
-# ------------------------------------------------------------ load_verified_checkpoint
+# ------------------------------------------------------------------------ load_verified
 
 
 class _Boom:
@@ -354,66 +358,76 @@ class _Boom:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_load_verified_checkpoint_with_numpy(tmp_path):
-    torch = pytest.importorskip("torch")
-    np = pytest.importorskip("numpy")
+def test_load_verified_with_numpy(tmp_path):
+    import numpy as np
+    import torch
+
+    from dfmsd.engine.checkpoint import load_verified
+
     ckpt = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)},
             "meta": {"arr": np.arange(4, dtype=np.int64), "epoch": 24}}
     p = tmp_path / "c.pth"
     torch.save(ckpt, p)
-    digest = sha256_of(p)
-    for kw in ({"sha256": digest}, {"sha256_prefix": digest[:8]}):
-        out = load_verified_checkpoint(p, **kw)
+    digest = sha256_file(p)
+    for expected in (digest, digest[:8], digest.upper()):
+        out = load_verified(p, sha256=expected)
         assert torch.equal(out["state_dict"]["w"], ckpt["state_dict"]["w"])
         assert isinstance(out["meta"]["arr"], np.ndarray) and out["meta"]["arr"].tolist() == [0, 1, 2, 3]
         assert out["meta"]["epoch"] == 24
 
 
 def test_tampered_checkpoint_is_not_unpickled(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
+    from dfmsd.engine.checkpoint import load_verified, record_hash
+
     marker = tmp_path / "PWNED"
     p = tmp_path / "c.pth"
     torch.save({"meta": _Boom(str(marker))}, p)
     assert not marker.exists()
-    digest = sha256_of(p)
+    digest = sha256_file(p)
     # sanity: the payload really does fire when unpickled (only after verification)
-    load_verified_checkpoint(p, sha256=digest)
+    load_verified(p, sha256=digest)
     assert marker.exists()
     marker.unlink()
 
-    expected = digest  # what the "publisher" pinned
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_verified(p)  # neither a digest nor a .sha256 sidecar
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_verified(p, sha256=digest[:7])  # a true prefix, but too short to mean anything
+    record_hash(p)  # the sidecar a training state gets
+    load_verified(p)
+    marker.unlink()
+
     raw = bytearray(p.read_bytes())
     raw[-1] ^= 0xFF  # tamper
     p.write_bytes(bytes(raw))
-    for kw in ({"sha256": expected}, {"sha256_prefix": expected[:8]}):
-        with pytest.raises(DownloadError, match="refusing to unpickle"):
-            load_verified_checkpoint(p, **kw)
-    with pytest.raises(DownloadError, match="unverifiable"):
-        load_verified_checkpoint(p)
+    for kw in ({"sha256": digest}, {"sha256": digest[:8]}, {}):  # the pinned digest, its prefix, the sidecar
+        with pytest.raises(CheckpointError, match="refusing to unpickle") as err:
+            load_verified(p, **kw)
+        assert str(p) in str(err.value) and sha256_file(p) in str(err.value)
     assert not marker.exists()
+
+
+def test_load_verified_of_a_missing_file(tmp_path):
+    from dfmsd.engine.checkpoint import load_verified
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_verified(tmp_path / "absent.pth", sha256="0" * 64)
 
 
 # ------------------------------------------------------------------ fetch_zoo_teacher
 
 
 def test_fetch_zoo_teacher_uses_index_prefix_and_cache_dir(server, tmp_path, monkeypatch):
-    from dfmsd import zoo
-
     name = "retinanet_r50_fpn_1x_coco_20200130-" + P_SHA[:8] + ".pth"
     server.state.files["/v2.0/retinanet/" + name] = PAYLOAD
     fake = zoo.ZooModel(name="retinanet_r50_fpn_1x_coco", config="/nonexistent/cfg.py",
                         url=server.url("/v2.0/retinanet/" + name), sha256_prefix=P_SHA[:8], box_ap=36.5)
-    seen = []
-
-    def fake_find(q):
-        seen.append(q)
-        return fake
-
-    monkeypatch.setattr(zoo, "find_model", fake_find)
+    monkeypatch.setattr(zoo, "find_model", lambda query: fake)
     monkeypatch.setattr(dl, "_progress_bar", lambda *a, **k: dl._NoBar())
     out = dl.fetch_zoo_teacher("retinanet_r50_fpn_1x_coco", tmp_path / "cache")
     assert out == tmp_path / "cache" / name and out.read_bytes() == PAYLOAD
-    assert seen == ["retinanet_r50_fpn_1x_coco"]
     # full sha256 from params: used (and cached file verifies without a request)
     assert dl.fetch_zoo_teacher("retinanet_r50_fpn_1x_coco", tmp_path / "cache", sha256=P_SHA) == out
     assert server.state.count() == 1
@@ -423,8 +437,6 @@ def test_fetch_zoo_teacher_uses_index_prefix_and_cache_dir(server, tmp_path, mon
 
 
 def test_fetch_zoo_teacher_unquotes_file_name(server, tmp_path, monkeypatch):
-    from dfmsd import zoo
-
     quoted = f"/v2.0/reppoints/r50_gn-neck%2Bhead_2x_coco_20200329-{P_SHA[:8]}.pth"
     server.state.files[quoted] = PAYLOAD
     fake = zoo.ZooModel(name="rp", config="/nonexistent/cfg.py", url=server.url(quoted),

@@ -1,212 +1,295 @@
-"""The ``dvc_pipeline`` Prefect flow against a tiny real DVC project (flows/testing.py).
+"""The ``dvc-pipeline`` Prefect flow (flows/pipeline.py) on the tiny demo DVC project.
 
-Everything runs for real: git, ``dvc init``, ``dvc status``/``dvc repro`` subprocesses,
-and a temporary Prefect server from ``prefect_test_harness`` (one for the session: it
-takes a few seconds to start). Task runs and artifacts are read back through the Prefect
-client, as the UI would.
+Everything runs for real: git, DVC subprocesses, the demo's stage commands (following
+dfmsd.core.runs), and a temporary Prefect server (the ``prefect_api`` fixture). Task runs,
+logs and artifacts are read back through the Prefect API, as the UI would; experiments
+through ``dvc exp show --json``.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
+import sys
 from pathlib import Path
+from uuid import UUID
 
+import dvc_demo as demo
 import pytest
+import yaml
+from support import REPO, env
 
-from flows import testing as demo
-from flows.dvc_graph import load_pipeline
+from flows.pipeline import REPORT_KEY, REPORT_SUMMARY_KEY, SUMMARY_KEY, dvc_pipeline, slug
 from flows.progress import parse_eta, parse_train_line
 
-pytestmark = [
-    pytest.mark.timeout(600),
-    # DVC's own use of pygtrie, on every in-process index load
-    pytest.mark.filterwarnings("ignore:_NoneStep.value will soon raise:DeprecationWarning"),
-]
+pytestmark = pytest.mark.timeout(600)
 
 
-from conftest import run_flow  # noqa: E402  (fixtures prefect_api, _dvc_env live in conftest)
+# --------------------------------------------------------------------------- helpers
 
 
-def state_names(task_runs) -> dict[str, str]:
-    return {name: tr.state.name for name, tr in task_runs.items()}
+def run_flow(root: Path, **params):
+    """Run the flow in this process; its final state and its task runs by name."""
+    state = dvc_pipeline(repo_dir=str(root), return_state=True, **params)
+    return state, task_runs(state.state_details.flow_run_id)
 
 
-def commands_run(root: Path) -> list[str]:
-    return [name for name, what, _ in demo.read_run_log(root) if what == "start"]
+def api(path: str, body: dict) -> list[dict]:
+    """POST a filter to the Prefect API (not the client's read_* helpers: they send nulls the
+    server rejects)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.request('POST', path, json=body).json()
+
+
+def task_runs(flow_run_id: UUID) -> dict:
+    from prefect.client.schemas.objects import TaskRun
+
+    runs = TaskRun.model_validate_list(api('/task_runs/filter', {'flow_runs': {'id': {'any_': [str(flow_run_id)]}}}))
+    by_name = {tr.name: tr for tr in runs}
+    assert len(by_name) == len(runs), [tr.name for tr in runs]  # one task run per stage
+    return by_name
+
+
+def flow_run_name(flow_run_id: UUID) -> str:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).name
+
+
+def artifacts(flow_run_id: UUID) -> dict:
+    from prefect.client.schemas.objects import Artifact
+
+    found = api('/artifacts/filter', {'artifacts': {'flow_run_id': {'any_': [str(flow_run_id)]}}})
+    return {a.key: a for a in Artifact.model_validate_list(found) if a.key}
+
+
+def task_logs(task_run_id: UUID) -> list[str]:
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    logs = api('/logs/filter', {'logs': {'task_run_id': {'any_': [str(task_run_id)]}}, 'limit': 200})
+    return [entry['message'] for entry in logs]
+
+
+def state_names(runs: dict) -> dict[str, str]:
+    return {name: tr.state.name for name, tr in runs.items()}
+
+
+def experiments(root: Path) -> set[str]:
+    """Names of the experiments ``dvc exp show --json`` lists in ``root``."""
+    res = subprocess.run(
+        [sys.executable, '-m', 'dvc', 'exp', 'show', '--json'],
+        cwd=root,
+        env=demo.dvc_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {exp['name'] for base in json.loads(res.stdout) for exp in base.get('experiments') or [] if exp['name']}
+
+
+def git_head(root: Path) -> str:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
 # --------------------------------------------------------------------------- no Prefect
 
 
+@pytest.mark.fast
 def test_progress_lines_of_mmengine():
-    it = parse_train_line("... - mmengine - INFO - Iter(train) [ 2000/90000]  lr: 0.02  eta: 1 day, 2:03:04")
+    it = parse_train_line('... - mmengine - INFO - Iter(train) [ 2000/90000]  lr: 0.02  eta: 1 day, 2:03:04')
     assert it is not None and it.percent == pytest.approx(100 * 2000 / 90000)
-    ep = parse_train_line("Epoch(train)  [3][ 50/100]  base_lr: 1.0e-02  time: 0.4", elapsed_s=10)
+    ep = parse_train_line('Epoch(train)  [3][ 50/100]  base_lr: 1.0e-02  time: 0.4', elapsed_s=10)
     assert ep is not None and ep.percent == pytest.approx(50.0)
-    eta = parse_train_line("Epoch(train)  [3][ 50/100]  eta: 0:01:30  time: 0.4", elapsed_s=30)
+    eta = parse_train_line('Epoch(train)  [3][ 50/100]  eta: 0:01:30  time: 0.4', elapsed_s=30)
     assert eta is not None and eta.percent == pytest.approx(25.0)
-    assert parse_train_line("Epoch(val)  [3][ 50/100]  eta: 0:01:30") is None
-    assert parse_train_line("nothing to see") is None
-    assert parse_eta("eta: 2 days, 1:00:05") == 2 * 86400 + 3605
-
-
-def test_dag_from_dvc_index(tmp_path):
-    root = demo.make_project(tmp_path / "proj")
-    pipe = load_pipeline(root)
-    assert set(pipe.stages) == set(demo.STAGES)  # foreach expanded, real names
-    edges = {(up, name) for name, ups in pipe.upstream.items() for up in ups}
-    assert edges == set(demo.EDGES)  # incl. `left` depending on a file inside prepare's dir out
-    order = list(pipe.stages)
-    for up, down in demo.EDGES:
-        assert order.index(up) < order.index(down)
-    assert pipe.stages["report"].metrics == ("metrics.json",)
-    assert set(pipe.select(["train"]).stages) == {"prepare", "left", "train@small", "train@large"}
-    assert set(pipe.select(["right"]).stages) == {"prepare", "right"}
-    with pytest.raises(ValueError, match="unknown DVC stage"):
-        pipe.select(["nope"])
+    assert parse_train_line('Epoch(val)  [3][ 50/100]  eta: 0:01:30') is None
+    assert parse_train_line('nothing to see') is None
+    assert parse_eta('eta: 2 days, 1:00:05') == 2 * 86400 + 3605
 
 
 # --------------------------------------------------------------------------- the flow
 
 
-@pytest.fixture(scope="module")
-def first_run(prefect_api, tmp_path_factory):
-    """A fresh project run once; what the run produced, captured before other tests."""
-    root = demo.make_project(tmp_path_factory.mktemp("first") / "proj")
-    state, task_runs = run_flow(root)
+@pytest.fixture(scope='module')
+def first(prefect_api, tmp_path_factory):
+    """A fresh project run once with 2 jobs; what the run left, captured before any test."""
+    root = demo.make_project(tmp_path_factory.mktemp('first') / 'proj')
+    head = git_head(root)
+    state, runs = run_flow(root, jobs=2)
+    flow_run_id = state.state_details.flow_run_id
     return {
-        "root": root,
-        "state": state,
-        "task_runs": task_runs,
-        "log": demo.read_run_log(root),
-        "report": (root / "reports" / "results.md").read_text(),
+        'root': root,
+        'head': head,
+        'state': state,
+        'task_runs': runs,
+        'name': flow_run_name(flow_run_id),
+        'artifacts': artifacts(flow_run_id),
+        'log': demo.read_run_log(root),
+        'report': (root / 'reports' / 'results.md').read_text(),
+        'experiments': experiments(root),
     }
 
 
-def test_first_run_runs_every_stage_in_dependency_order(first_run):
-    assert first_run["state"].is_completed(), first_run["state"].message
-    log = first_run["log"]
-    starts = [name for name, what, _ in log if what == "start"]
-    assert sorted(starts) == sorted(demo.STAGES)  # every command ran exactly once
-    when = {(name, what): t for name, what, t in log}
+def test_each_stage_is_a_task_run_named_after_it_in_dependency_order(first):
+    assert first['state'].is_completed(), first['state'].message
+    runs = first['task_runs']
+    assert set(runs) == set(demo.STAGES)  # train@small, train@large: foreach expanded
+    for name, tr in runs.items():
+        assert tr.state.type.value == 'COMPLETED' and tr.state.name == 'Completed', (name, tr.state)
+    assert sorted(name for name, _, event, _ in first['log'] if event == 'start') == sorted(demo.STAGES)  # once each
+    # the upstream stages' task runs are each task's wait_for: the UI draws the DVC DAG
+    names = {tr.id: name for name, tr in runs.items()}
+    for name, tr in runs.items():
+        upstream = {names[ref.id] for ref in tr.task_inputs.get('wait_for', [])}
+        assert upstream == {up for up, down in demo.EDGES if down == name}, name
     for up, down in demo.EDGES:
-        assert when[(up, "end")] <= when[(down, "start")], f"{down} started before {up} ended"
+        assert runs[up].end_time <= runs[down].start_time, f'{down} started before {up} ended'
 
 
-def test_task_runs_are_named_after_stages(first_run):
-    task_runs = first_run["task_runs"]
-    assert set(task_runs) == set(demo.STAGES)  # train@small, train@large: expanded
-    for name, tr in task_runs.items():
-        assert tr.state.type.value == "COMPLETED" and tr.state.name == "Completed", (name, tr.state)
+def test_stage_output_is_streamed_into_task_logs(first):
+    messages = task_logs(first['task_runs']['train@small'].id)
+    assert any('[train@small] training in work_dirs/train-small-' in m for m in messages), messages
+    assert any('Iter(train) [3/3]' in m for m in messages), messages
+    assert any("Running stage 'train@small'" in m for m in messages), messages
 
 
-def test_artifacts_are_published(first_run):
-    from prefect import get_client
-    from prefect.client.schemas.objects import Artifact
+def test_artifacts_of_the_run(first):
+    arts = first['artifacts']
+    summary = arts[SUMMARY_KEY]
+    assert summary.type == 'table'
+    rows = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    assert {r['stage']: r['outcome'] for r in rows} == {s: 'ran' for s in demo.STAGES}
+    assert all(isinstance(r['seconds'], (int, float)) for r in rows)
 
-    flow_run_id = first_run["state"].state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        # not client.read_artifacts(): it sends null for the filters not given, which the
-        # server rejects (422), and an empty task-run filter drops flow-level artifacts
-        response = client.request(
-            "POST", "/artifacts/filter", json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}
-        )
-    artifacts = Artifact.model_validate_list(response.json())
-    by_key = {a.key: a for a in artifacts if a.key}
-    assert by_key["report-results"].type == "markdown"
-    assert by_key["report-results"].data == first_run["report"]
-    assert "| report |" in first_run["report"]
-
-    table = by_key["metrics-report"]
-    assert table.type == "table"
-    assert '"mAP"' in str(table.data) and "detail.mAP_50" in str(table.data)
-
-    summary = by_key["dvc-pipeline-summary"].data
-    for name in demo.STAGES:
-        assert f"| `{name}` | ran |" in summary
+    assert arts[REPORT_KEY].type == 'markdown' and arts[REPORT_KEY].data == first['report']
+    table = arts[REPORT_SUMMARY_KEY]
+    assert table.type == 'table'
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    dfmsd = next(r for r in rows if r['row'] == 'dfmsd')
+    assert dfmsd['group'] == 'retinanet/tiny' and dfmsd['mAP'] == 22.25 and dfmsd['gain'] == 1.75
 
     # train@* print three mmengine `Iter(train) [i/3]` lines: a progress artifact, at 100 %
-    progress = by_key["progress-train-small"]
-    assert progress.type == "progress" and float(progress.data) == pytest.approx(100.0)
+    for stage in demo.TRAINING:
+        progress = arts[f'progress-{slug(stage)}']
+        assert progress.type == 'progress' and float(progress.data) == pytest.approx(100.0)
 
 
-def test_up_to_date_stages_are_skipped_and_changes_rerun_downstream(first_run):
-    root = first_run["root"]
-    log_before = (root / "run.log").read_text()
+def test_the_run_is_recorded_as_a_dvc_experiment(first):
+    assert f'flow-{slug(first["name"])}' in first['experiments']
+    assert f'saved as DVC experiment `flow-{slug(first["name"])}`' in first['artifacts'][SUMMARY_KEY].description
+    assert git_head(first['root']) == first['head']  # the workspace's commit is untouched
 
-    state, task_runs = run_flow(root)
+
+def test_states_skipped_restored_and_forced(first):
+    """Mutates the module's project; the other tests read only what the fixture captured."""
+    root = first['root']
+    log_before = (root / 'run.log').read_text()
+
+    state, runs = run_flow(root)
     assert state.is_completed(), state.message
-    assert state_names(task_runs) == {name: "Skipped" for name in demo.STAGES}
-    assert all(tr.state.is_completed() for tr in task_runs.values())
-    # decided by `dvc status` up front (no `dvc repro` started, which would say the same)
-    assert {tr.state.message for tr in task_runs.values()} == {"skipped: up to date"}
-    assert (root / "run.log").read_text() == log_before  # no command re-executed
+    assert state_names(runs) == {name: 'Skipped' for name in demo.STAGES}
+    assert all(tr.state.is_completed() for tr in runs.values())
+    assert {tr.state.message for tr in runs.values()} == {'up to date (dvc status)'}
+    assert (root / 'run.log').read_text() == log_before  # no command re-executed
 
-    (root / "right.txt").write_text("right input v2\n")
-    state, task_runs = run_flow(root)
+    # a param flip and back: the second run is restored from DVC's run-cache
+    original = (root / 'params.yaml').read_text()
+    (root / 'params.yaml').write_text(yaml.safe_dump({**yaml.safe_load(original), 'seeds': [5]}, sort_keys=False))
+    state, runs = run_flow(root, targets=['prepare'])
+    assert state_names(runs) == {'prepare': 'Completed'}
+    (root / 'params.yaml').write_text(original)
+    log_before = (root / 'run.log').read_text()
+    state, runs = run_flow(root, targets=['prepare'])
     assert state.is_completed(), state.message
-    rerun = {"right", "report"}
-    assert state_names(task_runs) == {n: ("Completed" if n in rerun else "Skipped") for n in demo.STAGES}
-    new_lines = (root / "run.log").read_text()[len(log_before):]
-    assert sorted(line.split()[0] for line in new_lines.splitlines() if " start " in line) == sorted(rerun)
+    assert state_names(runs) == {'prepare': 'Restored'}
+    assert runs['prepare'].state.message == 'restored from the DVC run-cache'
+    assert (root / 'run.log').read_text() == log_before
 
-    # back to the old input: DVC's run-cache has that run, restores it instead of running
-    (root / "right.txt").write_text("right input v1\n")
-    log_before = (root / "run.log").read_text()
-    state, task_runs = run_flow(root, targets=["right"])
-    assert state.is_completed(), state.message
-    assert state_names(task_runs) == {"prepare": "Skipped", "right": "Restored"}
-    assert (root / "run.log").read_text() == log_before
-
-    # force: everything runs again, even though nothing changed
-    state, task_runs = run_flow(root, targets=["right"], force=True)
-    assert state.is_completed(), state.message
-    assert state_names(task_runs) == {"prepare": "Completed", "right": "Completed"}
+    # force: the stage runs again, though nothing changed
+    state, runs = run_flow(root, targets=['lonely'], force=True)
+    assert state_names(runs) == {'lonely': 'Completed'}
+    assert demo.commands_run(root).count('lonely') == 2
 
 
-def test_failing_stage_stops_its_downstream_only(prefect_api, tmp_path):
-    root = demo.make_project(tmp_path / "proj", fail="left")
-    state, task_runs = run_flow(root)
+def test_a_failing_stage_stops_its_downstream_only(prefect_api, tmp_path):
+    root = demo.make_project(tmp_path / 'proj', fail='left')
+    state, runs = run_flow(root, jobs=2)
 
     assert state.is_failed()
-    assert "left" in state.message
-    left = task_runs["left"].state
+    assert state.message == '1 DVC stage(s) failed: left; not run: train@large, train@small, report'
+    left = runs['left'].state
     assert left.is_failed()
-    assert "DVC stage 'left' failed" in left.message and "exited with code 3" in left.message
-    for name in ("train@small", "train@large", "report"):  # downstream of `left`
-        assert not task_runs[name].state.is_completed() and not task_runs[name].state.is_failed()
-        assert task_runs[name].state.name == "NotReady", (name, task_runs[name].state)
-    for name in ("prepare", "right", "lonely"):  # other branches still ran
-        assert task_runs[name].state.is_completed(), (name, task_runs[name].state)
-    ran = commands_run(root)
-    assert sorted(ran) == ["lonely", "prepare", "right"]  # `left` is `exit 3`: no step.py
+    assert "DVC stage 'left' failed (exit code " in left.message and '`dvc repro` exited with' in left.message
+    assert 'exited with 3' in left.message  # DVC's own words, in the last lines of output
+    for name in ('train@small', 'train@large', 'report'):  # downstream of `left`: never started
+        assert runs[name].state.type.value == 'PENDING' and runs[name].state.name == 'NotReady', name
+        assert runs[name].start_time is None
+    for name in ('prepare', 'right', 'lonely'):  # the other branches ran
+        assert runs[name].state.is_completed(), (name, runs[name].state)
+    assert sorted(demo.commands_run(root)) == ['lonely', 'prepare', 'right']  # `left` is `exit 3`
+    assert experiments(root) == set()  # a failed run is not recorded as an experiment
+    rows = artifacts(state.state_details.flow_run_id)[SUMMARY_KEY].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert {r['stage']: r['outcome'] for r in rows}['report'] == 'not run'
 
 
-def test_retries_and_concurrency(prefect_api, tmp_path):
-    """retries=1 makes a stage that fails once pass; 2 stages at most run at a time."""
-    slow = {"left": 1.0, "right": 1.0, "train@small": 1.0, "train@large": 1.0}
-    root = demo.make_project(tmp_path / "proj", flaky="lonely", sleep=slow)
-    state, task_runs = run_flow(root, max_concurrency=2, retries=1, retry_delay_seconds=0)
+def test_retries_rerun_a_failed_stage(prefect_api, tmp_path):
+    root = demo.make_project(tmp_path / 'proj', flaky='lonely')
+    state, runs = run_flow(root, targets=['lonely'], retries=1, retry_delay_seconds=0)
     assert state.is_completed(), state.message
-    assert task_runs["lonely"].state.is_completed()
-    assert task_runs["lonely"].run_count == 2
-    assert (root / "counter-lonely.txt").read_text() == "2"
-
-    # stage commands (run.log) never more than 2 at a time ...
-    commands: dict[str, list[float]] = {}
-    for name, what, t in demo.read_run_log(root):
-        commands.setdefault(name, [0.0, 0.0])[0 if what == "start" else 1] = t
-    assert peak_overlap(commands.values()) <= 2, commands
-    # ... and the stage tasks (Prefect's start/end times) did run 2 at a time
-    tasks = {n: (tr.start_time.timestamp(), tr.end_time.timestamp()) for n, tr in task_runs.items()}
-    assert peak_overlap(tasks.values()) == 2, tasks
+    assert state_names(runs) == {'lonely': 'Completed'}
+    assert runs['lonely'].run_count == 2
+    assert (root / 'counter-lonely.txt').read_text() == '2'
 
 
-def peak_overlap(intervals) -> int:
-    """Most intervals open at the same time (an end at t closes before a start at t)."""
-    events = sorted((t, delta) for start, end in intervals for t, delta in ((start, 1), (end, -1)))
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
+def test_a_preset_runs_in_its_worktree_and_is_saved_there(prefect_api, tmp_path):
+    root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
+    params_before = (root / 'params.yaml').read_text()
+    state, runs = run_flow(root, preset='tiny', targets=['left'])
+    assert state.is_completed(), state.message
+    assert state_names(runs) == {'prepare': 'Completed', 'left': 'Completed'}
+
+    tree = root / '.presets' / 'tiny'
+    assert (tree / 'data' / 'left.txt').is_file() and (tree / 'dvc.lock').is_file()
+    lock = yaml.safe_load((tree / 'dvc.lock').read_text())
+    assert lock['stages']['prepare']['params']['params.yaml'] == {'seeds': [0, 7]}
+    # the repository itself: untouched
+    assert (root / 'params.yaml').read_text() == params_before
+    assert not (root / 'dvc.lock').exists() and not (root / 'data').exists()
+    assert f'tiny-{slug(flow_run_name(state.state_details.flow_run_id))}' in experiments(tree)
+
+
+def test_cli_with_a_preset_as_make_flow_runs_it(prefect_api, tmp_path):
+    """`python -m flows.pipeline --preset P --target T --jobs J --retries R` (make flow PRESET=P)."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
+    cmd = [sys.executable, '-m', 'flows.pipeline', '--repo', str(root), '--preset', 'tiny']
+    cmd += ['--target', 'lonely', '--jobs', '2', '--retries', '0']
+    res = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=env(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert '| `lonely` | ran |' in res.stdout
+    assert 'recorded as DVC experiment tiny-' in res.stdout
+    assert (root / '.presets' / 'tiny' / 'data' / 'lonely.txt').is_file()
+    assert any(name.startswith('tiny-') for name in experiments(root / '.presets' / 'tiny'))
+
+    bad = subprocess.run(
+        [sys.executable, '-m', 'flows.pipeline', '--repo', str(root), '--target', 'nope'],
+        cwd=tmp_path,
+        env=env(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "no DVC stage named 'nope'" in bad.stdout + bad.stderr

@@ -1,9 +1,11 @@
-"""End to end: `prefect server start` + `python -m flows.pipeline` with PREFECT_API_URL.
+"""End to end: `prefect server start`, the deployment of flows/serve.py, runs started from it.
 
-This is what `make ui` + `make flow` do: a real Prefect server on 127.0.0.1 (own
-PREFECT_HOME and sqlite database under tmp_path), the flow's CLI in a subprocess pointed
-at it, then the flow run, task runs, logs and artifacts read back over the server's REST
-API. The server is always terminated at teardown.
+What `make ui` + `make serve` + *Run* in the UI do: a real Prefect server on a free port of
+127.0.0.1 (own PREFECT_HOME and sqlite database under tmp_path), `python -m flows.serve`
+against it for the demo DVC project, then flow runs created from the deployment with
+parameters (a target; a preset) over the REST API, as the UI does, waited for, and their
+task runs, logs and experiments read back. Every process started here is terminated at
+teardown (SIGTERM, then SIGKILL), whatever happened.
 """
 
 from __future__ import annotations
@@ -14,131 +16,190 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import dvc_demo as demo
 import httpx
 import pytest
+from support import REPO
 
-from flows import testing as demo
+from flows.pipeline import SUMMARY_KEY, slug
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HEALTH_TIMEOUT_S = 90
+RUN_TIMEOUT_S = 180
+DEPLOYMENT = 'dvc-pipeline/dfmsd'
 
 pytestmark = pytest.mark.timeout(400)
 
 
+def when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
+    """SIGTERM to the process group (the process and what it started), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        try:  # the leader is gone: anything left in its group gets the same signal once more
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+    proc.wait()
 
 
-def _base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith('PREFECT_')}
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DVC_NO_ANALYTICS="1",
-        PYTHONUNBUFFERED="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED='false',
+        DVC_NO_ANALYTICS='1',
+        PYTHONUNBUFFERED='1',
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
+        **extra,
     )
     return env
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """`prefect server start` on a free port of 127.0.0.1; yields its API URL."""
-    port = _free_port()
-    env = _base_env(tmp_path / "server-home")
-    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+def _start(cmd: list[str], env: dict, log_path: Path, cwd: Path) -> subprocess.Popen:
+    with log_path.open('wb') as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    api = f"http://127.0.0.1:{port}/api"
+
+
+def _wait(what: str, check, proc: subprocess.Popen, log_path: Path, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f'{what}: the process exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}')
+        try:
+            result = check()
+        except httpx.HTTPError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f'{what}: not after {timeout} s:\n{log_path.read_text()[-4000:]}')
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free port of 127.0.0.1; yields its API URL."""
+    port = _free_port()
+    env = _env(tmp_path / 'server-home', PREFECT_API_DATABASE_CONNECTION_URL=f'sqlite+aiosqlite:///{tmp_path}/p.db')
+    log_path = tmp_path / 'server.log'
+    cmd = [sys.executable, '-m', 'prefect', 'server', 'start', '--host', '127.0.0.1', '--port', str(port)]
+    proc = _start(cmd, env, log_path, tmp_path)
+    api = f'http://127.0.0.1:{port}/api'
     try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {HEALTH_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        _wait(
+            'prefect server healthy',
+            lambda: httpx.get(f'{api}/health', timeout=2).status_code == 200,
+            proc,
+            log_path,
+            HEALTH_TIMEOUT_S,
+        )
         yield api
     finally:
         _stop(proc)
-        assert proc.poll() is not None, "prefect server still running after teardown"
 
 
-def test_flow_runs_are_recorded_by_a_prefect_server(prefect_server, tmp_path):
+@pytest.fixture
+def served(prefect_server, tmp_path):
+    """`python -m flows.serve --repo <demo project>` against the server; yields
+    (API URL, project, deployment id)."""
     api = prefect_server
-    root = demo.make_project(tmp_path / "proj")
-    env = _base_env(tmp_path / "client-home")
-    env["PREFECT_API_URL"] = api
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
+    env = _env(tmp_path / 'serve-home', PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY='1')
+    log_path = tmp_path / 'serve.log'
+    proc = _start([sys.executable, '-m', 'flows.serve', '--repo', str(root)], env, log_path, REPO)
+    try:
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline", "--repo", str(root), "--max-concurrency", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert "| `report` | ran |" in proc.stdout  # the CLI prints the summary
+        def deployment():
+            response = httpx.get(f'{api}/deployments/name/{DEPLOYMENT}', timeout=5)
+            return response.json()['id'] if response.status_code == 200 else None
 
+        yield api, root, _wait('the deployment registered', deployment, proc, log_path, HEALTH_TIMEOUT_S), proc
+    finally:
+        _stop(proc)
+    print(log_path.read_text()[-3000:])  # shown when the test fails
+
+
+def test_runs_started_from_the_deployment(served, tmp_path):
+    api, root, deployment_id, serve = served
     with httpx.Client(base_url=api, timeout=30) as http:
-        flows = http.post("/flows/filter", json={}).json()
-        assert [f["name"] for f in flows] == ["dvc-pipeline"]
-        flow_runs = http.post("/flow_runs/filter", json={}).json()
-        assert len(flow_runs) == 1
-        flow_run = flow_runs[0]
-        assert flow_run["state_type"] == "COMPLETED", flow_run["state"]
+        deployment = http.get(f'/deployments/{deployment_id}').json()
+        assert deployment['parameters']['repo_dir'] == str(root)
+        schema = deployment['parameter_openapi_schema']['properties']
+        assert {'preset', 'targets', 'jobs', 'retries', 'force'} <= set(schema)
 
-        task_runs = http.post(
-            "/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
-        ).json()
-        assert sorted(tr["name"] for tr in task_runs) == sorted(demo.STAGES)
-        assert {tr["state_type"] for tr in task_runs} == {"COMPLETED"}
+        # as the UI's "Custom run" does: one plain run, one of a preset; one at a time (global limit 1)
+        params = [{'targets': ['lonely']}, {'preset': 'tiny', 'targets': ['prepare'], 'jobs': 1}]
+        ids = []
+        for p in params:
+            response = http.post(f'/deployments/{deployment_id}/create_flow_run', json={'parameters': p})
+            assert response.status_code == 201, response.text
+            ids.append(response.json()['id'])
 
-        # stage output streamed into the task logs
-        by_name = {tr["name"]: tr["id"] for tr in task_runs}
-        logs = http.post(
-            "/logs/filter", json={"logs": {"task_run_id": {"any_": [by_name["train@small"]]}}, "limit": 200}
-        ).json()
-        messages = [entry["message"] for entry in logs]
-        assert any("[train@small] done" in m for m in messages), messages
+        def finished():
+            runs = [http.get(f'/flow_runs/{i}').json() for i in ids]
+            return (
+                runs
+                if all(r['state']['type'] in ('COMPLETED', 'FAILED', 'CRASHED', 'CANCELLED') for r in runs)
+                else None
+            )
 
-        artifacts = http.post("/artifacts/filter", json={}).json()
-        keys = {a["key"] for a in artifacts}
-        assert {"report-results", "metrics-report", "dvc-pipeline-summary"} <= keys
+        plain, preset = _wait('the flow runs finished', finished, serve, tmp_path / 'serve.log', RUN_TIMEOUT_S)
+        for run in (plain, preset):
+            assert run['state']['type'] == 'COMPLETED', run['state']
+        assert preset['parameters']['preset'] == 'tiny' and preset['parameters']['repo_dir'] == str(root)
+        first, second = sorted([when(r['start_time']), when(r['end_time'])] for r in (plain, preset))
+        assert first[1] <= second[0], (first, second)  # the deployment's concurrency limit: one at a time
 
-        # and the UI is served next to the API
-        assert http.get(api.removesuffix("/api") + "/").status_code == 200
+        for run, stage in ((plain, 'lonely'), (preset, 'prepare')):
+            task_runs = http.post('/task_runs/filter', json={'flow_runs': {'id': {'any_': [run['id']]}}}).json()
+            assert [(tr['name'], tr['state']['name']) for tr in task_runs] == [(stage, 'Completed')]
+            logs = http.post(
+                '/logs/filter', json={'logs': {'task_run_id': {'any_': [task_runs[0]['id']]}}, 'limit': 200}
+            ).json()
+            assert any(f'[{stage}] done' in entry['message'] for entry in logs), logs  # the stage's own output
+            found = http.post('/artifacts/filter', json={'artifacts': {'flow_run_id': {'any_': [run['id']]}}}).json()
+            assert SUMMARY_KEY in {a['key'] for a in found}
+
+        # the UI is served next to the API
+        assert http.get(api.removesuffix('/api') + '/').status_code == 200
+
+    tree = root / '.presets' / 'tiny'
+    assert (root / 'data' / 'lonely.txt').is_file() and (tree / 'data' / 'prepared' / 'a.txt').is_file()
+    assert not (root / 'data' / 'prepared').exists()  # the preset's stage ran in its worktree only
+    for where, prefix, run in ((root, 'flow', plain), (tree, 'tiny', preset)):
+        listed = subprocess.run(
+            [sys.executable, '-m', 'dvc', 'exp', 'show', '--json'],
+            cwd=where,
+            env=demo.dvc_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f'"{prefix}-{slug(run["name"])}"' in listed

@@ -4,9 +4,9 @@
 stderr and exit status 2, with no traceback (``DFMSD_TRACEBACK=1`` shows it).
 
 With ``DFMSD_AUDIT=<dir>``, the command also records which files under the repository it
-opened and which project modules it imported, in ``<dir>/<stage>.json``; the test of
-dvc.yaml's declarations (tests/test_dvc_declarations.py) compares them with each stage's
-``deps``.
+opened and which project modules it imported, in ``<dir>/<stage>.<pid>.json`` (a stage may
+run as several processes: see dfmsd.core.runs); the test of dvc.yaml's declarations
+(tests/test_pipeline.py) compares them with each stage's ``deps``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
     def hook(event: str, args: tuple) -> None:
         if event == 'open' and isinstance(args[0], (str, bytes, os.PathLike)):
             mode = args[1] if len(args) > 1 and isinstance(args[1], str) else 'r'
-            if any(c in mode for c in 'wax+'):
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            if any(c in mode for c in 'wax+') or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
                 return
             try:
                 path = Path(os.fsdecode(args[0])).resolve()
@@ -52,7 +53,7 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
                   'modules': sorted(modules)}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         name = _stage_label().replace('/', '_').replace(':', '_')
-        (Path(out_dir) / f'{name}.json').write_text(json.dumps(record, indent=1))
+        (Path(out_dir) / f'{name}.{os.getpid()}.json').write_text(json.dumps(record, indent=1))
 
     return finish
 

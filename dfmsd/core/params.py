@@ -1,13 +1,12 @@
 """params.yaml: one schema, validated once up front, read by each stage as declared.
 
-    python -m dfmsd.core.params [params.yaml] [--preset NAME]   # validate; exit 2 with key paths
+    python -m dfmsd.check [params.yaml] [--preset NAME]   # validate; exit 2 with key paths
 
 Two ways in:
 
 * :func:`load_params` validates a whole params file (types, ranges, cross-references) with
-  pydantic and returns a :class:`Params`. ``make repro`` and ``make flow`` run it before DVC
-  touches any output; :func:`check_buildable` then checks what needs mmdet (loss types and
-  their arguments, config files).
+  pydantic and returns a :class:`Params`. ``make repro`` and ``make flow`` run it
+  (``python -m dfmsd.check``, which also checks what needs mmdet) before DVC touches any output.
 * :func:`stage_params` is how a stage command reads params: ``dvc.api.params_show`` with the
   stage's own name (``DVC_STAGE``, set by DVC and by ``flows.runner``), so a stage sees only
   the keys its ``params:`` list in dvc.yaml declares. Reading anything else fails.
@@ -59,11 +58,16 @@ class Data(Strict):
     splits: dict[Literal['train', 'val', 'test'], Split]
     synthetic: Synthetic = Synthetic()
 
+    @field_validator('splits')
+    @classmethod
+    def _all_splits(cls, value):
+        missing = [s for s in SPLITS if s not in value]
+        if missing:
+            raise ValueError(f"needs {', '.join(SPLITS)}; missing {', '.join(missing)}")
+        return value
+
     @model_validator(mode='after')
     def _splits(self) -> Data:
-        missing = [s for s in SPLITS if s not in self.splits]
-        if missing:
-            raise ValueError(f"splits needs train, val and test; missing {', '.join(missing)}")
         if self.generate:
             uncounted = [s for s in SPLITS if self.splits[s].images is None]
             if uncounted:
@@ -82,6 +86,8 @@ class Detector(Strict):
     width: PositiveInt | None = None
     fpn_channels: PositiveInt | None = None
     lr: PositiveFloat | None = Field(None, description="this model's learning rate (default: train.lr)")
+    pretrained: bool = Field(True, description="false: no pretrained weights from the config's init_cfg "
+                                               '(e.g. an offline machine)')
 
     @model_validator(mode='after')
     def _widths(self) -> Detector:
@@ -109,15 +115,22 @@ class LocalTeacher(Strict):
 Teacher = TrainedTeacher | ZooTeacher | LocalTeacher
 
 
+TEACHER_KINDS = ('config + iters (trained here)', 'zoo (an mmdet model-zoo name)',
+                 'config + checkpoint + sha256 (a local checkpoint)')
+
+
 def _teacher(value: Any) -> Any:
     """Pick the teacher kind by its keys, so that errors speak of one kind only."""
-    if isinstance(value, dict):
-        if 'zoo' in value:
-            return ZooTeacher.model_validate(value)
-        if 'checkpoint' in value:
-            return LocalTeacher.model_validate(value)
-        return TrainedTeacher.model_validate(value)
-    return value
+    if isinstance(value, (TrainedTeacher, ZooTeacher, LocalTeacher)):
+        return value
+    if not isinstance(value, dict) or not {'zoo', 'checkpoint', 'config'} & set(value):
+        got = f'keys {", ".join(map(str, value))}' if isinstance(value, dict) else repr(value)
+        raise ValueError(f"no known teacher kind ({got}); give one of: {'; '.join(TEACHER_KINDS)}")
+    if 'zoo' in value:
+        return ZooTeacher.model_validate(value)
+    if 'checkpoint' in value:
+        return LocalTeacher.model_validate(value)
+    return TrainedTeacher.model_validate(value)
 
 
 def teacher(value: Any, where: str) -> TrainedTeacher | ZooTeacher | LocalTeacher:
@@ -125,7 +138,9 @@ def teacher(value: Any, where: str) -> TrainedTeacher | ZooTeacher | LocalTeache
     try:
         return _teacher(value)
     except ValidationError as err:
-        raise ParamsError(format_errors(err, f'params.yaml: {where}').replace(': (top): ', ': ')) from None
+        raise ParamsError(format_errors(err, 'params.yaml', where)) from None
+    except ValueError as err:
+        raise ParamsError(f'params.yaml: {where}: {err}') from None
 
 
 class Pair(Strict):
@@ -147,6 +162,8 @@ class Train(Strict):
     teacher_seed: NonNegativeInt = 0
     auto_scale_lr: bool = False
     base_batch_size: PositiveInt | None = None
+    trackers: list[Literal['dvclive', 'tensorboard']] = Field(
+        ['dvclive'], description="live training scalars in the run's work dir, besides mmengine's own")
 
     @field_validator('optimizer')
     @classmethod
@@ -171,7 +188,7 @@ class Launch(Strict):
 
 # ---------------------------------------------------------------- methods
 class Loss(BaseModel):
-    """A registered loss: ``type`` plus its keyword arguments (checked by check_buildable)."""
+    """A registered loss: ``type`` plus its keyword arguments (checked by dfmsd.check)."""
     model_config = ConfigDict(extra='allow', frozen=True)
     type: str
     loss_weight: NonNegativeFloat | None = None
@@ -221,6 +238,15 @@ class Evaluate(Strict):
     score_thr: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
+class Figures(Strict):
+    """Which run the method figures (stage `figures`) show: a SAL method's final student."""
+    pair: str
+    student: str
+    method: str
+    seed: NonNegativeInt = 0
+    images: PositiveInt = 3
+
+
 class Report(Strict):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     split: Literal['val', 'test'] = 'test'
@@ -241,6 +267,7 @@ class Params(Strict):
     me: ME = ME()
     evaluate: Evaluate = Evaluate()
     report: Report = Report()
+    figures: Figures
 
     @field_validator('seeds')
     @classmethod
@@ -256,10 +283,17 @@ class Params(Strict):
                 if not NAME.match(name):
                     raise ValueError(f'{group}.{name}: names must match {NAME.pattern} '
                                      f'(they become DVC stage names and paths)')
+        f = self.figures
+        if f.pair not in self.pairs or f.student not in self.students or f.method not in self.sal_methods \
+                or f.seed not in self.seeds:
+            raise ValueError(f'figures: pair, student, seed and method must name a pair, a student, a seed and a '
+                             f'sal_methods entry of this grid (got {f.pair}, {f.student}, {f.seed}, {f.method})')
         names = [n for g in METHOD_GROUPS for n in getattr(self, g)]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
-            raise ValueError(f"method names must be unique across {', '.join(METHOD_GROUPS)}: {clash}")
+            paths = [f'{g}.{n}' for n in clash for g in METHOD_GROUPS if n in getattr(self, g)]
+            raise ValueError(f"{', '.join(paths)}: method names must be unique across "
+                             f"{', '.join(METHOD_GROUPS)}")
         if not names:
             raise ValueError(f"no method: give at least one of {', '.join(METHOD_GROUPS)}")
         for group in METHOD_GROUPS:
@@ -268,9 +302,14 @@ class Params(Strict):
                     raise ValueError(f'{group}.{name}.ablation_of: no method {method.ablation_of!r} '
                                      f"(known: {', '.join(sorted(names))})")
                 has_views = group == 'me_methods' or (group == 'sal_methods' and method.me_stages)
-                if bool(method.aug_loss_weight) != bool(has_views):
-                    raise ValueError(f'{group}.{name}: ME views (me_methods, or me_stages of a SAL method) '
-                                     f'and aug_loss_weight > 0 go together')
+                if method.aug_loss_weight and not has_views:
+                    views = 'me_stages is empty' if group == 'sal_methods' else f'{group} have none'
+                    raise ValueError(f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight} > 0 weights the '
+                                     f'loss of ME views, but {views} (ME views: me_methods, or me_stages of '
+                                     f'a SAL method)')
+                if has_views and not method.aug_loss_weight:
+                    raise ValueError(f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight}, but this method '
+                                     f'makes ME views: give it a weight > 0 (or no ME views)')
         return self
 
     def methods_of(self, group: str) -> dict[str, Method]:
@@ -284,12 +323,18 @@ def _location(loc: tuple) -> str:
     return '.'.join(p for p in parts if p not in {'TrainedTeacher', 'ZooTeacher', 'LocalTeacher'}) or '(top)'
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, prefix: str = '') -> str:
+    """One ``<source>: <key path>: <problem> (got <value>)`` line per error; ``prefix`` is the key
+    path of the validated section (``train``, ``pairs.<pair>.weak``)."""
     lines = []
     for e in err.errors():
         got = e.get('input')
-        shown = '' if isinstance(got, (dict, list)) or got is None else f' (got {got!r})'
-        lines.append(f'{source}: {_location(e["loc"])}: {e["msg"]}{shown}')
+        shown = '' if isinstance(got, (dict, list)) or got is None or e['type'] == 'value_error' \
+            else f' (got {got!r})'
+        loc = _location(e['loc'])
+        where = '.'.join(part for part in (prefix, '' if loc == '(top)' else loc) if part)
+        message = e['msg'].removeprefix('Value error, ')
+        lines.append(f'{source}: {where}: {message}{shown}' if where else f'{source}: {message}{shown}')
     return '\n'.join(lines)
 
 
@@ -322,7 +367,7 @@ def section(model: type[BaseModel], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ParamsError(format_errors(err, f'params.yaml: {where}').replace(': (top): ', ': ')) from None
+        raise ParamsError(format_errors(err, 'params.yaml', where)) from None
 
 
 def stage_name() -> str:
@@ -349,64 +394,3 @@ def lookup(params: dict[str, Any], dotted: str) -> Any:
                               f'(declare it in dvc.yaml, or add it to params.yaml)')
         node = node[part]
     return node
-
-
-# ---------------------------------------------------------------- deep checks (mmdet)
-def check_buildable(params: Params, source: str = 'params.yaml') -> None:
-    """What the schema cannot see without mmdet: config files and loss types/arguments."""
-    import inspect
-
-    from dfmsd.engine.configs import resolve_config
-    from dfmsd.models import losses  # noqa: F401  (registers them)
-    from mmdet.registry import MODELS
-    for pair_name, pair in params.pairs.items():
-        for role in ROLES:
-            teacher = getattr(pair, role)
-            if not isinstance(teacher, ZooTeacher):
-                resolve_config(teacher.config, f'pairs.{pair_name}.{role}.config')
-    for name, student in params.students.items():
-        resolve_config(student.config, f'students.{name}.config')
-    for group in METHOD_GROUPS:
-        for name, method in getattr(params, group).items():
-            for loss_name, loss in method.losses.items():
-                where = f'{source}: {group}.{name}.losses.{loss_name}'
-                cls = MODELS.module_dict.get(loss.type)
-                if cls is None or not getattr(cls, 'is_distill_loss', False):
-                    from dfmsd.models.losses import LOSS_TYPES
-                    raise ParamsError(f"{where}.type: unknown loss {loss.type!r} (known: {', '.join(LOSS_TYPES)})")
-                accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'student_channels',
-                                                                             'teacher_channels'}
-                extra = sorted(set(loss.model_dump(exclude_none=True)) - {'type'} - accepted)
-                if extra:
-                    raise ParamsError(f"{where}: {loss.type} takes no {', '.join(extra)} "
-                                      f"(it takes: {', '.join(sorted(accepted))})")
-            if method.aug_loss_weight:
-                from dfmsd.models.losses import MaskedReconstructionLoss
-                if not any(issubclass(MODELS.module_dict[loss.type], MaskedReconstructionLoss)
-                           for loss in method.losses.values()):
-                    raise ParamsError(f'{source}: {group}.{name}.aug_loss_weight: the ME loss reuses a masked '
-                                      f'reconstruction loss (DMKDLoss, MGDLoss, AMDLoss); this method has none')
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog='python -m dfmsd.core.params', description=__doc__.splitlines()[0])
-    parser.add_argument('params', nargs='?', default=str(DEFAULT_PARAMS))
-    parser.add_argument('--shallow', action='store_true', help='schema only (no mmdet import)')
-    args = parser.parse_args(argv)
-    from dfmsd.core.errors import EXIT_CODE, DfmsdError
-    try:
-        params = load_params(args.params)
-        if not args.shallow:
-            check_buildable(params, args.params)
-    except DfmsdError as err:
-        print(f'error [params]: {err}', file=sys.stderr)
-        return EXIT_CODE
-    methods = sum(len(getattr(params, g)) for g in METHOD_GROUPS)
-    print(f'[params] {args.params}: valid ({len(params.seeds)} seeds, {len(params.pairs)} pair(s), '
-          f'{len(params.students)} student(s), {methods} method(s))')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

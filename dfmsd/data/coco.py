@@ -84,8 +84,8 @@ def _number(value: Any) -> bool:
 def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bool = True) -> dict:
     """Load a COCO detection annotation file and check it fully against ``img_dir``.
 
-    Checks: valid JSON; ``images``, ``annotations`` and ``categories`` lists; unique ids;
-    each image has an integer id, a file name and positive width/height; each
+    Checks: valid JSON; ``images``, ``annotations`` and ``categories`` lists; integer ids,
+    unique within each list; each image has a file name and positive width/height; each
     annotation names a known image and category and has a finite bbox of positive size
     inside its image (``BOX_TOLERANCE`` px of slack); and, with ``check_images``, every
     image file exists, decodes, and has the size its entry says. Returns the loaded dict.
@@ -106,13 +106,25 @@ def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bo
             raise DatasetError(f"{ann_file}: image {img['id']} needs file_name and positive integer "
                                f'width and height')
         images[img['id']] = img
-    categories = {c.get('id') for c in data['categories'] if isinstance(c, dict)}
+    categories: set[Any] = set()
+    for cat in data['categories']:
+        if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
+            raise DatasetError(f'{ann_file}: category entry without an integer id: {str(cat)[:80]}')
+        if cat['id'] in categories:
+            raise DatasetError(f"{ann_file}: category id {cat['id']} appears twice")
+        categories.add(cat['id'])
     if not categories:
         raise DatasetError(f'{ann_file}: no categories')
+    annotation_ids: set[Any] = set()
     for ann in data['annotations']:
         if not isinstance(ann, dict):
             raise DatasetError(f'{ann_file}: annotation entry is not an object: {str(ann)[:80]}')
-        where = f"{ann_file}: annotation {ann.get('id')}"
+        if not isinstance(ann.get('id'), int):
+            raise DatasetError(f'{ann_file}: annotation entry without an integer id: {str(ann)[:80]}')
+        if ann['id'] in annotation_ids:
+            raise DatasetError(f"{ann_file}: annotation id {ann['id']} appears twice")
+        annotation_ids.add(ann['id'])
+        where = f"{ann_file}: annotation {ann['id']}"
         img = images.get(ann.get('image_id'))
         if img is None:
             raise DatasetError(f"{where} references unknown image_id {ann.get('image_id')}")

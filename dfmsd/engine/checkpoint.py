@@ -49,11 +49,21 @@ def load_weights(path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0][:200]
+        reason = _load_failure(err)
         raise CheckpointError(
             f'{what} {path} cannot be loaded as model weights ({type(err).__name__}: {reason}). It is damaged, '
-            f'or not a weights file: restore it with `dvc checkout {path}` or rebuild it with `dvc repro`; '
+            f'or not a weights file: restore it with `dvc checkout --force {path}` or rebuild it with `dvc repro`; '
             f'a downloaded file is fetched again when its hash does not match') from None
+
+
+def _load_failure(err: BaseException) -> str:
+    """torch's reason for refusing a file, without its advice to retry with weights_only=False
+    (which would run whatever code the file holds): the lines that name weights_only go."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if 'weights_only' not in line]
+    if len(kept) < len(lines):
+        kept = ['not plain weights' + (f': {kept[0]}' if kept else '')]
+    return (kept[0] if kept else type(err).__name__)[:200]
 
 
 def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -91,6 +91,10 @@ def point_at_dataset(cfg: Config, data: Data, *, test_split: str = 'val') -> Non
 def detector_config(spec: Detector, data: Data, where: str) -> Config:
     """The model and data of one detector entry (no schedule yet)."""
     cfg = Config.fromfile(resolve_config(spec.config, f'{where}.config'))
+    if not spec.pretrained:
+        for part in cfg.model.values():
+            if isinstance(part, dict):
+                part.pop('init_cfg', None)
     if spec.depth is not None:
         _set_backbone_widths(cfg.model, spec.depth, spec.width, spec.fpn_channels)
     point_at_dataset(cfg, data)
@@ -127,6 +131,10 @@ def set_schedule(cfg: Config, train: Train, iters: int, *, lr: float | None = No
                                         by_epoch=False, max_keep_ckpts=2, save_last=True)
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=max(1, min(20, iters // 10)))
     cfg.default_hooks.pop('visualization', None)  # no image dumps during training
+    backends = {'dvclive': dict(type='QuietDVCLiveVisBackend'),
+                'tensorboard': dict(type='TensorboardVisBackend')}
+    if cfg.get('visualizer'):  # LocalVisBackend's scalars.json feeds the committed loss log
+        cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')] + [backends[t] for t in train.trackers]
     if cfg.get('log_processor'):  # model-zoo configs log per epoch; the loop counts iterations
         cfg.log_processor.by_epoch = False
     cfg.custom_hooks = [dict(type='DivergenceGuard', patience=3)] + [

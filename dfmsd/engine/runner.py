@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from mmengine.config import Config
 from mmengine.logging import MMLogger
@@ -42,9 +43,23 @@ class ConciseRunner(Runner):
                          f'seed {self.seed}, deterministic {self._deterministic}, world size {self.world_size}')
 
 
+#: cuBLAS's deterministic workspace setting (torch's reproducibility notes).
+CUBLAS_DETERMINISTIC = ':4096:8'
+
+
+def allow_deterministic_cublas(cfg: Config) -> None:
+    """``randomness.deterministic`` (every config of ours) makes mmengine call
+    ``torch.use_deterministic_algorithms(True)``, under which every cuBLAS call on a GPU
+    (GFL's integral, DMKD's SE block, Swin's attention) raises unless CUBLAS_WORKSPACE_CONFIG
+    is set; torch reads it at each call, and cuBLAS before its first handle, i.e. here."""
+    if (cfg.get('randomness') or {}).get('deterministic'):
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)
+
+
 def build_runner(cfg: Config) -> Runner:
     """A Runner whose visualizer is its own: mmengine reuses a global visualizer by name,
     which would keep writing into an earlier runner's (possibly deleted) work dir."""
+    allow_deterministic_cublas(cfg)
     if cfg.get('visualizer'):
         cfg.visualizer.pop('name', None)  # defaults to the runner's unique experiment name
     return ConciseRunner.from_cfg(cfg)

@@ -11,7 +11,8 @@ A run lives in ``work_dirs/<run>-<config digest>/`` until it is exported:
 
 Exported (``out_dir``): ``model.pth`` (plain weights + ``meta.dataset_meta``), ``model.py``
 (its config, for stock mmdet), ``train.py`` (the full training config, runnable by mmdet's tools/train.py),
-``run.json`` (what the run is, and what it cost: iterations, images seen, ME views,
+``losses.pth`` (a distillation's learnt loss modules, plain tensors), ``run.json`` (what the
+run is, and what it cost: iterations, images seen, ME views,
 images through the teacher) and, for a SAL
 stage, ``state.pth`` (+ ``.sha256``): the resumable training state the next stage continues.
 """
@@ -158,12 +159,16 @@ def export(final: Path, work_dir: Path, *, out_dir: str | Path, train_cfg: Confi
         'config_digest': work_dir.name.rsplit('-', 1)[-1],
         'threads': torch.get_num_threads(),
     }
+    if 'distilled_strides' in state:  # the FPN levels the distiller used
+        record['strides'] = [int(s) for s in state['distilled_strides'].tolist()]
     classes = dataset_classes(Path(student_cfg.train_dataloader.dataset.data_root,
                                    student_cfg.train_dataloader.dataset.ann_file))
     export_plain_checkpoint(state, out_dir / 'model.pth', prefix=prefix,
                             meta={'iters': iters, 'dataset_meta': {'classes': list(classes)}})
-    single_process_config(student_cfg).dump(str(out_dir / 'model.py'))
-    single_process_config(_rerunnable(train_cfg)).dump(str(out_dir / 'train.py'))
+    _stock(student_cfg).dump(str(out_dir / 'model.py'))
+    _rerunnable(train_cfg).dump(str(out_dir / 'train.py'))
+    if any(k.startswith('losses.') for k in state):  # the distiller's learnt loss modules (DMKD's G, SE...)
+        export_plain_checkpoint(state, out_dir / 'losses.pth', prefix='losses.')
     if keep_state:
         shutil.copyfile(final, out_dir / 'state.pth')
         record_hash(out_dir / 'state.pth')
@@ -172,13 +177,39 @@ def export(final: Path, work_dir: Path, *, out_dir: str | Path, train_cfg: Confi
     return record
 
 
+#: What makes mmengine import the project's registered types (loop, hooks, trackers, distiller).
+PROJECT_IMPORTS = dict(imports=['dfmsd.models'], allow_failed_imports=False)
+
+
 def _rerunnable(cfg: Config) -> Config:
-    """The training config as stock tools/train.py takes it: no work dir or resume of ours."""
+    """The training config as stock tools/train.py takes it: no work dir or resume of ours, and
+    ``custom_imports`` for the project's types (a baseline's config names our loop and hooks too)."""
     out = copy.deepcopy(cfg)
     for key in ('work_dir', 'resume', 'load_from'):
         out.pop(key, None)
     if out.default_hooks.checkpoint.get('type') == 'HashedCheckpointHook':
         out.default_hooks.checkpoint.type = 'CheckpointHook'
+    out.custom_imports = out.get('custom_imports') or PROJECT_IMPORTS
+    return single_process_config(out)
+
+
+def _ours(registry, name: str) -> bool:
+    found = registry.get(name)
+    return found is not None and found.__module__.startswith('dfmsd.')
+
+
+def _stock(cfg: Config) -> Config:
+    """The student's config as stock mmdet takes it (``model.py``: init_detector, tools/test.py):
+    without the project's types, which only its training used (loop, hooks, trackers)."""
+    from mmdet.registry import HOOKS, LOOPS, VISBACKENDS
+    out = single_process_config(copy.deepcopy(cfg))
+    out.pop('custom_imports', None)
+    out.custom_hooks = [h for h in out.get('custom_hooks') or [] if not _ours(HOOKS, h['type'])]
+    if out.get('visualizer'):
+        out.visualizer.vis_backends = [b for b in out.visualizer.get('vis_backends') or []
+                                       if not _ours(VISBACKENDS, b['type'])]
+    if out.get('train_cfg') and _ours(LOOPS, out.train_cfg.get('type', '')):  # StagedIterBasedTrainLoop
+        out.train_cfg = dict({k: v for k, v in out.train_cfg.items() if k != 'stop_at'}, type='IterBasedTrainLoop')
     return out
 
 

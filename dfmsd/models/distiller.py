@@ -38,12 +38,14 @@ from torch import nn
 
 from dfmsd.core.errors import DistillError
 from dfmsd.models.losses.common import MaskedReconstructionLoss
+from dfmsd.models.losses.heads import dense_head
 
 
 def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> nn.Module:
     """Frozen detector in eval mode; the checkpoint must match the config exactly."""
     from dfmsd.engine.checkpoint import load_model_weights
-    cfg = Config(config) if isinstance(config, (dict, Config)) else Config.fromfile(str(config))
+    cfg = (config if isinstance(config, Config) else Config(config) if isinstance(config, dict)
+           else Config.fromfile(str(config)))
     teacher = MODELS.build(cfg.model)
     if checkpoint is not None:
         load_model_weights(teacher, checkpoint, what='teacher')
@@ -53,16 +55,23 @@ def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> n
     return teacher
 
 
+#: Side (px) of the blank image the strides are read from: a power of two, so that every level up
+#: to stride STRIDE_PROBE / 2 has a whole number (>= 2) of cells. At the training size itself
+#: size / cells is no stride: P6 and P7 of a 64 px image both have one cell, and 800 px gives 62, 114.
+STRIDE_PROBE = 512
+
+
 @torch.no_grad()
 def probe_fpn(model: nn.Module, size: int) -> list[tuple[int, int, int]]:
-    """(stride, channels, cells along the shorter side) of each FPN level, from one forward
-    pass on a blank size x size image."""
+    """(stride, channels, cells along the shorter side at ``size``) of each FPN level, from
+    forward passes on blank images (STRIDE_PROBE px for the strides, size x size for the cells)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats = model.extract_feat(torch.zeros(1, 3, size, size, device=device))
+    wide = model.extract_feat(torch.zeros(1, 3, STRIDE_PROBE, STRIDE_PROBE, device=device))
     model.train(was_training)
-    return [(round(size / f.shape[-1]), f.shape[1], min(f.shape[-2:])) for f in feats]
+    return [(round(STRIDE_PROBE / w.shape[-1]), f.shape[1], min(f.shape[-2:])) for f, w in zip(feats, wide)]
 
 
 def match_levels(student_levels, teacher_levels, min_cells: int) -> list[dict[str, int]]:
@@ -151,6 +160,9 @@ class StageDistiller(BaseDetector):
         self.aug_loss_weight = float(aug_loss_weight)
         self.aug_loss_name = self._reconstruction_loss_name() if self.aug_loss_weight else None
         self.needs = frozenset().union(*(self._modules_of(m)[0].needs for m in self.losses.values()))
+        for role, model in (('student', self.student), ('teacher', self.teacher)):
+            if f'{role}_head' in self.needs:  # refuse a two-stage model at build time, not mid-run
+                dense_head(model, role)
         # what the row cost: original images, ME views, images through the teacher
         for name in ('images_seen', 'views_seen', 'teacher_images'):
             self.register_buffer(name, torch.zeros((), dtype=torch.int64))

@@ -1,0 +1,415 @@
+"""A reviewer's check of the checked-out commit: pull its outputs, bring the pipeline up to
+date, and compare every metrics file with the committed one.
+
+    python -m flows.review [--repo .] [--rebuild] [--jobs 2] [--verbose]    (what `make review` runs)
+
+1. ``dvc pull`` from the default DVC remote (models, predictions: everything DVC caches).
+   First the remote is checked: a configured default, a directory that exists, or an SSH
+   server that answers, whose host key is in ``~/.ssh/known_hosts`` (DVC's SSH remote does
+   not check host keys itself) and that accepts the configured login. When there is no
+   remote, or it cannot be reached, or the pull fails, the command says why, how to set one
+   up (docs/reviewing.md), and offers the rebuild: ``--rebuild`` reruns the pipeline from the
+   commit's code and params instead, which gives byte-identical results.
+2. ``flows.runner`` brings every stage up to date. After a pull nothing should run except the
+   stages whose outputs DVC does not cache (``data``: the synthetic set regenerates
+   byte-identically in seconds); the command lists what ran.
+3. Every ``metrics/**/*.json`` and ``reports/summary.json`` is compared byte for byte with
+   the commit's (``git show HEAD:<path>``).
+
+Exit status: 0 reproduced; 1 not reproduced (a metrics file differs, is missing or is new, or
+a stage failed); 2 nothing to pull (no remote, unreachable, pull failed) without
+``--rebuild``, or a set-up problem (not a git + DVC checkout, invalid params).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dfmsd.core.errors import EXIT_CODE
+from flows import runner
+
+#: What the verdict compares: every metrics file in git.
+METRICS_DIR = 'metrics'
+SUMMARY = 'reports/summary.json'
+#: Seconds to wait for a remote to answer.
+CONNECT_TIMEOUT = 10
+REBUILD_HINT = 'python -m flows.review --rebuild   (make review REBUILD=1)'
+
+
+def say(message: str = '') -> None:
+    for line in message.splitlines() or ['']:
+        print(f'[review] {line}' if line else '[review]', flush=True)
+
+
+class ReviewError(Exception):
+    """A set-up problem the reviewer must fix (exit status 2)."""
+
+
+# ---------------------------------------------------------------- git
+def git(root: Path, *args: str, text: bool = True) -> str | bytes:
+    res = subprocess.run(['git', *args], cwd=root, capture_output=True, text=text)
+    if res.returncode != 0:
+        err = res.stderr if text else res.stderr.decode(errors='replace')
+        raise ReviewError(f'`git {" ".join(args)}` failed: {err.strip()}')
+    return res.stdout
+
+
+def is_metrics_file(path: str) -> bool:
+    return path == SUMMARY or (path.startswith(f'{METRICS_DIR}/') and path.endswith('.json'))
+
+
+def committed_metrics(root: Path) -> list[str]:
+    listed = git(root, 'ls-tree', '-r', '-z', '--name-only', 'HEAD', '--', METRICS_DIR, SUMMARY)
+    return sorted(p for p in listed.split('\0') if p and is_metrics_file(p))
+
+
+def workspace_metrics(root: Path) -> list[str]:
+    found = [p.relative_to(root).as_posix() for p in (root / METRICS_DIR).rglob('*.json') if p.is_file()]
+    return sorted(found + ([SUMMARY] if (root / SUMMARY).is_file() else []))
+
+
+def _leaves(value, prefix: str = '') -> dict[str, object]:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_leaves(item, f'{prefix}.{key}' if prefix else str(key)))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_leaves(item, f'{prefix}[{i}]'))
+        return out
+    return {prefix: value}
+
+
+def describe_difference(old: bytes, new: bytes, limit: int = 3) -> str:
+    """The first few keys whose values differ (JSON), or the sizes."""
+    try:
+        a, b = _leaves(json.loads(old)), _leaves(json.loads(new))
+    except ValueError:
+        return f'{len(old)} bytes committed, {len(new)} bytes now'
+    keys = [k for k in {**a, **b} if a.get(k, '(absent)') != b.get(k, '(absent)')]
+    if not keys:
+        return 'same values, different bytes (formatting)'
+    shown = ', '.join(f'{k}: {a.get(k, "(absent)")} -> {b.get(k, "(absent)")}' for k in keys[:limit])
+    return shown + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def compare_metrics(root: Path) -> tuple[list[str], list[str]]:
+    """(identical files, one line per file that differs from HEAD)."""
+    committed, present = committed_metrics(root), workspace_metrics(root)
+    same, differ = [], []
+    for path in sorted(set(committed) | set(present)):
+        if path not in present:
+            differ.append(f'{path}: missing (the commit has it)')
+        elif path not in committed:
+            differ.append(f'{path}: not in the commit')
+        else:
+            old = git(root, 'show', f'HEAD:{path}', text=False)
+            new = (root / path).read_bytes()
+            if old == new:
+                same.append(path)
+            else:
+                differ.append(f'{path}: differs ({describe_difference(old, new)})')
+    return same, differ
+
+
+# ---------------------------------------------------------------- the DVC remote
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'dvc', *args],
+        cwd=root,
+        env=runner.subprocess_env(root),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def dvc_config(root: Path) -> dict[str, str]:
+    """DVC's merged config (system, global, project, ``--local``), later levels winning."""
+    res = dvc(root, 'config', '--list', '--show-origin')
+    if res.returncode != 0:
+        raise ReviewError(f'`dvc config --list` failed: {(res.stderr or res.stdout).strip()}')
+    config = {}
+    for line in res.stdout.splitlines():
+        entry = line.split('\t', 1)[-1]
+        if '=' in entry:
+            key, value = entry.split('=', 1)
+            config[key.strip()] = value.strip()
+    return config
+
+
+def remote_problem(root: Path, config: dict[str, str]) -> tuple[str | None, str | None]:
+    """(the default remote's name, None) when it can be pulled from, else (name, why not)."""
+    name = config.get('core.remote')
+    if not name:
+        remotes = sorted({k.split('.')[1] for k in config if k.startswith('remote.') and k.endswith('.url')})
+        if remotes:
+            return None, (
+                f'no default DVC remote is set (configured: {", ".join(remotes)}; '
+                f'make one the default: dvc remote default --local {remotes[0]})'
+            )
+        return None, 'no DVC remote is configured, so there is nothing to pull from'
+    url = config.get(f'remote.{name}.url')
+    if not url:
+        return name, f"the default DVC remote '{name}' has no url (dvc remote modify --local {name} url <url>)"
+    parts = urlsplit(url)
+    if parts.scheme == 'ssh':
+        return name, ssh_problem(
+            name, url, {k.split('.', 2)[2]: v for k, v in config.items() if k.startswith(f'remote.{name}.')}
+        )
+    if parts.scheme in ('', 'file') or (len(parts.scheme) == 1 and os.name == 'nt'):
+        path = Path(parts.path if parts.scheme == 'file' else url)
+        path = path if path.is_absolute() else root / path
+        if not path.is_dir():
+            return name, (
+                f"DVC remote '{name}' ({url}) is unreachable: the directory {path} does not exist on this machine"
+            )
+    return name, None  # another kind of remote (s3, gs, http...): `dvc pull` tells
+
+
+def ssh_problem(name: str, url: str, options: dict[str, str]) -> str | None:
+    """Reach the SSH server, check its host key against ~/.ssh/known_hosts, and log in."""
+    parts = urlsplit(url)
+    host = parts.hostname or ''
+    port = int(options.get('port') or parts.port or 22)
+    user = options.get('user') or parts.username
+    where = f"DVC remote '{name}' ({url})"
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return f'{where} is unreachable: {host}:{port} does not answer ({reason})'
+
+    import asyncssh
+
+    keyfile = options.get('keyfile')
+    login = {
+        'username': user,
+        'port': port,
+        'connect_timeout': CONNECT_TIMEOUT,
+        'passphrase': options.get('passphrase'),
+        'password': options.get('password'),
+    }
+    if keyfile:
+        login['client_keys'] = [os.path.expanduser(keyfile)]
+
+    async def probe() -> None:
+        async with asyncssh.connect(host, **{k: v for k, v in login.items() if v is not None}):
+            pass
+
+    who = f'{user or "you"}@{host}' + (f' with key {keyfile}' if keyfile else '')
+    try:
+        asyncio.run(probe())
+    except asyncssh.HostKeyNotVerifiable as err:
+        return (
+            f"{where}: the server's host key is not trusted ({err.reason}). DVC does not check SSH host "
+            f"keys, so this command does: check the key with the server's admin and add it to "
+            f'~/.ssh/known_hosts (e.g. `ssh -p {port} {user + "@" if user else ""}{host} true`, which asks)'
+        )
+    except asyncssh.PermissionDenied:
+        if any(options.get(f'ask_{what}', '').lower() == 'true' for what in ('password', 'passphrase')):
+            return None  # the host key checked out; `dvc pull` asks for the password itself
+        return (
+            f'{where} refused the login as {who}: set the user and key with '
+            f'`dvc remote modify --local {name} user <name>` and `... keyfile <path>`'
+        )
+    except (TimeoutError, OSError, asyncssh.Error) as err:
+        reason = getattr(err, 'reason', None) or str(err) or type(err).__name__
+        return f'{where} is unreachable: {reason}'
+    return None
+
+
+def pull(root: Path, verbose: bool) -> str | None:
+    """``dvc pull``; None when it succeeded, else why not."""
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'dvc', 'pull'],
+        cwd=root,
+        env=runner.subprocess_env(root),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        for raw in proc.stdout:
+            line = raw.rstrip('\n').split('\r')[-1].rstrip()
+            if line:
+                lines.append(line)
+                if verbose or not line.startswith(('Collecting', 'Fetching', 'Building', 'Checking out')):
+                    print(f'  [dvc pull] {line}', flush=True)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        tail = '\n'.join(f'    {line}' for line in lines[-8:])
+        return f'`dvc pull` exited with {code}:\n{tail}'
+    return None
+
+
+def uncached_stages(root: Path) -> set[str]:
+    """Stages none of whose outputs DVC caches (they rerun after a pull, by design)."""
+    try:
+        from dvc.repo import Repo
+
+        with contextlib.chdir(root), Repo('.') as repo:  # stage addresses as `dvc dag` in root names them
+            return {s.addressing for s in repo.index.stages if s.outs and not any(o.use_cache for o in s.outs)}
+    except Exception:  # noqa: BLE001 - only used to word the report
+        return set()
+
+
+# ---------------------------------------------------------------- the review
+def check_params(root: Path) -> None:
+    """This project's params schema, before any stage runs (skipped where there is none)."""
+    if not (root / 'dfmsd' / 'core' / 'params.py').is_file() or not (root / 'params.yaml').is_file():
+        return
+    res = subprocess.run(
+        [sys.executable, '-m', 'dfmsd.check'],
+        cwd=root,
+        env=runner.subprocess_env(root),
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise ReviewError(f'params.yaml of this commit is not valid:\n{res.stderr.strip()}')
+
+
+def run_pipeline(root: Path, jobs: int, verbose: bool) -> list[runner.StageResult]:
+    repo = runner.DvcRepo(root)
+
+    def run(stage: str) -> runner.StageResult:
+        printer = (lambda line: print(f'  [{stage}] {line}', flush=True)) if verbose else None
+        return runner.run_stage(repo, stage, on_line=printer)
+
+    def report(result: runner.StageResult) -> None:
+        if result.outcome != 'skipped' or verbose:
+            extra = f' - {result.message}' if result.outcome in ('failed', 'not run') else ''
+            say(f'  {result.stage}: {result.outcome} ({result.seconds:.1f} s){extra}')
+        if result.outcome == 'failed':
+            print('\n'.join(f'    {line}' for line in result.output), flush=True)
+
+    return runner.run_pipeline(repo, jobs=jobs, run=run, on_result=report)
+
+
+def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:
+    commit = git(root, 'rev-parse', '--short', 'HEAD').strip()
+    committed = committed_metrics(root)
+    if not committed:
+        say(f'NOT reproduced: commit {commit} has no metrics files to compare ({METRICS_DIR}/**/*.json, {SUMMARY})')
+        return 1
+    say(f'commit {commit}: pull its outputs, bring the pipeline up to date, compare its {len(committed)} metrics files')
+    dirty = [line[3:] for line in git(root, 'status', '--porcelain', '--untracked-files=no').splitlines()]
+    if dirty:
+        say(
+            f'note: uncommitted changes in {", ".join(dirty[:5])}{" ..." if len(dirty) > 5 else ""}; '
+            f'the comparison is with the commit'
+        )
+    check_params(root)
+
+    name, problem = remote_problem(root, dvc_config(root))
+    pulled = False
+    if problem is None:
+        say(f"dvc pull from DVC remote '{name}'")
+        problem = pull(root, verbose)
+        pulled = problem is None
+    if problem:
+        say(f'cannot pull: {problem}')
+        if name is None:
+            how = (
+                'dvc remote add -d --local shared ssh://<host>/<path>\n'
+                '    dvc remote modify --local shared user <user>   # and keyfile <path>, port <n>'
+            )
+        else:
+            how = (
+                f'dvc remote modify --local {name} url ssh://<host>/<path>   # where the commit was pushed\n'
+                f'    dvc remote modify --local {name} user <user>   # and keyfile <path>, port <n>'
+            )
+        say(f'to pull, point DVC at a remote the commit was pushed to (docs/reviewing.md):\n    {how}')
+        if not rebuild:
+            say(
+                "or rebuild every output from the commit's code and params (byte-identical results; the "
+                'embedded default takes about 25 min on 2 cores):\n'
+                f'    {REBUILD_HINT}'
+            )
+            return EXIT_CODE
+        say("rebuilding from the commit's code and params (--rebuild)")
+
+    uncached = uncached_stages(root) if pulled else set()
+    start = time.monotonic()
+    try:
+        results = run_pipeline(root, jobs, verbose)
+    except runner.RunnerError as err:
+        say(f'NOT reproduced: the pipeline could not run: {err}')
+        return 1
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    say(f'pipeline: {", ".join(f"{n} {k}" for k, n in counts.items())} in {time.monotonic() - start:.1f} s')
+    ran = [r.stage for r in results if r.outcome in ('ran', 'restored')]
+    if pulled and ran:
+        expected = [s for s in ran if s in uncached]
+        other = [s for s in ran if s not in uncached]
+        if expected:
+            say(f'reran after the pull: {", ".join(expected)} (outputs not cached by DVC: regenerated)')
+        if other:
+            say(f'note: ran although the pull should have provided them: {", ".join(other)}')
+    failed = [r for r in results if not r.ok]
+    if failed:
+        say(
+            f'NOT reproduced: {len(failed)} stage(s) did not complete: '
+            + ', '.join(f'{r.stage} ({r.outcome})' for r in failed)
+        )
+        return 1
+
+    same, differ = compare_metrics(root)
+    if differ:
+        say(f'NOT reproduced: {len(differ)} of {len(same) + len(differ)} metrics files differ from commit {commit}:')
+        for line in differ:
+            print(f'    {line}', flush=True)
+        return 1
+    how = 'pulled' if pulled else 'rebuilt'
+    say(f'reproduced: {len(same)} metrics files identical to commit {commit} (outputs {how})')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m flows.review', description=__doc__.splitlines()[0])
+    parser.add_argument('--repo', default='.', help='the checkout to review (default: .)')
+    parser.add_argument(
+        '--rebuild',
+        action='store_true',
+        help='when nothing can be pulled, rebuild every output from the code and params',
+    )
+    parser.add_argument('--jobs', type=int, default=2, help='stages run at the same time (default 2)')
+    parser.add_argument('--verbose', action='store_true', help="stream each stage's output")
+    args = parser.parse_args(argv)
+    try:
+        top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=args.repo, capture_output=True, text=True)
+        if top.returncode != 0:
+            raise ReviewError(f'{Path(args.repo).resolve()} is not a git checkout')
+        root = Path(top.stdout.strip()).resolve()
+        if not (root / '.dvc').is_dir():
+            raise ReviewError(f'{root} is not a DVC project (no .dvc/)')
+        return review(root, rebuild=args.rebuild, jobs=args.jobs, verbose=args.verbose)
+    except ReviewError as err:
+        print(f'error [review]: {err}', file=sys.stderr, flush=True)
+        return EXIT_CODE
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Bad input through the real entry points: one clear error line naming the key or the file,
+the project's exit code (2), no traceback, and no output written, lost or left partial.
+
+* params: `make check` (what `make repro` and `make flow` run before DVC touches anything)
+  on a copy of the project with the smoke preset's params;
+* `make repro` with a configuration error in a stage that has outputs: they stay; the same
+  error reached through `dvc repro` by hand loses them, and docs/reviewing.md's recipe
+  (`dvc checkout <stage>`, `git checkout -- <logs>`) brings them back;
+* a damaged teacher checkpoint, under `dvc repro`;
+* a bad dataset (`data.generate: false`), under `python -m flows.runner`: the data stage
+  fails naming the file and no training stage runs.
+
+The stages that need a trained teacher get a stand-in: plain weights recorded as the weak
+teacher's output with `dvc commit`, so that nothing here trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from support import copy_project, preset_params, run
+
+pytestmark = pytest.mark.timeout(600)
+
+TEACHER = 'models/teachers/tiny/weak'  # the smoke preset's weak teacher
+TEACHER_LOG = 'logs/teachers/tiny/weak.csv'
+GIT = ['git', '-c', 'user.email=test@dfmsd', '-c', 'user.name=test']
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file of the project (but git's and DVC's own bookkeeping) and its SHA-256."""
+    skip = ('.git/', '.dvc/tmp/')
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob('*'))
+        if p.is_file() and not p.relative_to(root).as_posix().startswith(skip) and '__pycache__' not in p.parts
+    }
+
+
+def edit_params(root: Path, fn: Callable[[dict], object]) -> None:
+    params = yaml.safe_load((root / 'params.yaml').read_text())
+    fn(params)
+    (root / 'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make(root: Path, *args: str):
+    """``make <args>`` in ``root`` with this interpreter, its venv set-up skipped (``-o setup``)."""
+    return run(['make', '-o', 'setup', *args, f'PY={sys.executable}'], root, check=False, timeout=300)
+
+
+def dvc(root: Path, *args: str, check: bool = True):
+    return run([sys.executable, '-m', 'dvc', *args], root, check=check, timeout=300)
+
+
+def assert_clean_error(res, *needles: str, code: int = 2) -> str:
+    """The run failed with ``code`` and one ``error [...]`` line holding every needle; no traceback."""
+    out = res.stdout + res.stderr
+    assert res.returncode == code, out[-3000:]
+    assert 'Traceback' not in out, out[-3000:]
+    assert 'weights_only=False' not in out
+    errors = [line.strip() for line in out.splitlines() if line.strip().startswith('error [')]
+    assert any(all(n in line for n in needles) for line in errors), f'{needles} not in one of {errors}'
+    return next(line for line in errors if all(n in line for n in needles))
+
+
+# ---------------------------------------------------------------- params: `make check`
+@pytest.fixture(scope='module')
+def project_master(tmp_path_factory):
+    """The project with the smoke preset's params (no outputs), copied by each test."""
+    return copy_project(tmp_path_factory.mktemp('bad-params') / 'project', params=preset_params('smoke'))
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    def fn(params: dict) -> None:
+        *parents, last = path.split('.')
+        node = params
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return fn
+
+
+PARAM_CASES = [
+    pytest.param(
+        _set('train.iters', 0),
+        [],
+        ['train.iters', 'greater than 0', '(got 0)'],
+        id='iters-zero',
+        marks=pytest.mark.fast,
+    ),
+    pytest.param(
+        _set('train.iters', -5),
+        [],
+        ['train.iters', 'greater than 0', '(got -5)'],
+        id='iters-negative',
+        marks=pytest.mark.fast,
+    ),
+    pytest.param(
+        _set('train.batch_size', 0),
+        [],
+        ['train.batch_size', 'greater than 0'],
+        id='batch-size-zero',
+        marks=pytest.mark.fast,
+    ),
+    pytest.param(
+        _set('train.lr', 'fast'),
+        [],
+        ['train.lr', 'valid number', "'fast'"],
+        id='lr-not-a-number',
+        marks=pytest.mark.fast,
+    ),
+    pytest.param(
+        _set('sal_methods.dfmsd.ablation_of', 'dfmsd_v2'),
+        [],
+        ['sal_methods.dfmsd.ablation_of', "no method 'dfmsd_v2'", 'known: ', 'dfmsd_no_sal'],
+        id='unknown-ablation-of',
+        marks=pytest.mark.fast,
+    ),
+    pytest.param(None, ['PRESET=nope'], ["no preset 'nope'", 'smoke'], id='unknown-preset', marks=pytest.mark.fast),
+    pytest.param(
+        _set('methods.fkd.losses.feature.type', 'FeatureKDLos'),
+        [],
+        ['methods.fkd.losses.feature.type', "unknown loss 'FeatureKDLos'", 'FeatureKDLoss'],
+        id='unknown-loss-type',
+    ),
+    pytest.param(
+        _set('methods.fkd.losses.feature.temperature', 2.0),
+        [],
+        ['methods.fkd.losses.feature', 'FeatureKDLoss takes no temperature', 'it takes: loss_weight'],
+        id='unknown-loss-argument',
+    ),
+    pytest.param(
+        _set('students.retinanet.config', 'configs/small/retinanet_v2.py'),
+        [],
+        ['students.retinanet.config', 'configs/small/retinanet_v2.py does not exist'],
+        id='unknown-config-path',
+    ),
+]
+
+
+@pytest.mark.parametrize(('edit', 'make_vars', 'needles'), PARAM_CASES)
+def test_make_check_names_the_key_and_writes_nothing(project_master, tmp_path, edit, make_vars, needles):
+    root = shutil.copytree(project_master, tmp_path / 'project', symlinks=True)
+    if edit:
+        edit_params(root, edit)
+    before = snapshot(root)
+    res = make(root, 'check', *make_vars)
+    line = assert_clean_error(res, *needles)
+    assert line.startswith('error [params]: ')
+    assert 'Error 2' in res.stderr  # make: the check itself exited with 2
+    assert snapshot(root) == before
+
+
+# ---------------------------------------------------------------- a project with outputs
+@pytest.fixture(scope='module')
+def built_master(tmp_path_factory):
+    """The smoke project with its data stage run and a stand-in weak teacher recorded, committed."""
+    root = copy_project(tmp_path_factory.mktemp('built') / 'project', params=preset_params('smoke'))
+    dvc(root, 'repro', '--single-item', 'data')
+    import torch
+
+    (root / TEACHER).mkdir(parents=True)
+    torch.save(
+        {'state_dict': {'w': torch.arange(6.0)}, 'meta': {'dataset_meta': {'classes': ['a']}}},
+        root / TEACHER / 'model.pth',
+    )
+    (root / TEACHER / 'model.py').write_text('# stand-in config: no stage here gets as far as reading it\n')
+    (root / TEACHER_LOG).parent.mkdir(parents=True)
+    (root / TEACHER_LOG).write_text('iter,loss\n1,1.0\n')
+    dvc(root, 'commit', '--force', 'teacher@tiny-weak')
+    run(GIT + ['add', '-A'], root)
+    run(GIT + ['commit', '-qm', 'data and the weak teacher'], root)
+    return root
+
+
+@pytest.fixture
+def built(built_master, tmp_path):
+    return shutil.copytree(built_master, tmp_path / 'project', symlinks=True)
+
+
+def test_make_repro_fails_before_dvc_touches_outputs_and_dvc_checkout_restores_them(built):
+    original = snapshot(built)
+    edit_params(built, _set('pairs.tiny.weak.config', 'configs/small/nope.py'))
+    before = snapshot(built)
+    res = make(built, 'repro', 'JOBS=1')
+    assert_clean_error(res, 'error [params]: ', 'pairs.tiny.weak.config', 'configs/small/nope.py does not exist')
+    assert 'Error 2' in res.stderr and 'flows.runner' not in res.stdout  # stopped at `check`
+    assert snapshot(built) == before  # the teacher's model, its git-tracked log, dvc.lock: untouched
+
+    # the same error reached by hand: DVC removes the stage's outputs before its command fails...
+    res = dvc(built, 'repro', '--single-item', 'teacher@tiny-weak', check=False)
+    assert_clean_error(res, 'error [teacher@tiny-weak]: ', 'pairs.tiny.weak.config', code=255)
+    assert not (built / TEACHER).exists() and not (built / TEACHER_LOG).exists()
+    # ...and docs/reviewing.md's recipe brings them back
+    run(GIT + ['checkout', '--', 'params.yaml'], built)
+    dvc(built, 'checkout', 'teacher@tiny-weak')
+    run(GIT + ['checkout', '--', TEACHER_LOG], built)
+    assert snapshot(built) == original
+    assert json.loads(dvc(built, 'status', '--json', 'teacher@tiny-weak').stdout) == {}
+
+
+def test_a_damaged_teacher_checkpoint_is_named_with_how_to_restore_it(built):
+    weights = built / TEACHER / 'model.pth'
+    good = weights.read_bytes()
+    weights.write_bytes(bytes(range(256)) * 16)  # garbage bytes
+    before = snapshot(built)
+    res = dvc(built, 'repro', '--single-item', 'teacher_boxes@tiny', check=False)
+    line = assert_clean_error(
+        res,
+        'error [teacher_boxes@tiny]: ',
+        f'{TEACHER}/model.pth',
+        f'dvc checkout --force {TEACHER}/model.pth',
+        code=255,
+    )
+    assert 'cannot be loaded as model weights' in line
+    assert 'exited with 2' in res.stderr
+    assert not (built / 'data/me').exists()  # nothing partial
+    assert snapshot(built) == before
+    dvc(built, 'checkout', '--force', f'{TEACHER}/model.pth')  # what the message says
+    assert weights.read_bytes() == good
+
+
+def _truncate_json(root: Path) -> str:
+    ann = root / 'data/synthetic/annotations/instances_val.json'
+    ann.write_text(ann.read_text()[:300])
+    return 'data/synthetic/annotations/instances_val.json: not valid JSON'
+
+
+def _undecodable_image(root: Path) -> str:
+    image = sorted((root / 'data/synthetic/test').iterdir())[2]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # a cut-off download
+    return f'data/synthetic/test/{image.name} is not a readable image'
+
+
+def _box_outside(root: Path) -> str:
+    ann_file = root / 'data/synthetic/annotations/instances_test.json'
+    ann = json.loads(ann_file.read_text())
+    image = {im['id']: im for im in ann['images']}[ann['annotations'][0]['image_id']]
+    ann['annotations'][0]['bbox'] = [image['width'] - 10.0, 5.0, 30.0, 20.0]
+    ann_file.write_text(json.dumps(ann))
+    return f'annotation {ann["annotations"][0]["id"]}: bbox [{image["width"] - 10.0}, 5.0, 30.0, 20.0] lies outside'
+
+
+@pytest.mark.parametrize(
+    'damage',
+    [_truncate_json, _undecodable_image, _box_outside],
+    ids=['corrupt-annotation-json', 'image-does-not-decode', 'box-outside-its-image'],
+)
+def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
+    edit_params(built, _set('data.generate', False))  # a dataset in place: checked, never regenerated
+    needle = damage(built)
+    before = snapshot(built)
+    res = run(
+        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
+        built,
+        check=False,
+        timeout=300,
+    )
+    assert_clean_error(res, 'error [data]: ', needle, code=1)
+    assert '[runner] data: failed' in res.stdout
+    assert '[runner] teacher@tiny-weak: not run' in res.stdout and "Running stage 'teacher@" not in res.stdout
+    assert snapshot(built) == before  # the dataset (persist), the teacher, dvc.lock: as they were

@@ -1,0 +1,193 @@
+"""flows.runner (what `make repro` runs) on the tiny demo DVC project (tests/dvc_demo.py).
+
+Everything is real: git, DVC subprocesses, stage commands following dfmsd.core.runs (the
+``train@*`` stages train outside DVC's lock, between two ``dvc repro`` runs). Times come from
+the demo's run.log, outcomes from the runner's StageResults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dvc_demo as demo
+import pytest
+import yaml
+
+from flows.runner import DvcRepo, RunnerError, run_pipeline
+
+pytestmark = pytest.mark.timeout(300)
+
+#: the longest a training stage waits for the other one to start (dvc_demo.make_project)
+PARTNER_S = 10.0
+
+
+def outcomes(results) -> dict[str, str]:
+    return {r.stage: r.outcome for r in results}
+
+
+def spans(log) -> dict[str, tuple[float, float]]:
+    """Each stage's first and last run.log time (a training stage: from training to export)."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, _, _, t in log:
+        first, _ = out.get(name, (t, t))
+        out[name] = (first, t)
+    return out
+
+
+def training_spans(log) -> dict[str, tuple[float, float]]:
+    return spans([entry for entry in log if entry[1] == 'train'])
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return min(a[1], b[1]) - max(a[0], b[0])
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every output file of the demo pipeline, and dvc.lock."""
+    files = [root / 'dvc.lock', root / 'metrics.json']
+    for folder in ('data', 'models', 'reports'):
+        files += [p for p in (root / folder).rglob('*') if p.is_file() and p.name != '.gitignore']
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+
+
+def snapshot(root: Path, results) -> dict:
+    return {
+        'root': root,
+        'results': results,
+        'log': demo.read_run_log(root),
+        'outputs': outputs(root),
+        'work_dirs': sorted(p.name for p in (root / 'work_dirs').glob('*')),
+    }
+
+
+@pytest.fixture(scope='module')
+def two_jobs(tmp_path_factory):
+    """The whole demo pipeline run once with 2 jobs (what it left, captured before any test)."""
+    root = demo.make_project(tmp_path_factory.mktemp('jobs2') / 'proj', await_partner=PARTNER_S)
+    return snapshot(root, run_pipeline(root, jobs=2))
+
+
+@pytest.fixture(scope='module')
+def one_job(tmp_path_factory):
+    root = demo.make_project(tmp_path_factory.mktemp('jobs1') / 'proj', await_partner=PARTNER_S)
+    return snapshot(root, run_pipeline(root, jobs=1))
+
+
+@pytest.mark.fast
+def test_graph_from_dvc_dag_and_targets(tmp_path):
+    root = demo.make_project(tmp_path / 'proj')
+    repo = DvcRepo(root)
+    graph = repo.graph()
+    assert set(graph.nodes) == set(demo.STAGES)  # foreach expanded, real names
+    assert set(graph.edges) == set(demo.EDGES)  # incl. `left` depending on a file inside prepare's dir out
+    assert set(repo.graph(['train'])) == {'prepare', 'left', 'train@small', 'train@large'}  # a foreach group
+    assert set(repo.graph(['right'])) == {'prepare', 'right'}
+    with pytest.raises(RunnerError, match="no DVC stage named 'nope'"):
+        repo.graph(['nope'])
+
+
+def test_every_stage_runs_once_in_dependency_order(two_jobs):
+    assert outcomes(two_jobs['results']) == {s: 'ran' for s in demo.STAGES}
+    log = two_jobs['log']
+    assert sorted(name for name, _, event, _ in log if event == 'start') == sorted(demo.STAGES)  # each ran once
+    # a training stage: told DVC it needs training, trained outside DVC, exported by DVC
+    for stage in demo.TRAINING:
+        assert [(phase, event) for name, phase, event, _ in log if name == stage] == [
+            ('train', 'start'),
+            ('train', 'end'),
+            ('commit', 'exported'),
+        ]
+    when = spans(log)
+    for up, down in demo.EDGES:
+        assert when[up][1] <= when[down][0], f'{down} started before {up} ended'
+
+
+def test_two_jobs_train_two_stages_at_once(two_jobs):
+    small, large = (training_spans(two_jobs['log'])[s] for s in demo.TRAINING)
+    assert overlap(small, large) >= 0.5, (small, large)
+
+
+def test_one_job_trains_one_stage_at_a_time(one_job):
+    assert outcomes(one_job['results']) == {s: 'ran' for s in demo.STAGES}
+    small, large = (training_spans(one_job['log'])[s] for s in demo.TRAINING)
+    assert overlap(small, large) < 0, (small, large)
+
+
+def test_results_are_identical_bytes_with_one_and_two_jobs(two_jobs, one_job):
+    assert two_jobs['outputs'].keys() == one_job['outputs'].keys()
+    assert {'models/small.txt', 'models/large.txt', 'reports/results.md', 'dvc.lock'} <= two_jobs['outputs'].keys()
+    for path, content in two_jobs['outputs'].items():
+        assert one_job['outputs'][path] == content, path
+
+
+def test_work_dirs_are_removed_after_export(two_jobs, one_job):
+    assert two_jobs['work_dirs'] == [] and one_job['work_dirs'] == []
+
+
+def test_rerun_skips_and_the_run_cache_restores(two_jobs):
+    """Mutates the module's project; the other tests read only what the fixture captured."""
+    root = two_jobs['root']
+    log_before = (root / 'run.log').read_text()
+
+    # nothing changed: every stage skipped on `dvc status --json`, no command run
+    results = run_pipeline(root, jobs=2)
+    assert outcomes(results) == {s: 'skipped' for s in demo.STAGES}
+    assert (root / 'run.log').read_text() == log_before
+
+    # a param flip and back: the second time DVC restores the stage from its run-cache
+    params = yaml.safe_load((root / 'params.yaml').read_text())
+    original = (root / 'params.yaml').read_text()
+    (root / 'params.yaml').write_text(yaml.safe_dump({**params, 'seeds': [5]}, sort_keys=False))
+    assert outcomes(run_pipeline(root, targets=['prepare'])) == {'prepare': 'ran'}
+    (root / 'params.yaml').write_text(original)
+    log_before = (root / 'run.log').read_text()
+    assert outcomes(run_pipeline(root, targets=['prepare'])) == {'prepare': 'restored'}
+    assert (root / 'run.log').read_text() == log_before
+
+    # dvc.lock lost: every stage, training ones too, restored from the run-cache, and a
+    # leftover work dir of a training stage is removed (its outputs are final)
+    stale = root / 'work_dirs' / 'train-small-000000000000'
+    stale.mkdir(parents=True)
+    (root / 'dvc.lock').unlink()
+    results = run_pipeline(root, targets=['train'], jobs=2)
+    assert outcomes(results) == {s: 'restored' for s in ('prepare', 'left', 'train@small', 'train@large')}
+    assert (root / 'run.log').read_text() == log_before
+    assert not stale.exists()
+    for path in ('data/left.txt', 'models/small.txt', 'models/large.txt'):
+        assert (root / path).read_bytes() == two_jobs['outputs'][path], path
+
+
+def test_failures_stop_their_downstream_only(tmp_path):
+    """`right` fails in DVC's run (`exit 3`), the train@* stages while training (exit 4)."""
+    root = demo.make_project(tmp_path / 'proj', fail='right', fail_training='train@small')
+    settled = []
+    results = run_pipeline(root, jobs=2, on_result=settled.append)
+    assert outcomes(results) == {
+        'prepare': 'ran',
+        'left': 'ran',
+        'right': 'failed',
+        'train@small': 'failed',
+        'train@large': 'failed',
+        'report': 'not run',
+        'lonely': 'ran',
+    }
+    by_stage = {r.stage: r for r in results}
+    right = by_stage['right']
+    assert right.exit_code not in (None, 0) and '`dvc repro` exited with' in right.message
+    assert any('exited with 3' in line for line in right.output)  # DVC's own words, in the tail
+    train = by_stage['train@small']
+    assert train.exit_code == 4 and train.message == 'its command exited with 4 while training'
+    assert '[train@small] training diverged' in train.output
+    assert 'upstream failed' in by_stage['report'].message
+    assert sorted(r.stage for r in settled) == sorted(demo.STAGES)  # on_result: every stage, once
+    assert sorted(demo.commands_run(root)) == ['left', 'lonely', 'prepare', 'train@large', 'train@small']
+
+
+def test_force_reruns_and_clears_work_dirs(tmp_path):
+    root = demo.make_project(tmp_path / 'proj')
+    assert outcomes(run_pipeline(root, targets=['lonely'])) == {'lonely': 'ran'}
+    stale = root / 'work_dirs' / 'lonely-000000000000'
+    stale.mkdir(parents=True)
+    assert outcomes(run_pipeline(root, targets=['lonely'], force=True)) == {'lonely': 'ran'}
+    assert demo.commands_run(root) == ['lonely', 'lonely']
+    assert not stale.exists()
