@@ -11,6 +11,7 @@ measured with the strong teacher, as their stage-2 terms and the single-stage ro
 ME term with the same weights on the ME views. The val split is what anything tuned may read;
 the tables report test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def main() -> None:
     from dfmsd.data.coco import area_ratio, load_json, split_files
     from dfmsd.data.me import decision_table
     from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
+
     init_default_scope('mmdet')
     params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
     torch.set_num_threads(params.runtime.threads)
@@ -47,23 +49,34 @@ def main() -> None:
     init = Path(f'models/students/{student_name}/seed{params.seeds[0]}/init/model.pth')
     missing = [p for p in (teacher_dir / 'model.pth', init) if not p.is_file()]
     if missing:
-        raise SystemExit(f'missing {", ".join(map(str, missing))}: run `python -m flows.runner --target teacher '
-                         f'--target student_init` first')
+        raise SystemExit(
+            f'missing {", ".join(map(str, missing))}: run `python -m flows.runner --target teacher '
+            f'--target student_init` first'
+        )
     scfg = detector_config(student, params.data, f'students.{student_name}')
     # val images, with ME views decided from their ground-truth r(I)
     val = copy.deepcopy(scfg)
-    val.train_dataloader.dataset.update(ann_file=params.data.splits['val'].ann,
-                                        data_prefix=dict(img=params.data.splits['val'].img))
+    val.train_dataloader.dataset.update(
+        ann_file=params.data.splits['val'].ann, data_prefix=dict(img=params.data.splits['val'].img)
+    )
     coco = load_json(split_files(params.data, 'val')[0])
     boxes = defaultdict(list)
     for ann in coco['annotations']:
         boxes[ann['image_id']].append(ann['bbox'])
     ratios = {im['id']: area_ratio(boxes[im['id']], im['width'], im['height']) for im in coco['images']}
     me = params.me
-    table = decision_table(ratios, threshold=me.threshold, noise_prob=me.noise_prob, noise_sigma=me.noise_sigma,
-                           crop_min=me.crop_min, crop_max=me.crop_max, seed=0)
+    table = decision_table(
+        ratios,
+        threshold=me.threshold,
+        noise_prob=me.noise_prob,
+        noise_sigma=me.noise_sigma,
+        crop_min=me.crop_min,
+        crop_max=me.crop_max,
+        seed=0,
+    )
     table_path = Path('/tmp/dfmsd_loss_scale_me.json')
     import json
+
     table_path.write_text(json.dumps(table))
     with_me_views(val, str(table_path))
     ds = DATASETS.build(val.train_dataloader.dataset)
@@ -74,13 +87,19 @@ def main() -> None:
         for name, method in getattr(params, group).items():
             uses_me = group != 'methods' and method.aug_loss_weight > 0
             torch.manual_seed(0)
-            model = MODELS.build(dict(
-                type='StageDistiller', student=copy.deepcopy(scfg.model),
-                teacher=dict(config=str(teacher_dir / 'model.py'), checkpoint=str(teacher_dir / 'model.pth')),
-                losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
-                aug_loss_weight=method.aug_loss_weight if uses_me else 0.0, seed=0,
-                min_cells=params.distill.min_cells, probe_size=probe_size_of(params.data, scfg),
-                student_init=str(init)))
+            model = MODELS.build(
+                dict(
+                    type='StageDistiller',
+                    student=copy.deepcopy(scfg.model),
+                    teacher=dict(config=str(teacher_dir / 'model.py'), checkpoint=str(teacher_dir / 'model.pth')),
+                    losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
+                    aug_loss_weight=method.aug_loss_weight if uses_me else 0.0,
+                    seed=0,
+                    min_cells=params.distill.min_cells,
+                    probe_size=probe_size_of(params.data, scfg),
+                    student_init=str(init),
+                )
+            )
             model.init_weights()
             model.train()
             sums: dict[str, float] = defaultdict(float)
@@ -90,7 +109,9 @@ def main() -> None:
                     for key, value in log_vars.items():
                         if key == 'loss':
                             continue
-                        term = key.rsplit('_s', 1)[0][len('loss_distill_'):] if key.startswith('loss_distill') else 'det'
+                        term = (
+                            key.rsplit('_s', 1)[0][len('loss_distill_') :] if key.startswith('loss_distill') else 'det'
+                        )
                         sums[term] += float(value) / len(batches)
             det = sums.pop('det')
             weights = {k: v.loss_weight for k, v in method.losses.items()}

@@ -15,6 +15,7 @@ stored features): what the method adds by construction (DMKD's two generation bl
 ``overhead`` = step - floor - losses is what neither the floor nor the method explains:
 the distiller's own work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def main() -> None:
     from dfmsd.data.me import decision_table
     from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
     from dfmsd.models.distiller import views_batch
+
     init_default_scope('mmdet')
     params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
     torch.set_num_threads(params.runtime.threads)
@@ -63,7 +65,9 @@ def main() -> None:
     # one batch with ME views: decisions from the ground truth's r(I) (the cost does not depend on who decides)
     import json
     import tempfile
+
     from dfmsd.data.coco import area_ratio, load_json, split_files
+
     coco = load_json(split_files(params.data, 'train')[0])
     by_image = {im['id']: [] for im in coco['images']}
     for ann in coco['annotations']:
@@ -71,8 +75,15 @@ def main() -> None:
     sizes = {im['id']: (im['width'], im['height']) for im in coco['images']}
     ratios = {i: area_ratio(b, *sizes[i]) for i, b in by_image.items()}
     me = params.me
-    table = decision_table(ratios, threshold=me.threshold, noise_prob=me.noise_prob, noise_sigma=me.noise_sigma,
-                           crop_min=me.crop_min, crop_max=me.crop_max, seed=0)
+    table = decision_table(
+        ratios,
+        threshold=me.threshold,
+        noise_prob=me.noise_prob,
+        noise_sigma=me.noise_sigma,
+        crop_min=me.crop_min,
+        crop_max=me.crop_max,
+        seed=0,
+    )
     table_file = tempfile.NamedTemporaryFile('w', suffix='.json', delete=False)
     json.dump(table, table_file)
     table_file.close()
@@ -82,9 +93,11 @@ def main() -> None:
     batch = pseudo_collate([ds[i] for i in range(params.train.batch_size)])
     views = views_batch(batch['data_samples'])
     n_views = 0 if views is None else len(views['inputs'])
-    print(f'{params.runtime.threads} thread(s), batch {len(batch["inputs"])} + {n_views} ME views, '
-          f'{params.train.batch_size} images at {params.data.image_size} px; CPU seconds per step, median of '
-          f'{args.rounds} interleaved rounds of {args.steps} steps')
+    print(
+        f'{params.runtime.threads} thread(s), batch {len(batch["inputs"])} + {n_views} ME views, '
+        f'{params.train.batch_size} images at {params.data.image_size} px; CPU seconds per step, median of '
+        f'{args.rounds} interleaved rounds of {args.steps} steps'
+    )
 
     def trainer(model, data_of):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -95,6 +108,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+
         return step
 
     student_model = MODELS.build(copy.deepcopy(scfg.model))
@@ -104,14 +118,17 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 teacher.extract_feat(teacher.data_preprocessor(raw, False)['inputs'])
+
         return run
 
     def student_views_step():
         feats = student_model.extract_feat(student_model.data_preprocessor(views, True)['inputs'])
         sum(f.mean() for f in feats).backward()
 
-    variants = {'student step': trainer(student_model, lambda m: m.data_preprocessor(batch, True)),
-                'teacher forward': teacher_forward(batch)}
+    variants = {
+        'student step': trainer(student_model, lambda m: m.data_preprocessor(batch, True)),
+        'teacher forward': teacher_forward(batch),
+    }
     if views is not None:
         variants['student on views'] = student_views_step
         variants['teacher on views'] = teacher_forward(views)
@@ -119,12 +136,17 @@ def main() -> None:
     for group in ('methods', 'me_methods', 'sal_methods'):
         for name, method in getattr(params, group).items():
             uses_me = group == 'me_methods' or (group == 'sal_methods' and 2 in method.me_stages)
-            distiller = MODELS.build(dict(
-                type='StageDistiller', student=copy.deepcopy(scfg.model),
-                teacher=dict(config='/tmp/dfmsd_bench_teacher.py', checkpoint=None),
-                losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
-                aug_loss_weight=method.aug_loss_weight if uses_me else 0.0, min_cells=params.distill.min_cells,
-                probe_size=probe))
+            distiller = MODELS.build(
+                dict(
+                    type='StageDistiller',
+                    student=copy.deepcopy(scfg.model),
+                    teacher=dict(config='/tmp/dfmsd_bench_teacher.py', checkpoint=None),
+                    losses={k: v.model_dump(exclude_none=True) for k, v in method.losses.items()},
+                    aug_loss_weight=method.aug_loss_weight if uses_me else 0.0,
+                    min_cells=params.distill.min_cells,
+                    probe_size=probe,
+                )
+            )
             variants[name] = trainer(distiller, lambda m: m.data_preprocessor(batch, True))
             variants[f'{name} losses'] = losses_only(distiller, batch, views if uses_me else None)
             rows[name] = uses_me and views is not None
@@ -137,10 +159,16 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = med['student step'] + med['teacher forward']
     me_floor = floor + med.get('student on views', 0.0) + med.get('teacher on views', 0.0)
-    print(f"student step {med['student step']:.3f}  teacher forward {med['teacher forward']:.3f}  floor {floor:.3f}"
-          + (f"  views: student {med['student on views']:.3f} teacher {med['teacher on views']:.3f} "
-             f"-> ME floor {me_floor:.3f}" if views is not None else ''))
-    print(f"{'method':16s} {'step':>7s} {'floor':>7s} {'ratio':>6s} {'losses':>7s} {'overhead':>9s}")
+    print(
+        f'student step {med["student step"]:.3f}  teacher forward {med["teacher forward"]:.3f}  floor {floor:.3f}'
+        + (
+            f'  views: student {med["student on views"]:.3f} teacher {med["teacher on views"]:.3f} '
+            f'-> ME floor {me_floor:.3f}'
+            if views is not None
+            else ''
+        )
+    )
+    print(f'{"method":16s} {"step":>7s} {"floor":>7s} {"ratio":>6s} {"losses":>7s} {"overhead":>9s}')
     for name, uses_me in rows.items():
         f = me_floor if uses_me else floor
         step, own = med[name], med[f'{name} losses']
@@ -150,6 +178,7 @@ def main() -> None:
 def losses_only(distiller, batch, views):
     """Forward + backward of the method's loss modules alone, on stored features."""
     import torch
+
     with torch.no_grad():
         data = distiller.student.data_preprocessor(batch, True)
         s_feats = distiller.student.extract_feat(data['inputs'])
@@ -174,6 +203,7 @@ def losses_only(distiller, batch, views):
                         loss = per_level[level]
                         total = total + loss(s, t, **{k: inputs[k] for k in loss.needs})
         total.backward()
+
     return run
 
 

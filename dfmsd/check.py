@@ -7,22 +7,24 @@ The schema (dfmsd.core.params) checks types, ranges and cross-references; this m
 what needs mmdet: config files exist, loss types are registered and take the given
 arguments. Every problem is one ``error [params]: <key path>: ...`` line, exit status 2.
 """
+
 from __future__ import annotations
 
 import sys
 
 from dfmsd.core.errors import ParamsError
-from dfmsd.core.params import (DEFAULT_PARAMS, METHOD_GROUPS, ROLES, Params, ZooTeacher, load_params,
-                               validate)
+from dfmsd.core.params import DEFAULT_PARAMS, METHOD_GROUPS, ROLES, Params, ZooTeacher, load_params, validate
 
 
 def check_buildable(params: Params, source: str = 'params.yaml') -> None:
     """What the schema cannot see without mmdet: config files and loss types/arguments."""
     import inspect
 
+    from mmdet.registry import MODELS
+
     from dfmsd.engine.configs import resolve_config
     from dfmsd.models import losses  # noqa: F401  (registers them)
-    from mmdet.registry import MODELS
+
     for pair_name, pair in params.pairs.items():
         for role in ROLES:
             teacher = getattr(pair, role)
@@ -37,32 +39,45 @@ def check_buildable(params: Params, source: str = 'params.yaml') -> None:
                 cls = MODELS.module_dict.get(loss.type)
                 if cls is None or not getattr(cls, 'is_distill_loss', False):
                     from dfmsd.models.losses import LOSS_TYPES
-                    raise ParamsError(f"{where}.type: unknown loss {loss.type!r} (known: {', '.join(LOSS_TYPES)})")
-                accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'student_channels',
-                                                                             'teacher_channels'}
+
+                    raise ParamsError(f'{where}.type: unknown loss {loss.type!r} (known: {", ".join(LOSS_TYPES)})')
+                accepted = set(inspect.signature(cls.__init__).parameters) - {
+                    'self',
+                    'student_channels',
+                    'teacher_channels',
+                }
                 extra = sorted(set(loss.model_dump(exclude_none=True)) - {'type'} - accepted)
                 if extra:
-                    raise ParamsError(f"{where}: {loss.type} takes no {', '.join(extra)} "
-                                      f"(it takes: {', '.join(sorted(accepted))})")
+                    raise ParamsError(
+                        f'{where}: {loss.type} takes no {", ".join(extra)} (it takes: {", ".join(sorted(accepted))})'
+                    )
             if method.aug_loss_weight:
                 from dfmsd.models.losses import MaskedReconstructionLoss
-                if not any(issubclass(MODELS.module_dict[loss.type], MaskedReconstructionLoss)
-                           for loss in method.losses.values()):
-                    raise ParamsError(f'{source}: {group}.{name}.aug_loss_weight: the ME loss reuses a masked '
-                                      f'reconstruction loss (DMKDLoss, MGDLoss, AMDLoss); this method has none')
+
+                if not any(
+                    issubclass(MODELS.module_dict[loss.type], MaskedReconstructionLoss)
+                    for loss in method.losses.values()
+                ):
+                    raise ParamsError(
+                        f'{source}: {group}.{name}.aug_loss_weight: the ME loss reuses a masked '
+                        f'reconstruction loss (DMKDLoss, MGDLoss, AMDLoss); this method has none'
+                    )
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(prog='python -m dfmsd.check', description=__doc__.splitlines()[0])
     parser.add_argument('params', nargs='?', default=str(DEFAULT_PARAMS))
     parser.add_argument('--preset', help='check params with presets/<name>.yaml merged over them')
     parser.add_argument('--shallow', action='store_true', help='schema only (no mmdet import)')
     args = parser.parse_args(argv)
     from dfmsd.core.errors import EXIT_CODE, DfmsdError
+
     try:
         if args.preset:
             from dfmsd.core.presets import preset_params
+
             source = f'{args.params} + presets/{args.preset}.yaml'
             params = validate(preset_params(args.preset, args.params), source)
         else:
@@ -75,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f'error [params]: {line}', file=sys.stderr)
         return EXIT_CODE
     methods = sum(len(getattr(params, g)) for g in METHOD_GROUPS)
-    print(f'[params] {source}: valid ({len(params.seeds)} seeds, {len(params.pairs)} pair(s), '
-          f'{len(params.students)} student(s), {methods} method(s))')
+    print(
+        f'[params] {source}: valid ({len(params.seeds)} seeds, {len(params.pairs)} pair(s), '
+        f'{len(params.students)} student(s), {methods} method(s))'
+    )
     return 0
 
 

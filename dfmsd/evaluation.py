@@ -6,6 +6,7 @@ threshold) into ``work_dirs/<stage>-<key>/`` and then copied to the stage's outp
 as training, :mod:`dfmsd.core.runs`). Under torchrun (``launch``), mmengine's test loop
 shards the images and gathers the results on rank 0, which writes the files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,16 @@ from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS
 WORK_ROOT = Path('work_dirs')
 
 
-def predict_splits(model_dir: Path, splits: dict[str, Any], out_dir: Path, *, data_root: str,
-                   score_thr: float | None, threads: int, launch) -> None:
+def predict_splits(
+    model_dir: Path,
+    splits: dict[str, Any],
+    out_dir: Path,
+    *,
+    data_root: str,
+    score_thr: float | None,
+    threads: int,
+    launch,
+) -> None:
     """``model_dir``'s COCO detections on each split, as ``out_dir/<split>.bbox.json`` (rank 0)."""
     import torch
     from mmengine.config import Config
@@ -38,6 +47,7 @@ def predict_splits(model_dir: Path, splits: dict[str, Any], out_dir: Path, *, da
     from dfmsd.engine.checkpoint import allow_mmengine_checkpoints, load_weights
     from dfmsd.engine.launch import apply_launcher
     from dfmsd.engine.runner import build_runner
+
     torch.set_num_threads(threads)
     allow_mmengine_checkpoints()
     checkpoint = model_dir / 'model.pth'
@@ -56,11 +66,17 @@ def predict_splits(model_dir: Path, splits: dict[str, Any], out_dir: Path, *, da
     runner.load_or_resume()
     for split, spec in splits.items():
         loader = copy.deepcopy(cfg.test_dataloader)
-        loader.dataset.update(data_root=str(data_root).rstrip('/') + '/', ann_file=spec.ann,
-                              data_prefix=dict(img=spec.img))
+        loader.dataset.update(
+            data_root=str(data_root).rstrip('/') + '/', ann_file=spec.ann, data_prefix=dict(img=spec.img)
+        )
         prefix = str(out_dir / f'.{split}')  # CocoMetric writes on rank 0 only
-        evaluator = dict(type='CocoMetric', ann_file=os.path.join(data_root, spec.ann), metric='bbox',
-                         format_only=True, outfile_prefix=prefix)
+        evaluator = dict(
+            type='CocoMetric',
+            ann_file=os.path.join(data_root, spec.ann),
+            metric='bbox',
+            format_only=True,
+            outfile_prefix=prefix,
+        )
         TestLoop(runner, loader, evaluator).run()
         if is_main_process():
             os.replace(f'{prefix}.bbox.json', out_dir / f'{split}.bbox.json')
@@ -71,6 +87,7 @@ def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, fl
     """COCO box metrics in percent. A model that predicts nothing scores zero everywhere."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
     results = json.loads(Path(results_json).read_text())
@@ -87,39 +104,51 @@ def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, fl
     return {name: round(max(float(stats[name]), 0.0) * 100, 2) for name in REPORTED_METRICS}
 
 
-def cached_predictions(model_dir: str | Path, splits: dict[str, Any], *, data_root: str, score_thr: float | None,
-                       threads: int, launch) -> Path | None:
+def cached_predictions(
+    model_dir: str | Path, splits: dict[str, Any], *, data_root: str, score_thr: float | None, threads: int, launch
+) -> Path | None:
     """The work dir holding ``<split>.bbox.json`` for every split, predicting them if needed.
 
     Returns None on ranks other than 0. Under ``DFMSD_PHASE=commit`` a missing prediction
     raises NeedsTraining instead of predicting (flows.runner predicts outside DVC's lock).
     """
     model_dir = Path(model_dir)
-    key = hashlib.sha256(json.dumps({
-        'weights': sha256_file(model_dir / 'model.pth'), 'config': sha256_file(model_dir / 'model.py'),
-        'splits': {k: [v.ann, v.img] for k, v in splits.items()}, 'score_thr': score_thr, 'threads': threads,
-    }, sort_keys=True).encode()).hexdigest()[:12]
-    work = WORK_ROOT / f"{runs.work_dir_label(os.environ.get('DVC_STAGE', 'predict'))}-{key}"
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                'weights': sha256_file(model_dir / 'model.pth'),
+                'config': sha256_file(model_dir / 'model.py'),
+                'splits': {k: [v.ann, v.img] for k, v in splits.items()},
+                'score_thr': score_thr,
+                'threads': threads,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
+    work = WORK_ROOT / f'{runs.work_dir_label(os.environ.get("DVC_STAGE", "predict"))}-{key}'
     if all((work / f'{s}.bbox.json').is_file() for s in splits):
         return work
     if runs.phase() == 'commit':
         raise runs.NeedsTraining()
-    predict_splits(model_dir, splits, work, data_root=data_root, score_thr=score_thr, threads=threads,
-                   launch=launch)
+    predict_splits(model_dir, splits, work, data_root=data_root, score_thr=score_thr, threads=threads, launch=launch)
     from mmengine.dist import is_main_process
+
     return work if is_main_process() else None
 
 
-def evaluate_model(model_dir: str | Path, *, data, evaluate, runtime, launch, predictions: str | Path,
-                   metrics: str | Path) -> dict | None:
+def evaluate_model(
+    model_dir: str | Path, *, data, evaluate, runtime, launch, predictions: str | Path, metrics: str | Path
+) -> dict | None:
     """Predictions and metrics of ``model_dir`` on val and test, in one metrics file: the run's
     record (identity and cost, from run.json) plus ``{'val': {...}, 'test': {...}}``."""
     from dfmsd.data.coco import split_files
     from dfmsd.engine.launch import maybe_relaunch
+
     maybe_relaunch(launch)
     splits = {s: data.splits[s] for s in ('val', 'test')}
-    work = cached_predictions(model_dir, splits, data_root=data.root, score_thr=evaluate.score_thr,
-                              threads=runtime.threads, launch=launch)
+    work = cached_predictions(
+        model_dir, splits, data_root=data.root, score_thr=evaluate.score_thr, threads=runtime.threads, launch=launch
+    )
     if work is None or runs.phase() == 'train':
         return None
     record = read_json(Path(model_dir) / 'run.json')
@@ -129,18 +158,24 @@ def evaluate_model(model_dir: str | Path, *, data, evaluate, runtime, launch, pr
         record[split] = coco_metrics(split_files(data, split)[0], work / f'{split}.bbox.json')
     write_json(metrics, record)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"[evaluate] {model_dir}: test " + ', '.join(f'{k} {v:.1f}' for k, v in record['test'].items()))
+    print(f'[evaluate] {model_dir}: test ' + ', '.join(f'{k} {v:.1f}' for k, v in record['test'].items()))
     return record
 
 
-def teacher_area_ratios(teacher_dir: str | Path, *, data, score_thr: float, runtime, launch,
-                        out: str | Path) -> None:
+def teacher_area_ratios(teacher_dir: str | Path, *, data, score_thr: float, runtime, launch, out: str | Path) -> None:
     """The teacher's boxes on the training images, and r(I) per image (the ME size criterion)."""
     from dfmsd.data.coco import area_ratio, load_json, split_files
     from dfmsd.engine.launch import maybe_relaunch
+
     maybe_relaunch(launch)
-    work = cached_predictions(teacher_dir, {'train': data.splits['train']}, data_root=data.root, score_thr=None,
-                              threads=runtime.threads, launch=launch)
+    work = cached_predictions(
+        teacher_dir,
+        {'train': data.splits['train']},
+        data_root=data.root,
+        score_thr=None,
+        threads=runtime.threads,
+        launch=launch,
+    )
     if work is None or runs.phase() == 'train':
         return
     out = Path(out)

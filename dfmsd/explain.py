@@ -10,6 +10,7 @@
 
 Both use matplotlib's Agg backend and write PNGs without a timestamp (same inputs, same bytes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,20 +34,25 @@ def amplitude_spectrum(image_rgb: np.ndarray) -> np.ndarray:
 
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     import cv2
+
     return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def views_of(image: np.ndarray, image_id: int, me, seed: int) -> dict[str, np.ndarray]:
     """The image, flipped, noised and cropped (the crop zoomed back to the input size)."""
-    common = dict(image_id=image_id, seed=seed, noise_sigma=me.noise_sigma, crop_min=me.crop_min,
-                  crop_max=me.crop_max)
+    common = dict(image_id=image_id, seed=seed, noise_sigma=me.noise_sigma, crop_min=me.crop_min, crop_max=me.crop_max)
     crop = enhance(image, 'crop', **common)
-    return {'image': image, 'flipped': np.ascontiguousarray(image[:, ::-1]),
-            'noised': enhance(image, 'noise', **common), 'cropped': _resize(crop, image.shape[:2])}
+    return {
+        'image': image,
+        'flipped': np.ascontiguousarray(image[:, ::-1]),
+        'noised': enhance(image, 'noise', **common),
+        'cropped': _resize(crop, image.shape[:2]),
+    }
 
 
 def _figure(rows: int, cols: int, size: float = 2.1):
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(cols * size, rows * size))
     return fig, fig.subplots(rows, cols, squeeze=False)
 
@@ -61,7 +67,7 @@ def spectra_figure(data, me, out: str | Path, *, images: int = 3, seed: int = 0)
         vmax = max(float(s.max()) for s in spectra.values())
         for col, (name, view) in enumerate(views.items()):
             axes[2 * row, col].imshow(view)
-            axes[2 * row, col].set_title(f"{name} (val {entry['id']})", fontsize=7)
+            axes[2 * row, col].set_title(f'{name} (val {entry["id"]})', fontsize=7)
             axes[2 * row + 1, col].imshow(spectra[name], cmap='magma', vmin=0, vmax=vmax)
             axes[2 * row + 1, col].set_title('log(1 + |DFT|)', fontsize=7)
     for ax in axes.flat:
@@ -83,6 +89,7 @@ def _load_distiller(run_dir: Path, teacher_dir: Path):
 
     import dfmsd.models  # noqa: F401
     from dfmsd.engine.checkpoint import load_weights, state_dict_of
+
     init_default_scope('mmdet')
     cfg = Config.fromfile(str(run_dir / 'train.py'))
     cfg.model.teacher = dict(config=str(teacher_dir / 'model.py'), checkpoint=str(teacher_dir / 'model.pth'))
@@ -95,8 +102,16 @@ def _load_distiller(run_dir: Path, teacher_dir: Path):
     return cfg, model
 
 
-def attention_figure(data, run_dir: str | Path, teacher_dir: str | Path, out: str | Path, *, image_index: int = 0,
-                     loss_name: str = 'stage', seed: int = 0) -> Path:
+def attention_figure(
+    data,
+    run_dir: str | Path,
+    teacher_dir: str | Path,
+    out: str | Path,
+    *,
+    image_index: int = 0,
+    loss_name: str = 'stage',
+    seed: int = 0,
+) -> Path:
     """Teacher attention, sampled masks and reconstruction per level, for one val image."""
     import torch
     from mmdet.registry import DATASETS
@@ -104,19 +119,30 @@ def attention_figure(data, run_dir: str | Path, teacher_dir: str | Path, out: st
 
     from dfmsd.models.distiller import draw_seed
     from dfmsd.models.losses.common import channel_attention, spatial_attention
+
     cfg, model = _load_distiller(Path(run_dir), Path(teacher_dir))
     rec = model.losses[loss_name]
     ann, img_dir = split_files(data, 'val')
     ds_cfg = cfg.test_dataloader.dataset
-    ds_cfg.update(data_root=str(data.root).rstrip('/') + '/', ann_file=data.splits['val'].ann,
-                  data_prefix=dict(img=data.splits['val'].img))
+    ds_cfg.update(
+        data_root=str(data.root).rstrip('/') + '/',
+        ann_file=data.splits['val'].ann,
+        data_prefix=dict(img=data.splits['val'].img),
+    )
     sample = DATASETS.build(ds_cfg)[image_index]
     batch = pseudo_collate([sample])
     s_feats = model.student.extract_feat(model.student.data_preprocessor(batch, False)['inputs'])
     t_feats = model.teacher.extract_feat(model.teacher.data_preprocessor(batch, False)['inputs'])
     image = sample['inputs'].numpy().transpose(1, 2, 0)[..., ::-1]  # BGR as loaded -> RGB
-    columns = ['input', '|T| (teacher)', 'spatial attention', 'spatial mask', 'channel attention',
-               'reconstruction', '|rebuilt - T|']
+    columns = [
+        'input',
+        '|T| (teacher)',
+        'spatial attention',
+        'spatial mask',
+        'channel attention',
+        'reconstruction',
+        '|rebuilt - T|',
+    ]
     fig, axes = _figure(len(model.level_pairs), len(columns), size=1.9)
     for level, pair in enumerate(model.level_pairs):
         s = s_feats[pair['student_idx']]
@@ -128,9 +154,15 @@ def attention_figure(data, run_dir: str | Path, teacher_dir: str | Path, out: st
         rebuilt = module.reconstruct(s, t, gen)
         tau = getattr(module, 'tau', 0.5)
         a_c = channel_attention(t, tau)[0, :, 0, 0].numpy()
-        panels = [image, t[0].abs().mean(0).numpy(), spatial_attention(t, tau)[0, 0].numpy(),
-                  None if m_s is None else m_s[0, 0].numpy(), a_c, rebuilt[0].abs().mean(0).numpy(),
-                  (rebuilt - t)[0].abs().mean(0).numpy()]
+        panels = [
+            image,
+            t[0].abs().mean(0).numpy(),
+            spatial_attention(t, tau)[0, 0].numpy(),
+            None if m_s is None else m_s[0, 0].numpy(),
+            a_c,
+            rebuilt[0].abs().mean(0).numpy(),
+            (rebuilt - t)[0].abs().mean(0).numpy(),
+        ]
         for col, (name, panel) in enumerate(zip(columns, panels)):
             ax = axes[level, col]
             if panel is None:
@@ -144,9 +176,8 @@ def attention_figure(data, run_dir: str | Path, teacher_dir: str | Path, out: st
                 ax.set_xticks([]), ax.set_yticks([])
             if level == 0:
                 ax.set_title(name, fontsize=6)
-        axes[level, 0].set_ylabel(f"stride {pair['stride']}", fontsize=7)
-    fig.suptitle(f'{Path(run_dir).as_posix()}: teacher attention, DMKD masks and reconstruction per level',
-                 fontsize=8)
+        axes[level, 0].set_ylabel(f'stride {pair["stride"]}', fontsize=7)
+    fig.suptitle(f'{Path(run_dir).as_posix()}: teacher attention, DMKD masks and reconstruction per level', fontsize=8)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

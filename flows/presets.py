@@ -10,6 +10,7 @@ dvc.lock, reports) stay there, resumable; the repository's own params.yaml, dvc.
 metrics and reports are never touched. When the run completes it is recorded as a DVC
 experiment (``dvc exp save``), so ``dvc exp show`` lists it beside the committed results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,19 +69,29 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
     for rel in filter(None, deleted):
         if rel not in OWN_OUTPUTS and not rel.startswith(own):
             (tree / rel).unlink(missing_ok=True)
-    (tree / 'params.yaml').write_text(f'# params.yaml with presets/{name}.yaml merged (flows.presets); '
-                                      f'the repository\'s own params.yaml is unchanged\n'
-                                      + yaml.safe_dump(params, sort_keys=False, width=110))
-    subprocess.run([sys.executable, '-m', 'dvc', 'config', '--local', 'cache.dir', str(root / '.dvc' / 'cache')],
-                   cwd=tree, check=True, capture_output=True)
+    (tree / 'params.yaml').write_text(
+        f'# params.yaml with presets/{name}.yaml merged (flows.presets); '
+        f"the repository's own params.yaml is unchanged\n" + yaml.safe_dump(params, sort_keys=False, width=110)
+    )
+    subprocess.run(
+        [sys.executable, '-m', 'dvc', 'config', '--local', 'cache.dir', str(root / '.dvc' / 'cache')],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
     return tree
 
 
 def save_experiment(tree: Path, name: str) -> str:
     """Record the worktree's state as a DVC experiment; returns its name."""
     exp = f'{name}-{time.strftime("%Y%m%d-%H%M%S")}'
-    subprocess.run([sys.executable, '-m', 'dvc', 'exp', 'save', '--name', exp, '--force', '--include-untracked',
-                    'reports'], cwd=tree, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, '-m', 'dvc', 'exp', 'save', '--name', exp, '--force', '--include-untracked', 'reports'],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return exp
 
 
@@ -97,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error [preset]: {err}', file=sys.stderr)
         return EXIT_CODE
     from flows import runner
+
     print(f'[preset] {args.name}: running in {tree}', flush=True)
     code = runner.main(['--repo', str(tree), '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]])
     if code == 0 and not args.target:
         exp = save_experiment(tree, args.name)
-        print(f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
-              f'(dvc exp show)')
+        print(
+            f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
+            f'(dvc exp show)'
+        )
     return code
 
 

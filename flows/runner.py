@@ -20,6 +20,7 @@ lock. Every outcome comes from machine-readable output: ``dvc status --json``, e
 and the run log the stage commands append to. Results do not depend on ``jobs``: each
 training process uses the same fixed thread count (params ``runtime.threads``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,18 +81,21 @@ class DvcRepo:
         self.root = Path(root).resolve()
         self.lock = threading.Lock()
 
-    def dvc(self, *args: str, env: dict | None = None, check: bool = True,
-            on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
+    def dvc(
+        self, *args: str, env: dict | None = None, check: bool = True, on_line: Callable[[str], None] | None = None
+    ) -> tuple[int, list[str]]:
         cmd = [sys.executable, '-m', 'dvc', *args]
         with self.lock:
-            return _stream(cmd, self.root, env or subprocess_env(self.root), on_line, check,
-                           what=f"dvc {' '.join(args)}")
+            return _stream(
+                cmd, self.root, env or subprocess_env(self.root), on_line, check, what=f'dvc {" ".join(args)}'
+            )
 
     def graph(self, targets: list[str] | None = None) -> nx.DiGraph:
         """Stages and edges (upstream -> downstream) of ``dvc dag --dot``; with ``targets``,
         those stages and everything upstream of them."""
         import networkx.drawing.nx_pydot as nx_pydot
         import pydot
+
         _, lines = self.dvc('dag', '--dot')
         with warnings.catch_warnings():  # pydot's parser uses pyparsing's deprecated names
             warnings.simplefilter('ignore', DeprecationWarning)
@@ -119,8 +123,9 @@ class DvcRepo:
 
 
 def _stream(cmd: list[str], cwd: Path, env: dict, on_line, check: bool, what: str) -> tuple[int, list[str]]:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     lines: list[str] = []
     try:
         for raw in iter(proc.stdout.readline, b''):
@@ -142,6 +147,7 @@ def _stream(cmd: list[str], cwd: Path, env: dict, on_line, check: bool, what: st
 def _terminate(proc: subprocess.Popen) -> None:
     """Stop a child and everything it started (SIGTERM, then SIGKILL)."""
     import psutil
+
     try:
         procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -157,8 +163,9 @@ def _terminate(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_stage(repo: DvcRepo, stage: str, *, force: bool = False,
-              on_line: Callable[[str], None] | None = None) -> StageResult:
+def run_stage(
+    repo: DvcRepo, stage: str, *, force: bool = False, on_line: Callable[[str], None] | None = None
+) -> StageResult:
     """Bring one stage up to date (see the module docstring); never raises for a stage failure."""
     start = time.monotonic()
     try:
@@ -170,8 +177,9 @@ def run_stage(repo: DvcRepo, stage: str, *, force: bool = False,
         finally:
             log_file.unlink(missing_ok=True)
     except RunnerError as err:
-        return StageResult(stage, 'failed', time.monotonic() - start, str(err).splitlines()[0],
-                           str(err).splitlines()[1:])
+        return StageResult(
+            stage, 'failed', time.monotonic() - start, str(err).splitlines()[0], str(err).splitlines()[1:]
+        )
 
 
 def _run_changed(repo: DvcRepo, stage: str, force: bool, log_file: Path, on_line, start: float) -> StageResult:
@@ -183,29 +191,51 @@ def _run_changed(repo: DvcRepo, stage: str, force: bool, log_file: Path, on_line
     records = runs.read_records(log_file)
     waiting = [r for r in records if r['status'] == 'needs-training']
     if on_line:  # a probe that only asked for training ends in DVC's 'failed to reproduce': not news
-        for line in lines if not waiting else [f'{stage}: training outside DVC\'s lock, then export']:
+        for line in lines if not waiting else [f"{stage}: training outside DVC's lock, then export"]:
             on_line(line)
     if waiting:
-        env_train = subprocess_env(repo.root, **{runs.PHASE_ENV: 'train', runs.RUN_LOG_ENV: str(log_file),
-                                                 'DVC_STAGE': stage, 'DVC_ROOT': str(repo.root)})
+        env_train = subprocess_env(
+            repo.root,
+            **{
+                runs.PHASE_ENV: 'train',
+                runs.RUN_LOG_ENV: str(log_file),
+                'DVC_STAGE': stage,
+                'DVC_ROOT': str(repo.root),
+            },
+        )
         argv = [sys.executable, *waiting[0]['argv']]  # the stage's own command line, as DVC ran it
-        train_code, train_lines = _stream(argv, Path(waiting[0]['cwd']), env_train, on_line, check=False,
-                                          what=stage)
+        train_code, train_lines = _stream(argv, Path(waiting[0]['cwd']), env_train, on_line, check=False, what=stage)
         lines += train_lines
         if train_code != 0:
-            return StageResult(stage, 'failed', time.monotonic() - start,
-                               f'its command exited with {train_code} while training', lines[-TAIL_LINES:],
-                               exit_code=train_code)
+            return StageResult(
+                stage,
+                'failed',
+                time.monotonic() - start,
+                f'its command exited with {train_code} while training',
+                lines[-TAIL_LINES:],
+                exit_code=train_code,
+            )
         code, more = repo.dvc(*repro, env=env, check=False, on_line=on_line)
         lines += more
         records = runs.read_records(log_file)
     if code != 0:
-        return StageResult(stage, 'failed', time.monotonic() - start, f'`dvc repro` exited with {code}',
-                           lines[-TAIL_LINES:], exit_code=code)
+        return StageResult(
+            stage,
+            'failed',
+            time.monotonic() - start,
+            f'`dvc repro` exited with {code}',
+            lines[-TAIL_LINES:],
+            exit_code=code,
+        )
     _clean_work_dirs(repo.root, stage)  # exported or restored: nothing left to resume
     ran = any(r['status'] == 'done' and r['phase'] == 'commit' for r in records)
-    return StageResult(stage, 'ran' if ran else 'restored', time.monotonic() - start,
-                       'ran' if ran else 'restored from the DVC run-cache', lines[-TAIL_LINES:])
+    return StageResult(
+        stage,
+        'ran' if ran else 'restored',
+        time.monotonic() - start,
+        'ran' if ran else 'restored from the DVC run-cache',
+        lines[-TAIL_LINES:],
+    )
 
 
 def _clean_work_dirs(root: Path, stage: str) -> None:
@@ -213,11 +243,17 @@ def _clean_work_dirs(root: Path, stage: str) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def run_pipeline(repo_dir: str | Path | DvcRepo = '.', *, targets: list[str] | None = None, jobs: int = 2,
-                 force: bool = False, run: Callable[[str], StageResult] | None = None,
-                 on_result: Callable[[StageResult], None] | None = None,
-                 on_line: Callable[[str, str], None] | None = None,
-                 graph: nx.DiGraph | None = None) -> list[StageResult]:
+def run_pipeline(
+    repo_dir: str | Path | DvcRepo = '.',
+    *,
+    targets: list[str] | None = None,
+    jobs: int = 2,
+    force: bool = False,
+    run: Callable[[str], StageResult] | None = None,
+    on_result: Callable[[StageResult], None] | None = None,
+    on_line: Callable[[str, str], None] | None = None,
+    graph: nx.DiGraph | None = None,
+) -> list[StageResult]:
     """Every stage (or ``targets`` and their upstream) in dependency order, ``jobs`` at a time.
 
     A stage whose upstream failed is 'not run'; independent branches go on. ``run`` replaces
@@ -229,12 +265,15 @@ def run_pipeline(repo_dir: str | Path | DvcRepo = '.', *, targets: list[str] | N
     if graph is None:
         graph = repo.graph(targets)
     if run is None:
+
         def run(stage: str) -> StageResult:
             printer = (lambda line: on_line(stage, line)) if on_line else None
             return run_stage(repo, stage, force=force, on_line=printer)
+
     order = list(nx.lexicographical_topological_sort(graph))
     results: dict[str, StageResult] = {}
     running: dict[concurrent.futures.Future, str] = {}
+
     def settle(result: StageResult) -> None:
         results[result.stage] = result
         if on_result:
@@ -248,7 +287,7 @@ def run_pipeline(repo_dir: str | Path | DvcRepo = '.', *, targets: list[str] | N
                 ups = list(graph.predecessors(stage))
                 bad = [u for u in ups if u in results and not results[u].ok]
                 if bad:
-                    settle(StageResult(stage, 'not run', message=f"upstream failed: {', '.join(bad)}"))
+                    settle(StageResult(stage, 'not run', message=f'upstream failed: {", ".join(bad)}'))
                 elif all(u in results for u in ups) and len(running) < max(1, jobs):
                     running[pool.submit(run, stage)] = stage
             if not running:
@@ -259,7 +298,38 @@ def run_pipeline(repo_dir: str | Path | DvcRepo = '.', *, targets: list[str] | N
             for future in done:
                 running.pop(future)
                 settle(future.result())
+    normalise_lock(repo)
     return [results[s] for s in order]
+
+
+def normalise_lock(repo: DvcRepo) -> None:
+    """Put dvc.lock's stages in dvc.yaml's order: DVC appends an entry when a stage first
+    completes, so with several jobs the order (not the content) would depend on timing."""
+    from ruamel.yaml import YAML
+
+    path = repo.root / 'dvc.lock'
+    if not path.is_file():
+        return
+    yaml = YAML()  # round trip: DVC's own library and style
+    lock = yaml.load(path.read_text())
+    stages = lock.get('stages') or {}
+    _, names = repo.dvc('stage', 'list', '--name-only')
+    rank = {name: i for i, name in enumerate(names)}
+    ordered = sorted(stages, key=lambda name: rank.get(name, len(rank)))
+    if ordered == list(stages):
+        return
+    items = [(name, stages[name]) for name in ordered]
+    for name in ordered:
+        del stages[name]
+    for name, entry in items:
+        stages[name] = entry
+    import io
+
+    buf = io.StringIO()
+    yaml.dump(lock, buf)
+    from dfmsd.core.io import write_text
+
+    write_text(path, buf.getvalue())
 
 
 def summary_table(results: list[StageResult]) -> str:
@@ -277,20 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m flows.runner', description=__doc__.splitlines()[0])
     parser.add_argument('--repo', default='.')
     parser.add_argument('--jobs', type=int, default=2, help='stages trained at the same time (default 2)')
-    parser.add_argument('--target', action='append', default=[], metavar='STAGE',
-                        help='only this stage (or matrix group) and its upstream; repeatable')
+    parser.add_argument(
+        '--target',
+        action='append',
+        default=[],
+        metavar='STAGE',
+        help='only this stage (or matrix group) and its upstream; repeatable',
+    )
     parser.add_argument('--force', action='store_true', help='rerun every selected stage')
     args = parser.parse_args(argv)
 
     def report(result: StageResult) -> None:
-        print(f'[runner] {result.stage}: {result.outcome} ({result.seconds:.1f} s)'
-              + (f' - {result.message}' if result.outcome in ('failed', 'not run') else ''), flush=True)
+        print(
+            f'[runner] {result.stage}: {result.outcome} ({result.seconds:.1f} s)'
+            + (f' - {result.message}' if result.outcome in ('failed', 'not run') else ''),
+            flush=True,
+        )
         if result.outcome == 'failed':
             print('\n'.join(f'    {line}' for line in result.output), flush=True)
 
     start = time.monotonic()
-    results = run_pipeline(args.repo, targets=args.target or None, jobs=args.jobs, force=args.force,
-                           on_result=report, on_line=lambda stage, line: print(f'  [{stage}] {line}', flush=True))
+    results = run_pipeline(
+        args.repo,
+        targets=args.target or None,
+        jobs=args.jobs,
+        force=args.force,
+        on_result=report,
+        on_line=lambda stage, line: print(f'  [{stage}] {line}', flush=True),
+    )
     print(summary_table(results))
     print(f'[runner] {len(results)} stages in {time.monotonic() - start:.1f} s with {args.jobs} job(s)')
     return 0 if all(r.ok for r in results) else 1

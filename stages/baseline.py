@@ -1,5 +1,6 @@
 """DVC stage `baseline@<student>-<seed>`: the student trained from ground truth only, from its
 seed's initialisation, for the budget every distillation row gets (train.iters)."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -17,12 +18,20 @@ def main() -> None:
     from dfmsd.core.params import Data, Detector, Runtime, Train, section, stage_params
     from dfmsd.engine.launch import launch_settings
     from dfmsd.engine.students import train_baseline
+
     p = stage_params()
-    train_baseline(section(Detector, p['students'][args.student], f'students.{args.student}'),
-                   section(Data, p['data'], 'data'), section(Train, p['train'], 'train'),
-                   section(Runtime, p['runtime'], 'runtime'), launch_settings(p.get('launch')),
-                   seed=args.seed, init=args.init, out=args.out, loss_log=args.log,
-                   identity={'kind': 'baseline', 'student': args.student, 'seed': args.seed})
+    train_baseline(
+        section(Detector, p['students'][args.student], f'students.{args.student}'),
+        section(Data, p['data'], 'data'),
+        section(Train, p['train'], 'train'),
+        section(Runtime, p['runtime'], 'runtime'),
+        launch_settings(p.get('launch')),
+        seed=args.seed,
+        init=args.init,
+        out=args.out,
+        loss_log=args.log,
+        identity={'kind': 'baseline', 'student': args.student, 'seed': args.seed},
+    )
 
 
 if __name__ == '__main__':

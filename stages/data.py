@@ -1,5 +1,6 @@
 """DVC stage `data`: make the synthetic dataset (data.generate: true), or check a dataset that is
 already in place (your own, COCO), fully, before any training stage reads it."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -12,17 +13,24 @@ def main() -> None:
 
     from dfmsd.core.params import Data, section, stage_params
     from dfmsd.data.coco import split_files, validate_coco
+
     data = section(Data, stage_params()['data'], 'data')
     if data.generate:
         from dfmsd.data.synthetic import generate_dataset
+
         splits = {name: (s.ann, s.img, s.images) for name, s in data.splits.items()}
-        generate_dataset(args.root, splits, image_size=data.image_size, seed=data.seed,
-                         small_image_fraction=data.synthetic.small_image_fraction,
-                         max_objects=data.synthetic.max_objects)
+        generate_dataset(
+            args.root,
+            splits,
+            image_size=data.image_size,
+            seed=data.seed,
+            small_image_fraction=data.synthetic.small_image_fraction,
+            max_objects=data.synthetic.max_objects,
+        )
     for split in data.splits:
         ann, img = split_files(data, split)
         coco = validate_coco(ann, img)
-        print(f"[data] {split}: {ann} valid ({len(coco['images'])} images, {len(coco['annotations'])} boxes)")
+        print(f'[data] {split}: {ann} valid ({len(coco["images"])} images, {len(coco["annotations"])} boxes)')
 
 
 if __name__ == '__main__':

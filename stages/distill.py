@@ -5,6 +5,7 @@ teacher for the first part of one schedule, the strong one for the rest).
 Every path is an argument; the method, student and training settings come from the params
 this stage declares in dvc.yaml.
 """
+
 import argparse
 
 from dfmsd.core import cli
@@ -26,23 +27,37 @@ def main() -> None:
     parser.add_argument('--log', required=True, help='training-loss CSV')
     args = parser.parse_args()
 
-    from dfmsd.core.params import (Data, Detector, Distill, Method, Runtime, SALMethod, Train, section,
-                                   stage_params)
+    from dfmsd.core.params import Data, Detector, Distill, Method, Runtime, SALMethod, Train, section, stage_params
     from dfmsd.engine.launch import launch_settings
     from dfmsd.engine.students import distill_student
+
     p = stage_params()
     group = GROUPS[args.kind]
-    method = section(SALMethod if group == 'sal_methods' else Method, p[group][args.method],
-                     f'{group}.{args.method}')
+    method = section(SALMethod if group == 'sal_methods' else Method, p[group][args.method], f'{group}.{args.method}')
     distill_student(
-        kind=args.kind, method=method,
+        kind=args.kind,
+        method=method,
         student=section(Detector, p['students'][args.student], f'students.{args.student}'),
-        data=section(Data, p['data'], 'data'), train=section(Train, p['train'], 'train'),
-        distill=section(Distill, p['distill'], 'distill'), runtime=section(Runtime, p['runtime'], 'runtime'),
-        launch=launch_settings(p.get('launch')), seed=args.seed, teacher=args.teacher, init=args.init,
-        me_table=args.me_table, out=args.out, loss_log=args.log,
-        identity={'kind': args.kind, 'student': args.student, 'pair': args.pair, 'method': args.method,
-                  'group': group, 'seed': args.seed})
+        data=section(Data, p['data'], 'data'),
+        train=section(Train, p['train'], 'train'),
+        distill=section(Distill, p['distill'], 'distill'),
+        runtime=section(Runtime, p['runtime'], 'runtime'),
+        launch=launch_settings(p.get('launch')),
+        seed=args.seed,
+        teacher=args.teacher,
+        init=args.init,
+        me_table=args.me_table,
+        out=args.out,
+        loss_log=args.log,
+        identity={
+            'kind': args.kind,
+            'student': args.student,
+            'pair': args.pair,
+            'method': args.method,
+            'group': group,
+            'seed': args.seed,
+        },
+    )
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """DVC stages `evaluate_*@...`: a trained model's COCO predictions on val and test, and their
 box metrics, with the run's identity and cost (its run.json) in one metrics file."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -13,13 +14,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from dfmsd.core.params import Data, Evaluate, Runtime, section, stage_params
-    from dfmsd.evaluation import evaluate_model
     from dfmsd.engine.launch import launch_settings
+    from dfmsd.evaluation import evaluate_model
+
     p = stage_params()
-    evaluate_model(args.model, data=section(Data, p['data'], 'data'),
-                   evaluate=section(Evaluate, p['evaluate'], 'evaluate'), runtime=section(Runtime, p['runtime'], 'runtime'),
-                   launch=launch_settings(p.get('launch')),
-                   predictions=args.predictions, metrics=args.metrics)
+    evaluate_model(
+        args.model,
+        data=section(Data, p['data'], 'data'),
+        evaluate=section(Evaluate, p['evaluate'], 'evaluate'),
+        runtime=section(Runtime, p['runtime'], 'runtime'),
+        launch=launch_settings(p.get('launch')),
+        predictions=args.predictions,
+        metrics=args.metrics,
+    )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """DVC stage `figures`: the paper's two illustrations from the pipeline's own data and models:
 the DFT spectra of the ME views (Fig. 6), and per FPN level the teacher's attention, DMKD's
 masks and the student's reconstruction (dfmsd.explain)."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -15,6 +16,7 @@ def main() -> None:
 
     from dfmsd.core.params import ME, Data, Figures, section, stage_params
     from dfmsd.explain import attention_figure, spectra_figure
+
     p = stage_params()
     data, fig = section(Data, p['data'], 'data'), section(Figures, p['figures'], 'figures')
     spectra_figure(data, section(ME, p['me'], 'me'), f'{args.out}/me_spectra.png', images=fig.images, seed=fig.seed)

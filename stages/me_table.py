@@ -1,6 +1,7 @@
 """DVC stage `me_table@<pair>-<seed>`: the masking-enhancement decision of every training image
 for one run seed (noise, crop or none), from the teacher's r(I); the views themselves are made
 in the training data pipeline (dfmsd.data.me)."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -16,12 +17,20 @@ def main() -> None:
     from dfmsd.core.io import read_json, write_json
     from dfmsd.core.params import ME, section, stage_params
     from dfmsd.data.me import decision_table
+
     me = section(ME, stage_params()['me'], 'me')
     ratios = {int(k): float(v) for k, v in read_json(args.ratios)['area_ratios'].items()}
-    table = decision_table(ratios, threshold=me.threshold, noise_prob=me.noise_prob, noise_sigma=me.noise_sigma,
-                           crop_min=me.crop_min, crop_max=me.crop_max, seed=args.seed)
+    table = decision_table(
+        ratios,
+        threshold=me.threshold,
+        noise_prob=me.noise_prob,
+        noise_sigma=me.noise_sigma,
+        crop_min=me.crop_min,
+        crop_max=me.crop_max,
+        seed=args.seed,
+    )
     write_json(args.out, table, indent=None)
-    print(f"[me_table] seed {args.seed}: {table['counts']}")
+    print(f'[me_table] seed {args.seed}: {table["counts"]}')
 
 
 if __name__ == '__main__':

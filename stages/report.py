@@ -7,6 +7,7 @@ plots/loss.csv (DVC plot data) and figures/*.png; see dfmsd.report.tables.write_
 only the params its dvc.yaml entry declares (report, seeds, pairs, students, the method groups,
 me.threshold); imports neither torch nor mmdet.
 """
+
 import argparse
 
 from dfmsd.core import cli
@@ -25,10 +26,12 @@ def main() -> None:
 
     from dfmsd.core.params import stage_params
     from dfmsd.report.tables import ReportWarning, write_report
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ReportWarning)
-        written = write_report(stage_params(), metrics_dir=args.metrics, logs_dir=args.logs, me_dir=args.me,
-                               out_dir=args.out)
+        written = write_report(
+            stage_params(), metrics_dir=args.metrics, logs_dir=args.logs, me_dir=args.me, out_dir=args.out
+        )
     for w in caught:  # files left out (also listed under "Notes" in results.md)
         print(f'warning [report]: {w.message}', file=sys.stderr)
     for path in written:

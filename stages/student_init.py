@@ -1,6 +1,7 @@
 """DVC stage `student_init@<student>-<seed>`: the seeded random initialisation that the
 baseline and every distillation run of this seed start from, so that their differences come
 from the training signal, not from the draw of initial weights."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -15,6 +16,7 @@ def main() -> None:
 
     from dfmsd.core.params import Data, Detector, section, stage_params
     from dfmsd.engine.students import init_student
+
     p = stage_params()
     spec = section(Detector, p['students'][args.student], f'students.{args.student}')
     init_student(spec, section(Data, p['data'], 'data'), args.seed, args.out, f'students.{args.student}')

@@ -1,6 +1,7 @@
 """DVC stage `teacher@<pair>-<role>`: a pair's weak or strong teacher, trained here from ground
 truth, downloaded from the MMDetection model zoo, or imported from a local checkpoint; the last
 two are checked against their sha256 before anything unpickles them."""
+
 import argparse
 
 from dfmsd.core import cli
@@ -17,6 +18,7 @@ def main() -> None:
     from dfmsd.core.params import Data, Runtime, Train, TrainedTeacher, section, stage_params, teacher
     from dfmsd.engine import teachers
     from dfmsd.engine.launch import launch_settings
+
     p = stage_params()
     data = section(Data, p['data'], 'data')
     where = f'pairs.{args.pair}.{args.role}'
@@ -25,9 +27,17 @@ def main() -> None:
     if not isinstance(spec, TrainedTeacher):
         teachers.import_teacher(spec, data, args.out, args.log, identity, where)
         return
-    teachers.train_teacher(spec, data, section(Train, p['train'], 'train'), section(Runtime, p['runtime'], 'runtime'),
-                           launch_settings(p.get('launch')), out=args.out, loss_log=args.log, identity=identity,
-                           where=where)
+    teachers.train_teacher(
+        spec,
+        data,
+        section(Train, p['train'], 'train'),
+        section(Runtime, p['runtime'], 'runtime'),
+        launch_settings(p.get('launch')),
+        out=args.out,
+        loss_log=args.log,
+        identity=identity,
+        where=where,
+    )
 
 
 if __name__ == '__main__':

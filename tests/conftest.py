@@ -1,11 +1,11 @@
 """Fixtures only (shared helpers live in tests/support.py). Nothing here changes the process
 environment for other tests: each test that needs a variable sets it with monkeypatch."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
-
 from support import copy_project, preset_params
 
 
@@ -23,12 +23,14 @@ def _own_mmengine_logger(request):
     handler of an earlier in-process Runner's MMLogger, which mmengine keeps as the current
     logger. Each test gets its own."""
     from mmengine.logging import MMLogger
+
     MMLogger.get_instance(f'test:{request.node.nodeid}', log_level='WARNING')
 
 
 @pytest.fixture(scope='session')
 def _tiny_dataset_master(tmp_path_factory):
     from dfmsd.data.synthetic import generate_dataset
+
     root = tmp_path_factory.mktemp('tiny') / 'synthetic'
     splits = {s: (f'annotations/instances_{s}.json', f'{s}/', n) for s, n in (('train', 24), ('val', 8), ('test', 8))}
     generate_dataset(root, splits, image_size=64, seed=1, progress=False)
@@ -51,6 +53,7 @@ def smoke_project(tmp_path):
 def prefect_api():
     """A temporary Prefect server (sqlite) for the session, its URL in PREFECT_API_URL."""
     from prefect.testing.utilities import prefect_test_harness
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('PREFECT_SERVER_ANALYTICS_ENABLED', 'false')
         with prefect_test_harness(server_startup_timeout=120):

@@ -1,4 +1,5 @@
 """Helpers the tests share (imported explicitly; conftest.py holds fixtures only)."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ def env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, *, check: bool = True, timeout: float = 1800, **extra_env: str):
     """Run ``cmd`` in ``cwd``; on an unexpected exit code, fail with its output."""
-    res = subprocess.run(cmd, cwd=cwd, env=env(PYTHONPATH=str(cwd), **extra_env), capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        cmd, cwd=cwd, env=env(PYTHONPATH=str(cwd), **extra_env), capture_output=True, text=True, timeout=timeout
+    )
     if check and res.returncode != 0:
         raise AssertionError(f'{cmd} exited with {res.returncode}:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}')
     return res
@@ -32,8 +34,13 @@ def run(cmd: list[str], cwd: Path, *, check: bool = True, timeout: float = 1800,
 def copy_project(dest: Path, *, params: dict | None = None) -> Path:
     """The working tree's tracked and untracked-not-ignored files (minus committed results)
     as a fresh git + DVC repository at ``dest``; ``params`` replaces params.yaml."""
-    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split('\0')
+    files = (
+        subprocess.run(
+            ['git', 'ls-files', '-co', '--exclude-standard', '-z'], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split('\0')
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file() and not rel.startswith(('tests/', *RESULTS)):
@@ -41,6 +48,7 @@ def copy_project(dest: Path, *, params: dict | None = None) -> Path:
             shutil.copy2(src, dest / rel)
     if params is not None:
         import yaml
+
         (dest / 'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
     git = ['git', '-c', 'user.email=test@dfmsd', '-c', 'user.name=test']
     subprocess.run(['git', 'init', '-q'], cwd=dest, check=True)
@@ -52,4 +60,5 @@ def copy_project(dest: Path, *, params: dict | None = None) -> Path:
 def preset_params(name: str) -> dict:
     """params.yaml with presets/<name>.yaml merged, as the preset runner writes it."""
     from dfmsd.core.presets import preset_params as merged
+
     return merged(name, REPO / 'params.yaml', REPO / 'presets')

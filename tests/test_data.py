@@ -1,5 +1,6 @@
 """The synthetic dataset generator (dfmsd.data.synthetic) and the COCO checks and box
 arithmetic (dfmsd.data.coco)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,11 @@ def layout(counts: dict[str, int]) -> dict[str, tuple[str, str, int]]:
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob('*')) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob('*'))
+        if p.is_file()
+    }
 
 
 def generate(out: Path, counts: dict[str, int], **kwargs) -> dict:
@@ -53,7 +57,8 @@ def test_three_splits_at_the_given_paths(tmp_path):
         assert len(coco['images']) == n == summary[split]['images']
         assert len(coco['annotations']) == summary[split]['annotations'] > 0
         assert sorted(p.name for p in (tmp_path / 'ds' / img).iterdir()) == sorted(
-            i['file_name'] for i in coco['images'])
+            i['file_name'] for i in coco['images']
+        )
     assert sorted(p.name for p in (tmp_path / 'ds').iterdir()) == ['labels', 'pictures']
 
 
@@ -168,8 +173,7 @@ def test_a_rerun_replaces_the_whole_directory(tmp_path):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('bad', [{'small_image_fraction': 1.5}, {'max_objects': 0}, {'image_size': 16},
-                                 {'seed': -1}])
+@pytest.mark.parametrize('bad', [{'small_image_fraction': 1.5}, {'max_objects': 0}, {'image_size': 16}, {'seed': -1}])
 def test_bad_arguments_write_nothing(tmp_path, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         generate(tmp_path / 'ds', {'train': 1}, **bad)
@@ -247,15 +251,14 @@ def test_missing_or_non_list_section(val_copy, key, value):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('kind, noun', [('images', 'image'), ('annotations', 'annotation'),
-                                        ('categories', 'category')])
+@pytest.mark.parametrize('kind, noun', [('images', 'image'), ('annotations', 'annotation'), ('categories', 'category')])
 def test_duplicate_ids(val_copy, kind, noun):
     ann, img, coco = val_copy
     duplicate = dict(coco[kind][1], id=coco[kind][0]['id'])
     coco[kind][1] = duplicate
     with pytest.raises(DatasetError) as err:
         validate_coco(broken(ann, coco), img)
-    assert_names(err, ann, f"{noun} id {duplicate['id']} appears twice")
+    assert_names(err, ann, f'{noun} id {duplicate["id"]} appears twice')
 
 
 @pytest.mark.fast
@@ -275,7 +278,7 @@ def test_image_entry_without_file_name_or_size(val_copy, change):
     coco['images'][2].update(change)
     with pytest.raises(DatasetError) as err:
         validate_coco(broken(ann, coco), img)
-    assert_names(err, ann, f"image {coco['images'][2]['id']}")
+    assert_names(err, ann, f'image {coco["images"][2]["id"]}')
 
 
 @pytest.mark.fast
@@ -285,19 +288,20 @@ def test_unknown_image_or_category(val_copy, field, value):
     coco['annotations'][-1][field] = value
     with pytest.raises(DatasetError) as err:
         validate_coco(broken(ann, coco), img)
-    assert_names(err, ann, f"annotation {coco['annotations'][-1]['id']}", f'unknown {field} {value}')
+    assert_names(err, ann, f'annotation {coco["annotations"][-1]["id"]}', f'unknown {field} {value}')
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('bbox', [[1, 2, 0, 5], [1, 2, 5, -1], [1, 2, 3], 'box', [1, 2, 3, float('nan')],
-                                  [1, True, 3, 4], None])
+@pytest.mark.parametrize(
+    'bbox', [[1, 2, 0, 5], [1, 2, 5, -1], [1, 2, 3], 'box', [1, 2, 3, float('nan')], [1, True, 3, 4], None]
+)
 def test_invalid_bbox(val_copy, bbox):
     ann, img, coco = val_copy
     coco['annotations'][0]['bbox'] = bbox
     ann.write_text(json.dumps(coco))  # NaN is written as the JSON extension NaN, which json reads back
     with pytest.raises(DatasetError) as err:
         validate_coco(ann, img)
-    assert_names(err, ann, f"annotation {coco['annotations'][0]['id']}", 'invalid bbox')
+    assert_names(err, ann, f'annotation {coco["annotations"][0]["id"]}', 'invalid bbox')
 
 
 @pytest.mark.fast
@@ -307,16 +311,24 @@ def test_bbox_outside_its_image_beyond_the_tolerance(val_copy, side):
     image = next(i for i in coco['images'] if i['id'] == coco['annotations'][0]['image_id'])
     width, height = image['width'], image['height']
     slack = coco_mod.BOX_TOLERANCE
-    within = {'left': [-slack / 2, 0, 4, 4], 'top': [0, -slack / 2, 4, 4],
-              'right': [width - 4, 0, 4 + slack / 2, 4], 'bottom': [0, height - 4, 4, 4 + slack / 2]}[side]
-    beyond = {'left': [-2 * slack, 0, 4, 4], 'top': [0, -2 * slack, 4, 4],
-              'right': [width - 4, 0, 4 + 2 * slack, 4], 'bottom': [0, height - 4, 4, 4 + 2 * slack]}[side]
+    within = {
+        'left': [-slack / 2, 0, 4, 4],
+        'top': [0, -slack / 2, 4, 4],
+        'right': [width - 4, 0, 4 + slack / 2, 4],
+        'bottom': [0, height - 4, 4, 4 + slack / 2],
+    }[side]
+    beyond = {
+        'left': [-2 * slack, 0, 4, 4],
+        'top': [0, -2 * slack, 4, 4],
+        'right': [width - 4, 0, 4 + 2 * slack, 4],
+        'bottom': [0, height - 4, 4, 4 + 2 * slack],
+    }[side]
     coco['annotations'][0]['bbox'] = within
     validate_coco(broken(ann, coco), img)
     coco['annotations'][0]['bbox'] = beyond
     with pytest.raises(DatasetError) as err:
         validate_coco(broken(ann, coco), img)
-    assert_names(err, ann, f"annotation {coco['annotations'][0]['id']}", 'outside', f"image {image['id']}")
+    assert_names(err, ann, f'annotation {coco["annotations"][0]["id"]}', 'outside', f'image {image["id"]}')
 
 
 @pytest.mark.fast
@@ -326,7 +338,7 @@ def test_missing_image_file(val_copy):
     (img / victim['file_name']).unlink()
     with pytest.raises(DatasetError) as err:
         validate_coco(ann, img)
-    assert_names(err, ann, f"image {victim['id']}", str(img / victim['file_name']))
+    assert_names(err, ann, f'image {victim["id"]}', str(img / victim['file_name']))
     assert validate_coco(ann, img, check_images=False)['images'] == coco['images']
 
 
@@ -337,11 +349,16 @@ def test_image_that_does_not_decode(val_copy, damage):
     victim = coco['images'][1]
     path = img / victim['file_name']
     data = path.read_bytes()
-    path.write_bytes({'truncated': data[: len(data) // 2], 'garbage': b'GIF89a nothing',
-                      'flipped bytes': data[:100] + bytes(b ^ 0xFF for b in data[100:200]) + data[200:]}[damage])
+    path.write_bytes(
+        {
+            'truncated': data[: len(data) // 2],
+            'garbage': b'GIF89a nothing',
+            'flipped bytes': data[:100] + bytes(b ^ 0xFF for b in data[100:200]) + data[200:],
+        }[damage]
+    )
     with pytest.raises(DatasetError) as err:
         validate_coco(ann, img)
-    assert_names(err, ann, f"image {victim['id']}", str(path), 'not a readable image')
+    assert_names(err, ann, f'image {victim["id"]}', str(path), 'not a readable image')
 
 
 @pytest.mark.fast
@@ -351,7 +368,7 @@ def test_image_whose_size_differs_from_its_entry(val_copy):
     victim['width'] += 10  # wider: every box still fits, only the file disagrees
     with pytest.raises(DatasetError) as err:
         validate_coco(broken(ann, coco), img)
-    assert_names(err, ann, f"image {victim['id']}", f"{victim['width']}x{victim['height']}")
+    assert_names(err, ann, f'image {victim["id"]}', f'{victim["width"]}x{victim["height"]}')
 
 
 # ---------------------------------------------------------------- box arithmetic, split files
@@ -370,12 +387,15 @@ def test_area_ratio_by_hand():
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('box, expected', [
-    ((1.234, 2.345, 3.456, 4.567), [1.23, 2.35, 3.46, 4.56]),  # corners rounded, then the size
-    ((-3.0, -1.0, 10.0, 5.0), [0.0, 0.0, 7.0, 4.0]),  # clipped at the top left
-    ((60.0, 62.5, 10.0, 10.0), [60.0, 62.5, 4.0, 1.5]),  # clipped at the bottom right
-    ((70.0, 10.0, 5.0, 5.0), [64.0, 10.0, 0.0, 5.0]),  # entirely outside: no width left
-])
+@pytest.mark.parametrize(
+    'box, expected',
+    [
+        ((1.234, 2.345, 3.456, 4.567), [1.23, 2.35, 3.46, 4.56]),  # corners rounded, then the size
+        ((-3.0, -1.0, 10.0, 5.0), [0.0, 0.0, 7.0, 4.0]),  # clipped at the top left
+        ((60.0, 62.5, 10.0, 10.0), [60.0, 62.5, 4.0, 1.5]),  # clipped at the bottom right
+        ((70.0, 10.0, 5.0, 5.0), [64.0, 10.0, 0.0, 5.0]),  # entirely outside: no width left
+    ],
+)
 def test_rounded_box(box, expected):
     assert rounded_box(*box, 64, 64) == pytest.approx(expected)
 
@@ -393,10 +413,16 @@ def test_rounded_box_never_reaches_past_the_image():
 @pytest.mark.fast
 def test_split_files_from_a_dict_and_from_validated_params():
     from dfmsd.core.params import Data
-    data = {'root': 'data/mine', 'generate': False,
-            'splits': {'train': {'ann': 'a/train.json', 'img': 'imgs/tr/'},
-                       'val': {'ann': 'a/val.json', 'img': 'imgs/va/'},
-                       'test': {'ann': 'a/test.json', 'img': 'imgs/te/'}}}
+
+    data = {
+        'root': 'data/mine',
+        'generate': False,
+        'splits': {
+            'train': {'ann': 'a/train.json', 'img': 'imgs/tr/'},
+            'val': {'ann': 'a/val.json', 'img': 'imgs/va/'},
+            'test': {'ann': 'a/test.json', 'img': 'imgs/te/'},
+        },
+    }
     expected = (Path('data/mine/a/val.json'), Path('data/mine/imgs/va'))
     assert split_files(data, 'val') == expected
     assert split_files(Data.model_validate(data), 'val') == expected

@@ -3,6 +3,7 @@
 2 processes, gloo backend, tiny dataset: the plain stage commands relaunch themselves,
 rank 0 alone exports, and the export is the same format as a single-process one.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import copy_project
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -29,13 +29,11 @@ def free_port() -> int:
 
 
 def stage(root: Path, *args: str, timeout: int = 300, **env_overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f'{VENV_BIN}:{os.environ["PATH"]}', OMP_NUM_THREADS='1',
-               DVC_NO_ANALYTICS='1')
+    env = dict(os.environ, PATH=f'{VENV_BIN}:{os.environ["PATH"]}', OMP_NUM_THREADS='1', DVC_NO_ANALYTICS='1')
     for key in [k for k in env if k.startswith('DFMSD_LAUNCH_') or k in ('LOCAL_RANK', 'RANK', 'WORLD_SIZE')]:
         del env[key]
     env.update(env_overrides)
-    res = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f'{args} exited {res.returncode}:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}'
     return res
 
@@ -61,14 +59,14 @@ def project(tmp_path_factory, tiny_dataset):
         p['distill']['runs']['dfmsd_stage1']['iters'] = ITERS
         p['distill']['me_runs']['dfmsd_stage2']['iters'] = ITERS
         p['train']['checkpoint_interval'] = 2
+
     edit_params(root, budgets)
     stage(root, 'stages/student_init.py')
     single = stage(root, 'stages/train.py', 'teacher_strong')
     assert '[launch]' not in single.stdout  # one process: no relaunch, no launcher
     stage(root, 'stages/train.py', 'student')
     (root / 'models/student.pth').rename(root / 'reference_student.pth')  # a single-process export
-    edit_params(root, lambda p: p.update(launch={'nproc_per_node': 2, 'backend': 'gloo',
-                                                 'master_port': free_port()}))
+    edit_params(root, lambda p: p.update(launch={'nproc_per_node': 2, 'backend': 'gloo', 'master_port': free_port()}))
     return root
 
 
@@ -124,8 +122,13 @@ def test_distillation_on_two_processes(project):
 def test_me_distillation_on_two_processes(project):
     """SAL stage 2 with ME: original + augmented images in one ConcatDataset, so a rank's
     batch may lack one kind; DDP runs with find_unused_parameters."""
-    edit_params(project, lambda p: (p['teacher_boxes'].update(teacher='teacher_strong'),
-                                    p['distill']['runs']['dfmsd_stage1'].update(teacher='teacher_strong')))
+    edit_params(
+        project,
+        lambda p: (
+            p['teacher_boxes'].update(teacher='teacher_strong'),
+            p['distill']['runs']['dfmsd_stage1'].update(teacher='teacher_strong'),
+        ),
+    )
     one = dict(DFMSD_LAUNCH_NPROC_PER_NODE='1')  # the inputs are made in one process
     stage(project, 'stages/teacher_boxes.py', **one)
     stage(project, 'stages/distill.py', 'dfmsd_stage1', **one)
@@ -140,6 +143,7 @@ def test_me_distillation_on_two_processes(project):
 def test_launch_settings_and_command(monkeypatch):
     from dfmsd.launch import launch_settings, torchrun_command, world_size
     from dfmsd.params import ParamsError
+
     assert world_size({}) == 1
     params = {'launch': {'nproc_per_node': 8, 'nnodes': 2, 'node_rank': 0, 'master_addr': '10.0.0.1'}}
     monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '1')
@@ -147,8 +151,20 @@ def test_launch_settings_and_command(monkeypatch):
     assert world_size(params) == 16
     cmd = torchrun_command(params, ['stages/distill.py', 'mgd'])
     assert cmd[1:3] == ['-m', 'torch.distributed.run']
-    assert cmd[3:] == ['--nproc_per_node', '8', '--nnodes', '2', '--node_rank', '1', '--master_addr',
-                       '10.0.0.1', '--master_port', '29500', 'stages/distill.py', 'mgd']
+    assert cmd[3:] == [
+        '--nproc_per_node',
+        '8',
+        '--nnodes',
+        '2',
+        '--node_rank',
+        '1',
+        '--master_addr',
+        '10.0.0.1',
+        '--master_port',
+        '29500',
+        'stages/distill.py',
+        'mgd',
+    ]
     monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '2')
     with pytest.raises(ParamsError, match='node_rank'):
         launch_settings(params)
@@ -162,16 +178,21 @@ def test_apply_launcher_only_in_workers(monkeypatch):
 
     from dfmsd.launch import apply_launcher, single_process_config
     from dfmsd.params import ParamsError
-    me_cfg = dict(model=dict(type='StageDistiller', aug_loss_weight=1.0),
-                  train_dataloader=dict(dataset=dict(type='ConcatDataset')), env_cfg=dict(cudnn_benchmark=False))
+
+    me_cfg = dict(
+        model=dict(type='StageDistiller', aug_loss_weight=1.0),
+        train_dataloader=dict(dataset=dict(type='ConcatDataset')),
+        env_cfg=dict(cudnn_benchmark=False),
+    )
     cfg = Config(me_cfg)
     monkeypatch.delenv('LOCAL_RANK', raising=False)
     assert not apply_launcher(cfg, {'launch': {'nproc_per_node': 2, 'backend': 'gloo'}})
     assert 'launcher' not in cfg and 'model_wrapper_cfg' not in cfg
 
     # a one-process "worker": the CPU path starts the gloo process group itself
-    for key, value in dict(LOCAL_RANK='0', RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-                           MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        LOCAL_RANK='0', RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port())
+    ).items():
         monkeypatch.setenv(key, value)
     backend = 'nccl' if torch.cuda.is_available() else 'gloo'
     try:

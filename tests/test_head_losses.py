@@ -1,6 +1,7 @@
 """Head-level distillation (dfmsd.models.losses.heads) on small real mmdet heads: dense class
 logits, PCD, CrossKD (RetinaHead and GFLHead teachers) and MAR's relation term. References are
 computed here from the heads' own forward / get_targets and formulas written out by hand."""
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,16 @@ from mmengine.structures import InstanceData
 import dfmsd.models  # noqa: F401  (registers the losses)
 from dfmsd.core.errors import DistillError
 from dfmsd.models.losses import CrossKDLoss, MARRelationLoss, PCDLoss
-from dfmsd.models.losses.heads import (crosskd_targets, dense_class_logits, giou_sum, head_class_logits,
-                                       kd_quality_focal_sum, pcd_num_active_groups, pool_to_max_pixels,
-                                       valid_locations)
+from dfmsd.models.losses.heads import (
+    crosskd_targets,
+    dense_class_logits,
+    giou_sum,
+    head_class_logits,
+    kd_quality_focal_sum,
+    pcd_num_active_groups,
+    pool_to_max_pixels,
+    valid_locations,
+)
 
 pytestmark = pytest.mark.fast
 init_default_scope('mmdet')
@@ -29,28 +37,51 @@ STRIDES = [8, 16, 32, 64, 128]
 DISTILLED = STRIDES[:4]  # 128 px inputs: P3-P6 have at least 2x2 cells
 GN = dict(type='GN', num_groups=16, requires_grad=True)
 FOCAL = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)
-RETINA_TRAIN = dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0,
-                                  ignore_iof_thr=-1),
-                    sampler=dict(type='PseudoSampler'), allowed_border=-1, pos_weight=-1, debug=False)
+RETINA_TRAIN = dict(
+    assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
+    sampler=dict(type='PseudoSampler'),
+    allowed_border=-1,
+    pos_weight=-1,
+    debug=False,
+)
 HEADS = {  # as configs/small/*.py, at 16 channels
-    'retina': dict(type='RetinaHead', stacked_convs=2, feat_channels=16,
-                   anchor_generator=dict(type='AnchorGenerator', octave_base_scale=2, scales_per_octave=3,
-                                         ratios=[0.5, 1.0, 2.0], strides=STRIDES),
-                   bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0] * 4, target_stds=[1.0] * 4),
-                   loss_cls=FOCAL, loss_bbox=dict(type='L1Loss', loss_weight=1.0), train_cfg=RETINA_TRAIN),
-    'gfl': dict(type='GFLHead', stacked_convs=2, feat_channels=16, norm_cfg=GN, reg_max=16,
-                anchor_generator=dict(type='AnchorGenerator', ratios=[1.0], octave_base_scale=4,
-                                      scales_per_octave=1, strides=STRIDES),
-                loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True, beta=2.0, loss_weight=1.0),
-                loss_dfl=dict(type='DistributionFocalLoss', loss_weight=0.25),
-                loss_bbox=dict(type='GIoULoss', loss_weight=2.0),
-                train_cfg=dict(assigner=dict(type='ATSSAssigner', topk=9), allowed_border=-1, pos_weight=-1,
-                               debug=False)),
-    'atss': dict(type='ATSSHead', stacked_convs=2, feat_channels=16, norm_cfg=GN,
-                 anchor_generator=dict(type='AnchorGenerator', ratios=[1.0], octave_base_scale=8,
-                                       scales_per_octave=1, strides=STRIDES),
-                 bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0] * 4, target_stds=[.1, .1, .2, .2]),
-                 loss_cls=FOCAL),
+    'retina': dict(
+        type='RetinaHead',
+        stacked_convs=2,
+        feat_channels=16,
+        anchor_generator=dict(
+            type='AnchorGenerator', octave_base_scale=2, scales_per_octave=3, ratios=[0.5, 1.0, 2.0], strides=STRIDES
+        ),
+        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
+        loss_cls=FOCAL,
+        loss_bbox=dict(type='L1Loss', loss_weight=1.0),
+        train_cfg=RETINA_TRAIN,
+    ),
+    'gfl': dict(
+        type='GFLHead',
+        stacked_convs=2,
+        feat_channels=16,
+        norm_cfg=GN,
+        reg_max=16,
+        anchor_generator=dict(
+            type='AnchorGenerator', ratios=[1.0], octave_base_scale=4, scales_per_octave=1, strides=STRIDES
+        ),
+        loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True, beta=2.0, loss_weight=1.0),
+        loss_dfl=dict(type='DistributionFocalLoss', loss_weight=0.25),
+        loss_bbox=dict(type='GIoULoss', loss_weight=2.0),
+        train_cfg=dict(assigner=dict(type='ATSSAssigner', topk=9), allowed_border=-1, pos_weight=-1, debug=False),
+    ),
+    'atss': dict(
+        type='ATSSHead',
+        stacked_convs=2,
+        feat_channels=16,
+        norm_cfg=GN,
+        anchor_generator=dict(
+            type='AnchorGenerator', ratios=[1.0], octave_base_scale=8, scales_per_octave=1, strides=STRIDES
+        ),
+        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=FOCAL,
+    ),
     'fcos': dict(type='FCOSHead', stacked_convs=2, feat_channels=16, norm_cfg=GN, strides=STRIDES, loss_cls=FOCAL),
 }
 
@@ -78,8 +109,10 @@ def sample(boxes, labels, img_shape=(128, 128)) -> DetDataSample:
     return s
 
 
-SAMPLES = [sample([[10., 20., 50., 60.], [60., 60., 120., 100.]], [1, 3]),
-           sample([[30., 5., 70., 90.]], [0], img_shape=(120, 100))]
+SAMPLES = [
+    sample([[10.0, 20.0, 50.0, 60.0], [60.0, 60.0, 120.0, 100.0]], [1, 3]),
+    sample([[30.0, 5.0, 70.0, 90.0]], [0], img_shape=(120, 100)),
+]
 
 
 def align_ref(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -139,9 +172,14 @@ def test_two_stage_detectors_and_heads_with_their_own_forward_are_refused():
     model = MODELS.build(cfg.model)
     with pytest.raises(DistillError, match='FasterRCNN'):
         dense_class_logits(model, [torch.zeros(1, 64, 8, 8)])
-    rpn = MODELS.build(dict(type='RPNHead', in_channels=16, feat_channels=16,
-                            anchor_generator=dict(type='AnchorGenerator', scales=[4], ratios=[1.0],
-                                                  strides=STRIDES)))
+    rpn = MODELS.build(
+        dict(
+            type='RPNHead',
+            in_channels=16,
+            feat_channels=16,
+            anchor_generator=dict(type='AnchorGenerator', scales=[4], ratios=[1.0], strides=STRIDES),
+        )
+    )
     s, tt = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     student = build_head('retina')
     out = (torch.zeros(1, 45, 4, 4), torch.zeros(1, 36, 4, 4))
@@ -172,25 +210,26 @@ def test_valid_locations_leave_out_padding():
 
 def test_pcd_active_classes_ranked_by_mean_logit_difference():
     # |t - s| = [.1, .6, .3, .5, .2, .4] -> ranking 1, 3, 5, 2, 4, 0 -> groups {1,3}, {5,2}, {4,0}
-    s, tt = torch.zeros(1, 6), torch.tensor([[.1, -.6, .3, .5, -.2, .4]])
+    s, tt = torch.zeros(1, 6), torch.tensor([[0.1, -0.6, 0.3, 0.5, -0.2, 0.4]])
     loss = PCDLoss(num_groups=3, num_stages=5)
     got = {p: loss.active_classes(s, tt, p).tolist() for p in (0.0, 0.25, 0.5, 0.7, 1.0)}
     assert got == {0.0: [1, 3], 0.25: [1, 2, 3, 5], 0.5: [0, 1, 2, 3, 4, 5], 0.7: [1, 2, 3, 5], 1.0: [1, 3]}
     # the mean over the batch's locations decides: a second row reorders the ranking
-    assert loss.active_classes(torch.zeros(2, 6), torch.cat([tt, torch.tensor([[2., 0, 0, 0, 0, 0]])]),
-                               0.0).tolist() == [0, 1]
+    assert loss.active_classes(
+        torch.zeros(2, 6), torch.cat([tt, torch.tensor([[2.0, 0, 0, 0, 0, 0]])]), 0.0
+    ).tolist() == [0, 1]
 
 
 def binary_kl(t_logit: float, s_logit: float, temp: float) -> float:
     pt, ps = 1 / (1 + math.exp(-t_logit / temp)), 1 / (1 + math.exp(-s_logit / temp))
-    return temp ** 2 * (pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps)))
+    return temp**2 * (pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps)))
 
 
 def softmax_kl(t_logits, s_logits, temp: float) -> float:
     pt = [math.exp(v / temp) for v in t_logits]
     ps = [math.exp(v / temp) for v in s_logits]
     pt, ps = [v / sum(pt) for v in pt], [v / sum(ps) for v in ps]
-    return temp ** 2 * sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    return temp**2 * sum(a * math.log(a / b) for a, b in zip(pt, ps))
 
 
 def test_pcd_value_by_hand_sigmoid_padding_excluded():
@@ -202,7 +241,8 @@ def test_pcd_value_by_hand_sigmoid_padding_excluded():
     loss = PCDLoss(loss_weight=0.5, temperature=temp, num_groups=2, num_stages=3)
     kw = dict(sigmoid=True, img_shapes=[(8, 8)], stride=8)
     assert loss.logit_loss(s, tt, progress=0.0, **kw).item() == pytest.approx(
-        0.5 * (binary_kl(3.0, 0.0, temp) + binary_kl(1.0, -1.0, temp)), rel=1e-5)
+        0.5 * (binary_kl(3.0, 0.0, temp) + binary_kl(1.0, -1.0, temp)), rel=1e-5
+    )
     every = 0.5 * sum(binary_kl(a, b, temp) for a, b in [(3.0, 0.0), (1.5, 1.0), (1.0, -1.0), (2.2, 2.0)])
     assert loss.logit_loss(s, tt, progress=0.5, **kw).item() == pytest.approx(every, rel=1e-5)
     # without the padding mask column 1 (a huge disagreement) would count
@@ -241,16 +281,19 @@ def test_pcd_forward_uses_the_students_output_and_the_teachers_head():
     got.backward()
     assert student.gfl_cls.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
-    same = PCDLoss()(tt, tt, student_head_out=teacher.forward_single(tt), student_head=teacher,
-                     teacher_head=teacher, progress=0.5)
+    same = PCDLoss()(
+        tt, tt, student_head_out=teacher.forward_single(tt), student_head=teacher, teacher_head=teacher, progress=0.5
+    )
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_pcd_refuses_heads_of_other_classes():
     teacher = frozen(build_head('retina'))
     s, tt = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
-    for student in (build_head('retina', num_classes=4),
-                    build_head('retina', loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False))):
+    for student in (
+        build_head('retina', num_classes=4),
+        build_head('retina', loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False)),
+    ):
         with pytest.raises(DistillError, match='RetinaHead'):
             PCDLoss()(s, tt, student_head_out=student.forward_single(s), student_head=student, teacher_head=teacher)
 
@@ -276,12 +319,17 @@ def test_crosskd_is_zero_for_a_copy_of_the_teacher_and_positive_otherwise(kind):
     teacher = frozen(amplified(build_head(kind, seed=1).double()))
     tt = feats(2, dtype=torch.float64)
     loss = CrossKDLoss([16] * 4, [16] * 4).double()
-    same = loss(tt, tt, student_head=copy.deepcopy(teacher), teacher_head=teacher, samples=SAMPLES,
-                strides=DISTILLED)
+    same = loss(tt, tt, student_head=copy.deepcopy(teacher), teacher_head=teacher, samples=SAMPLES, strides=DISTILLED)
     assert set(same) == ({'cls', 'reg'} if kind == 'retina' else {'cls', 'reg', 'bbox'})
     assert all(abs(v.item()) <= 1e-6 for v in same.values()), same
-    other = loss(feats(3, dtype=torch.float64), tt, student_head=build_head(kind, seed=5).double(),
-                 teacher_head=teacher, samples=SAMPLES, strides=DISTILLED)
+    other = loss(
+        feats(3, dtype=torch.float64),
+        tt,
+        student_head=build_head(kind, seed=5).double(),
+        teacher_head=teacher,
+        samples=SAMPLES,
+        strides=DISTILLED,
+    )
     assert all(v.item() > 1e-3 for v in other.values()), other
 
 
@@ -301,6 +349,7 @@ def test_crosskd_reused_idx_zero_is_the_teachers_forward_on_the_aligned_feature(
 def official_reused(student, teacher, s, t, idx):
     """jbwang1997/CrossKD crosskd_retinanet.py (forward_crosskd_single, reuse_teacher_head, align_scale),
     transcribed line by line for one level."""
+
     def forward_crosskd_single(x, module):
         cls_feat, reg_feat = x, x
         cls_feat_hold, reg_feat_hold = x, x
@@ -351,7 +400,8 @@ def test_crosskd_reused_path_is_the_official_codes(idx):
         assert torch.allclose(got, ref, atol=1e-5)
     if idx:  # the pre-activation reading gives other outputs
         pre = CrossKDLoss([16] * 4, [16] * 4, reused_idx=idx, hold_activated=False).cross_level(
-            s, tt, student, teacher, idx, 0)
+            s, tt, student, teacher, idx, 0
+        )
         assert not torch.allclose(pre[0], ours[0], atol=1e-3)
 
 
@@ -359,7 +409,8 @@ def test_crosskd_retina_value_against_an_independent_reference():
     teacher, student = frozen(build_head('retina', seed=1)), build_head('retina', seed=2)
     S, T = feats(5), feats(6)
     got = CrossKDLoss([16] * 4, [16] * 4, reused_idx=0, loss_weight=0.5, loss_reg_weight=2.0)(
-        S, T, student_head=student, teacher_head=teacher, samples=SAMPLES, strides=DISTILLED)
+        S, T, student_head=student, teacher_head=teacher, samples=SAMPLES, strides=DISTILLED
+    )
     # the head's own anchors and targets over all five levels (P7 holds no positive for these boxes)
     sizes = [x.shape[-2:] for x in T] + [(1, 1)]
     metas = [s.metainfo for s in SAMPLES]
@@ -384,7 +435,8 @@ def test_crosskd_gfl_value_against_an_independent_reference(activated):
     teacher, student = frozen(build_head('gfl', seed=1)), build_head('gfl', seed=2)
     S, T = feats(5), feats(6)
     got = CrossKDLoss([16] * 4, [16] * 4, hold_activated=activated)(
-        S, T, student_head=student, teacher_head=teacher, samples=SAMPLES, strides=DISTILLED)
+        S, T, student_head=student, teacher_head=teacher, samples=SAMPLES, strides=DISTILLED
+    )
     act = F.relu if activated else (lambda x: x)
     assert all(torch.isfinite(v) and v.item() > 0 for v in got.values())
     # targets: the head's get_targets on the four distilled levels' anchors
@@ -393,7 +445,8 @@ def test_crosskd_gfl_value_against_an_independent_reference(activated):
     metas = [s.metainfo for s in SAMPLES]
     flags = [[torch.ones(len(a), dtype=torch.bool) for a in level_anchors] for _ in metas]
     anchors, _, label_weights, _, _, avg = teacher.get_targets(
-        [list(level_anchors) for _ in metas], flags, [s.gt_instances for s in SAMPLES], metas)
+        [list(level_anchors) for _ in metas], flags, [s.gt_instances for s in SAMPLES], metas
+    )
     cls = kl = giou = weights = 0.0
     bins = torch.arange(17, dtype=torch.float32)
     for lvl, (s, tt) in enumerate(zip(S, T)):
@@ -428,8 +481,8 @@ def test_crosskd_term_formulas_by_hand():
     # class 0: log 2 * .25; class 1: log 2 * 0; weight 2
     assert kd_quality_focal_sum(r, tt, torch.tensor([2.0]), beta=1.0).item() == pytest.approx(2 * math.log(2) * 0.25)
     # [0,0,2,2] vs [1,1,3,3]: IoU 1/7, enclosure 9, union 7 -> GIoU = 1/7 - 2/9; the zero-weight row drops out
-    a = torch.tensor([[0., 0., 2., 2.], [0., 0., 1., 1.]])
-    b = torch.tensor([[1., 1., 3., 3.], [5., 5., 6., 6.]])
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0]])
     assert giou_sum(a, b, torch.tensor([0.5, 0.0])).item() == pytest.approx(0.5 * (1 - (1 / 7 - 2 / 9)), rel=1e-5)
 
 
@@ -447,8 +500,9 @@ def test_crosskd_gradients_reach_student_and_align_not_the_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     with pytest.raises(DistillError, match='student_feat_channels'):
-        CrossKDLoss([16] * 4, [16] * 4)(S, feats(8), student_head=student, teacher_head=teacher, samples=SAMPLES,
-                                       strides=DISTILLED)
+        CrossKDLoss([16] * 4, [16] * 4)(
+            S, feats(8), student_head=student, teacher_head=teacher, samples=SAMPLES, strides=DISTILLED
+        )
 
 
 def ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -478,8 +532,10 @@ def test_crosskd_targets_ignore_band_and_the_heads_own_assignment():
     band = (best >= 0.4) & (best < 0.5) & ~gt_best
     assert band.sum() > 5 and (lw[band] == 0).all()
     assert (lw[~band] == 1).all()
-    positives = [(((ious(torch.cat([x[i] for x in anchors]), s.gt_instances.bboxes) >= 0.5).any(dim=1))).sum()
-                 for i, s in enumerate(SAMPLES)]
+    positives = [
+        ((ious(torch.cat([x[i] for x in anchors]), s.gt_instances.bboxes) >= 0.5).any(dim=1)).sum()
+        for i, s in enumerate(SAMPLES)
+    ]
     assert avg >= sum(max(int(p), 1) for p in positives)
 
 
@@ -488,15 +544,18 @@ def test_crosskd_refuses_unsupported_set_ups():
     retina = frozen(build_head('retina'))
     for teacher, match in ((frozen(build_head('atss')), 'ATSSHead'), (None, 'two-stage')):
         with pytest.raises(DistillError, match=match):
-            CrossKDLoss([16] * 4, [16] * 4)(s, tt, student_head=build_head('retina'), teacher_head=teacher,
-                                           samples=SAMPLES, strides=DISTILLED)
+            CrossKDLoss([16] * 4, [16] * 4)(
+                s, tt, student_head=build_head('retina'), teacher_head=teacher, samples=SAMPLES, strides=DISTILLED
+            )
     with pytest.raises(DistillError, match='reused_idx 3.*RetinaHead has 2'):
-        CrossKDLoss([16] * 4, [16] * 4, reused_idx=3)(s, tt, student_head=build_head('retina'),
-                                                      teacher_head=retina, samples=SAMPLES, strides=DISTILLED)
+        CrossKDLoss([16] * 4, [16] * 4, reused_idx=3)(
+            s, tt, student_head=build_head('retina'), teacher_head=retina, samples=SAMPLES, strides=DISTILLED
+        )
     short = build_head('retina', stacked_convs=1)
     with pytest.raises(DistillError, match='student RetinaHead'):
-        CrossKDLoss([16] * 4, [16] * 4)(s, tt, student_head=short, teacher_head=retina, samples=SAMPLES,
-                                       strides=DISTILLED)
+        CrossKDLoss([16] * 4, [16] * 4)(
+            s, tt, student_head=short, teacher_head=retina, samples=SAMPLES, strides=DISTILLED
+        )
     assert CrossKDLoss.per_level is False
     built = MODELS.build(dict(type='CrossKDLoss', student_channels=[16] * 4, teacher_channels=[32] * 4))
     assert isinstance(built.align_cls, torch.nn.Conv2d) and built.align_cls.in_channels == 16
@@ -523,14 +582,14 @@ def test_mar_relation_zero_for_identical_towers_and_a_direct_cosine_reference():
     teacher = frozen(build_head('retina', seed=1))
     x = feats(1, strides=[16])[0]
     loss = MARRelationLoss(16, 16, loss_weight=2.0)
-    assert loss(x, x, student_head=copy.deepcopy(teacher), teacher_head=teacher).item() == \
-        pytest.approx(0.0, abs=1e-7)
+    assert loss(x, x, student_head=copy.deepcopy(teacher), teacher_head=teacher).item() == pytest.approx(0.0, abs=1e-7)
     student = build_head('retina', seed=2, feat_channels=8)  # narrower tower: P x P needs no align
     s = feats(2, strides=[16])[0].requires_grad_(True)
     got = loss(s, x, student_head=student, teacher_head=teacher)  # 8x8 = 64 <= 256: no pooling
     with torch.no_grad():
-        expected = 2.0 * ((cosine_ref(cls_tower_output(student, s)) - cosine_ref(cls_tower_output(teacher, x))) ** 2
-                          ).mean()
+        expected = (
+            2.0 * ((cosine_ref(cls_tower_output(student, s)) - cosine_ref(cls_tower_output(teacher, x))) ** 2).mean()
+        )
     assert got.item() == pytest.approx(expected.item(), rel=1e-5) and got.item() > 0
     got.backward()
     assert s.grad.abs().sum() > 0 and student.cls_convs[0].conv.weight.grad.abs().sum() > 0
@@ -539,7 +598,7 @@ def test_mar_relation_zero_for_identical_towers_and_a_direct_cosine_reference():
 
 def test_mar_relation_pools_above_max_pixels():
     # 1 x 5 map, at most 3 positions: k = 2 -> windows [0,1], [2,3], [4] (the last one alone)
-    x = torch.tensor([[[[1., 3., 5., 7., 9.]]]])
+    x = torch.tensor([[[[1.0, 3.0, 5.0, 7.0, 9.0]]]])
     assert pool_to_max_pixels(x, 3).flatten().tolist() == [2.0, 6.0, 9.0]
     assert torch.equal(pool_to_max_pixels(x, 5), x)
     # 4 x 4 at most 4 positions: 2 x 2 average pooling first
@@ -549,5 +608,4 @@ def test_mar_relation_pools_above_max_pixels():
     with torch.no_grad():
         ps, pt = (F.avg_pool2d(cls_tower_output(head, x), 2) for x in (s, tt))
     assert got.item() == pytest.approx(((cosine_ref(ps) - cosine_ref(pt)) ** 2).mean().item(), rel=1e-5)
-    assert got.item() != pytest.approx(MARRelationLoss()(s, tt, student_head=head, teacher_head=head).item(),
-                                       rel=1e-3)
+    assert got.item() != pytest.approx(MARRelationLoss()(s, tt, student_head=head, teacher_head=head).item(), rel=1e-3)

@@ -1,6 +1,7 @@
 """Feature distillation losses (dfmsd.models.losses): hand-worked values on tiny tensors,
 attention-guided mask sampling, seeded draws, gradient flow, PKD's standardisation, FGD's and
 MAR's masks. Every expected number is worked out here, not taken from the implementation."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,16 @@ import torch.nn as nn
 from mmdet.registry import MODELS
 
 import dfmsd.models  # noqa: F401  (registers the losses)
-from dfmsd.models.losses import (AMDLoss, DMKDLoss, FeatureKDLoss, FGDLoss, MARLoss, MaskedReconstructionLoss,
-                                 MGDLoss, PKDLoss)
+from dfmsd.models.losses import (
+    AMDLoss,
+    DMKDLoss,
+    FeatureKDLoss,
+    FGDLoss,
+    MARLoss,
+    MaskedReconstructionLoss,
+    MGDLoss,
+    PKDLoss,
+)
 from dfmsd.models.losses.common import channel_attention, sample_attention_mask, spatial_attention
 from dfmsd.models.losses.fgd import fgd_masks
 from dfmsd.models.losses.mar import mar_mask
@@ -54,9 +63,9 @@ def halving_se(se: nn.Module):
 
 
 # Tiny fixed inputs: N=1, C=2, H=W=2.
-S1 = t([[[[1., -2.], [3., 0.]], [[0.5, 1.], [-1., 2.]]]])
-T1 = t([[[[0., 1.], [1., 2.]], [[1., 0.], [2., -1.]]]])
-RELU_S1 = t([[[[1., 0.], [3., 0.]], [[0.5, 1.], [0., 2.]]]])
+S1 = t([[[[1.0, -2.0], [3.0, 0.0]], [[0.5, 1.0], [-1.0, 2.0]]]])
+T1 = t([[[[0.0, 1.0], [1.0, 2.0]], [[1.0, 0.0], [2.0, -1.0]]]])
+RELU_S1 = t([[[[1.0, 0.0], [3.0, 0.0]], [[0.5, 1.0], [0.0, 2.0]]]])
 
 
 # ----------------------------------------------------------------- FKD
@@ -71,9 +80,9 @@ def test_fkd_align_conv_when_channels_differ():
     m = FeatureKDLoss(1, 2)
     assert isinstance(m.align, nn.Conv2d) and isinstance(FeatureKDLoss(2, 2).align, nn.Identity)
     with torch.no_grad():
-        m.align.weight.copy_(t([[[[1.]]], [[[2.]]]]))
+        m.align.weight.copy_(t([[[[1.0]]], [[[2.0]]]]))
         m.align.bias.zero_()
-    s = t([[[[1., 2.], [0., -1.]]]])
+    s = t([[[[1.0, 2.0], [0.0, -1.0]]]])
     # aligned: ch0 = s, ch1 = 2s against T = 0 -> squares 1+4+0+1 = 6 and 4+16+0+4 = 24
     assert m(s, torch.zeros(1, 2, 2, 2)).item() == pytest.approx((6 + 24) / 8)
 
@@ -105,16 +114,18 @@ def test_mgd_masks_positions_independently_at_rate_lambda():
 def test_attention_maps_by_hand():
     # spatial attention of a 1x1x1x2 map [0, 1] at tau = .5: 2 * softmax([0, 2])
     e2 = math.exp(2.0)
-    assert spatial_attention(t([[[[0., 1.]]]]), 0.5).flatten().tolist() == \
-        pytest.approx([2 / (1 + e2), 2 * e2 / (1 + e2)])
+    assert spatial_attention(t([[[[0.0, 1.0]]]]), 0.5).flatten().tolist() == pytest.approx(
+        [2 / (1 + e2), 2 * e2 / (1 + e2)]
+    )
     # channel attention of channels with mean |x| 1 and 0.5 at tau = .5: 2 * softmax([2, 1])
-    x = t([[[[1., -1.]], [[0.5, 0.5]]]])
+    x = t([[[[1.0, -1.0]], [[0.5, 0.5]]]])
     e = math.e
     assert channel_attention(x, 0.5).flatten().tolist() == pytest.approx([2 * e2 / (e2 + e), 2 * e / (e2 + e)])
 
 
-@pytest.mark.parametrize('ratio,m,expected', [(0.5, 5, 3), (0.5, 9, 5), (0.25, 6, 2), (0.65, 20, 13),
-                                              (0.3, 7, 2), (0.0, 9, 0), (1.0, 9, 9)])
+@pytest.mark.parametrize(
+    'ratio,m,expected', [(0.5, 5, 3), (0.5, 9, 5), (0.25, 6, 2), (0.65, 20, 13), (0.3, 7, 2), (0.0, 9, 0), (1.0, 9, 9)]
+)
 def test_mask_takes_exactly_round_half_up(ratio, m, expected):
     keep = sample_attention_mask(torch.rand(4, m, generator=gen(1)) + 0.01, ratio, gen(2))
     assert keep.shape == (4, m) and set(keep.unique().tolist()) <= {0.0, 1.0}
@@ -125,8 +136,10 @@ def test_mask_follows_attention():
     att = torch.ones(1, 16)
     att[0, [3, 7, 11, 12]] = 1000.0  # four peaked positions, mask 4 of 16
     g = gen(3)
-    hits = sum(set((sample_attention_mask(att, 0.25, g)[0] == 0).nonzero().flatten().tolist()) == {3, 7, 11, 12}
-               for _ in range(200))
+    hits = sum(
+        set((sample_attention_mask(att, 0.25, g)[0] == 0).nonzero().flatten().tolist()) == {3, 7, 11, 12}
+        for _ in range(200)
+    )
     assert hits >= 190
     att = torch.ones(1, 8)
     att[0, :2] = 4.0  # mildly peaked: masked more often than the rest
@@ -155,7 +168,7 @@ def test_dmkd_no_mask_by_hand_both_reductions():
     total = 7.125 + 11.203125
     m = make_dmkd(0.0, 0.0)
     assert torch.allclose(m.reconstruct(S1, T1, gen(0)), 0.75 * RELU_S1)
-    assert m(S1, T1, generator=gen(0)).item() == pytest.approx(total)            # sum_over_batch, N = 1
+    assert m(S1, T1, generator=gen(0)).item() == pytest.approx(total)  # sum_over_batch, N = 1
     assert make_dmkd(0.0, 0.0, reduction='mean')(S1, T1, generator=gen(0)).item() == pytest.approx(total / 8)
     with pytest.raises(ValueError):
         DMKDLoss(2, 2, reduction='sum')
@@ -247,7 +260,7 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_pkd_value_by_hand():
-    s, tt = t([[[[1., 2.], [3., 4.]]]]), t([[[[1., 3.], [2., 4.]]]])
+    s, tt = t([[[[1.0, 2.0], [3.0, 4.0]]]]), t([[[[1.0, 3.0], [2.0, 4.0]]]])
     # mean 2.5, unbiased variance 5/3; normalised differences [0, -1, 1, 0] / sd
     # -> mean square 2 / (5/3) / 4 = .3, times 1/2
     assert PKDLoss(1, 1)(s, tt).item() == pytest.approx(0.15, abs=1e-5)
@@ -260,9 +273,9 @@ def test_pkd_against_independent_standardisation_and_invariance():
     m = PKDLoss(3, 3, loss_weight=2.0)
     expected = 2.0 * 0.5 * ((standardise(s) - standardise(tt)) ** 2).mean()
     assert m(s, tt).item() == pytest.approx(expected.item(), rel=1e-5)
-    shifted = 7.5 * s + t([-3., 0.5, 100.]).view(1, 3, 1, 1)
+    shifted = 7.5 * s + t([-3.0, 0.5, 100.0]).view(1, 3, 1, 1)
     assert m(shifted, 0.1 * tt - 4).item() == pytest.approx(expected.item(), rel=1e-4)
-    assert m(s * t([1., -1., 1.]).view(1, 3, 1, 1), tt).item() != pytest.approx(expected.item(), rel=1e-2)
+    assert m(s * t([1.0, -1.0, 1.0]).view(1, 3, 1, 1), tt).item() != pytest.approx(expected.item(), rel=1e-2)
 
 
 # ----------------------------------------------------------------- FGD
@@ -273,7 +286,7 @@ def test_fgd_masks_by_hand():
     #   box B [0, 8, 4, 20]   -> x 0 .. .5: cols 0..1, y 1 .. 2.5: rows 1..3 (unclipped) -> 1/(3*2) = 1/6
     #   box C [8, 8, 12, 12]  -> x 1 .. 1.5: cols 1..2, y 1 .. 1.5: rows 1..2 -> 1/4, wins the overlaps
     # image 2: map 3 x 4 of an image 12 x 16 (scale 1/4): box [0, 0, 4, 4] -> cols 0..1, rows 0..1 -> 1/4
-    boxes = [t([[16., 0., 30., 8.], [0., 8., 4., 20.], [8., 8., 12., 12.]]), t([[0., 0., 4., 4.]])]
+    boxes = [t([[16.0, 0.0, 30.0, 8.0], [0.0, 8.0, 4.0, 20.0], [8.0, 8.0, 12.0, 12.0]]), t([[0.0, 0.0, 4.0, 4.0]])]
     fg, bg = fgd_masks(boxes, (3, 4), [(24, 32), (12, 16)])
     a, c = 1 / 6, 1 / 4
     assert torch.allclose(fg[0, 0], t([[0, 0, a, a], [a, c, c, a], [a, c, c, 0]]))
@@ -281,7 +294,7 @@ def test_fgd_masks_by_hand():
     assert torch.allclose(fg[1, 0], t([[c, c, 0, 0], [c, c, 0, 0], [0, 0, 0, 0]]))
     assert torch.allclose(bg[1, 0], (fg[1, 0] == 0).float() / 8)
     # every cell covered: no background at all
-    fg, bg = fgd_masks([t([[0., 0., 40., 40.], [0., 0., 10., 10.]])], (4, 4), [(40, 40)])
+    fg, bg = fgd_masks([t([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]])], (4, 4), [(40, 40)])
     assert fg[0, 0, 0, 0].item() == pytest.approx(1 / 4) and fg[0, 0, 3, 3].item() == pytest.approx(1 / 25)
     assert bg.sum().item() == 0.0
 
@@ -294,7 +307,7 @@ def gc_identity(m: FGDLoss):
 
 
 def test_fgd_value_by_hand():
-    m = FGDLoss(2, 2, temp=0.5, alpha_fgd=1., beta_fgd=2., gamma_fgd=3., lambda_fgd=4.)
+    m = FGDLoss(2, 2, temp=0.5, alpha_fgd=1.0, beta_fgd=2.0, gamma_fgd=3.0, lambda_fgd=4.0)
     gc_identity(m)
     tt = torch.ones(1, 2, 2, 3)  # teacher attention: all ones, spatial and channel
     s = torch.zeros(1, 2, 2, 3)
@@ -306,21 +319,21 @@ def test_fgd_value_by_hand():
     bg = 0.5 * (1 + 1)
     # student spatial attention: mean_c |S| = 1 at (0,0), .5 elsewhere -> 6 softmax([2, 1 x 5])
     e = math.e
-    z = e ** 2 + 5 * e
-    a00, a_other = 6 * e ** 2 / z, 6 * e / z
+    z = e**2 + 5 * e
+    a00, a_other = 6 * e**2 / z, 6 * e / z
     # student channel attention: mean_hw |S| = [1, 1/6] -> 2 softmax([2, 1/3])
-    y = e ** 2 + e ** (1 / 3)
-    c0, c1 = 2 * e ** 2 / y, 2 * e ** (1 / 3) / y
+    y = e**2 + e ** (1 / 3)
+    c0, c1 = 2 * e**2 / y, 2 * e ** (1 / 3) / y
     att = abs(c0 - 1) + abs(c1 - 1) + abs(a00 - 1) + 5 * abs(a_other - 1)
     glob = 4 + 5 * 1  # GC = identity: sum (S-T)^2
-    loss = m(s, tt, boxes=[t([[0., 0., 1., 1.]])], img_shapes=[(2, 3)])
-    assert loss.item() == pytest.approx(1. * fg + 2. * bg + 3. * att + 4. * glob, rel=1e-6)
+    loss = m(s, tt, boxes=[t([[0.0, 0.0, 1.0, 1.0]])], img_shapes=[(2, 3)])
+    assert loss.item() == pytest.approx(1.0 * fg + 2.0 * bg + 3.0 * att + 4.0 * glob, rel=1e-6)
 
 
 def test_fgd_focal_terms_weighted_by_teacher_attention():
-    m = FGDLoss(2, 2, temp=0.5, alpha_fgd=1., beta_fgd=1., gamma_fgd=0., lambda_fgd=0., loss_weight=2.0)
-    tt = t([[[[2., 0.]], [[0., 0.]]]])  # N=1, C=2, H=1, W=2
-    s = t([[[[0., 0.]], [[0., 1.]]]])
+    m = FGDLoss(2, 2, temp=0.5, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=0.0, lambda_fgd=0.0, loss_weight=2.0)
+    tt = t([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # N=1, C=2, H=1, W=2
+    s = t([[[[0.0, 0.0]], [[0.0, 1.0]]]])
     # teacher spatial: mean_c|T| = [1, 0] -> 2 softmax([2, 0]); channel: mean_hw|T| = [1, 0] -> the same
     e2 = math.exp(2.0)
     hi, lo = 2 * e2 / (e2 + 1), 2 / (e2 + 1)
@@ -328,7 +341,7 @@ def test_fgd_focal_terms_weighted_by_teacher_attention():
     # (S-T)^2: ch0 [4, 0], ch1 [0, 1]
     fg = hi * hi * 4 + hi * lo * 0
     bg = lo * hi * 0 + lo * lo * 1
-    loss = m(s, tt, boxes=[t([[0., 0., 0., 0.]])], img_shapes=[(1, 2)])
+    loss = m(s, tt, boxes=[t([[0.0, 0.0, 0.0, 0.0]])], img_shapes=[(1, 2)])
     assert loss.item() == pytest.approx(2.0 * (fg + bg), rel=1e-6)
 
 
@@ -343,13 +356,13 @@ def test_mar_mask_by_hand():
     exp = torch.full((6, 6), 0.1)
     exp[1:5, 1:5] = 0.5
     exp[2:4, 2:4] = 1.0
-    assert torch.allclose(mar_mask([t([[2., 2., 4., 4.]])], (6, 6), 1)[0, 0], exp)
+    assert torch.allclose(mar_mask([t([[2.0, 2.0, 4.0, 4.0]])], (6, 6), 1)[0, 0], exp)
     # stride 4, 4 x 4 map: box [4, 4, 12, 8] -> x 1..3: cols 1, 2; y 1..2: row 1
     # grown by (4, 2) px: [0, 2, 16, 10] -> x 0..4: cols 0..3; y .5..2.5: rows 0..2
     exp = torch.full((4, 4), 0.2)
     exp[0:3, :] = 0.5
     exp[1, 1:3] = 1.0
-    assert torch.allclose(mar_mask([t([[4., 4., 12., 8.]])], (4, 4), 4, background=0.2)[0, 0], exp)
+    assert torch.allclose(mar_mask([t([[4.0, 4.0, 12.0, 8.0]])], (4, 4), 4, background=0.2)[0, 0], exp)
     assert torch.allclose(mar_mask([torch.zeros(0, 4)], (2, 3), 4), torch.full((1, 1, 2, 3), 0.1))
 
 
@@ -359,12 +372,12 @@ def test_mar_value_by_hand():
     s = torch.zeros(1, 2, 2, 2)
     s[0, 0, 0, 0], s[0, 0, 1, 1] = 1.0, 2.0
     # sum M (S-T)^2 = 1*1 + .5*4 = 3; / (C * sum M) = 3 / (2 * 2.5)
-    loss = m(s, torch.zeros_like(s), boxes=[t([[0., 0., 1., 1.]])], stride=1)
+    loss = m(s, torch.zeros_like(s), boxes=[t([[0.0, 0.0, 1.0, 1.0]])], stride=1)
     assert loss.item() == pytest.approx(2.0 * 0.6)
 
 
 # ----------------------------------------------------------------- gradients, registry
-GT = [t([[0., 0., 16., 16.], [8., 8., 30., 24.]]), t([[4., 4., 12., 20.]])]
+GT = [t([[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 30.0, 24.0]]), t([[4.0, 4.0, 12.0, 20.0]])]
 INPUTS = dict(boxes=GT, img_shapes=[(32, 32), (32, 24)], stride=8)
 FEATURE_TYPES = ['FeatureKDLoss', 'MGDLoss', 'DMKDLoss', 'AMDLoss', 'PKDLoss', 'FGDLoss', 'MARLoss']
 

@@ -1,5 +1,6 @@
 """Masking enhancement (dfmsd.data.me): per-image decisions, the enhanced views, the offline
 reference views."""
+
 from __future__ import annotations
 
 import json
@@ -96,9 +97,11 @@ def test_decision_table_counts_and_settings():
     table = decision_table(ratios, threshold=T, noise_prob=0.5, noise_sigma=20.0, seed=4, **CROP)
     ops = decide(ratios, threshold=T, noise_prob=0.5, seed=4)
     assert table['ops'] == {str(i): op for i, op in ops.items()}
-    assert table['counts'] == {'noise': list(ops.values()).count('noise'),
-                               'crop': list(ops.values()).count('crop'),
-                               'none': list(ops.values()).count('none')}
+    assert table['counts'] == {
+        'noise': list(ops.values()).count('noise'),
+        'crop': list(ops.values()).count('crop'),
+        'none': list(ops.values()).count('none'),
+    }
     assert sum(table['counts'].values()) == len(ratios)
     assert table['counts']['crop'] == sum(r >= T for r in ratios.values())
     assert (table['seed'], table['noise_sigma'], table['crop_min'], table['crop_max']) == (4, 20.0, 0.1, 0.3)
@@ -162,7 +165,7 @@ def test_crop_keeps_a_share_of_each_side_in_range_and_splits_the_cut_between_edg
             assert 1 - CROP['crop_max'] - half_pixel <= kept / side <= 1 - CROP['crop_min'] + half_pixel
         x0, y0 = int(out[0, 0, 0]), int(out[0, 0, 1])
         # a contiguous window: columns x0.., rows y0.., nothing resampled
-        assert np.array_equal(out, image[y0:y0 + h, x0:x0 + w])
+        assert np.array_equal(out, image[y0 : y0 + h, x0 : x0 + w])
         before_share.append(x0 / (width - w))
     assert 0.35 < np.mean(before_share) < 0.65
     assert min(before_share) < 0.15 and max(before_share) > 0.85
@@ -176,7 +179,7 @@ def test_crop_keeps_at_least_one_pixel_per_side(height, width):
         out = view(image, 'crop', image_id=image_id, crop_min=0.999, crop_max=0.999)
         assert out.shape[:2] == (1, 1)
         y, x = int(out[0, 0, 1]), int(out[0, 0, 0])
-        assert np.array_equal(out, image[y:y + 1, x:x + 1])
+        assert np.array_equal(out, image[y : y + 1, x : x + 1])
 
 
 def window(out: np.ndarray) -> tuple[int, int, int, int]:
@@ -187,8 +190,11 @@ def window(out: np.ndarray) -> tuple[int, int, int, int]:
 @pytest.mark.fast
 def test_crop_is_deterministic_per_seed_and_image_id():
     image = positions(120, 120)
-    windows = {(seed, image_id): window(view(image, 'crop', image_id=image_id, seed=seed))
-               for seed in (0, 1) for image_id in range(1, 30)}
+    windows = {
+        (seed, image_id): window(view(image, 'crop', image_id=image_id, seed=seed))
+        for seed in (0, 1)
+        for image_id in range(1, 30)
+    }
     for (seed, image_id), first in windows.items():
         assert window(view(image, 'crop', image_id=image_id, seed=seed)) == first
     assert len(set(windows.values())) > 20  # and they differ between images and seeds

@@ -1,5 +1,6 @@
 """params.yaml's schema (dfmsd.core.params): each error names the key path and the allowed or
 offending value; the command-line check; how a stage reads its params."""
+
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,7 @@ def setter(path: str, value) -> Callable[[dict], None]:
         for key in parents:
             node = node[key]
         node[last] = value
+
     return change
 
 
@@ -48,31 +50,48 @@ CASES = {
     'lr not a number': (setter('train.lr', 'fast'), ['train.lr', "got 'fast'"]),
     'unknown top-level key': (setter('optimiser', {'type': 'SGD'}), ['optimiser', 'not permitted']),
     'unknown key in a method': (setter('methods.mgd.lambda_mgd', 0.65), ['methods.mgd.lambda_mgd', 'got 0.65']),
-    'teacher of no known kind': (setter(f'pairs.{PAIR}.weak', {'url': 'https://example.org/t.pth'}),
-                                 [f'pairs.{PAIR}.weak', 'url', 'config + iters', 'zoo', 'checkpoint']),
-    'zoo teacher with a short sha256': (setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco',
-                                                                         'sha256': 'abc'}),
-                                        [f'pairs.{PAIR}.strong.sha256', "got 'abc'"]),
+    'teacher of no known kind': (
+        setter(f'pairs.{PAIR}.weak', {'url': 'https://example.org/t.pth'}),
+        [f'pairs.{PAIR}.weak', 'url', 'config + iters', 'zoo', 'checkpoint'],
+    ),
+    'zoo teacher with a short sha256': (
+        setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 'abc'}),
+        [f'pairs.{PAIR}.strong.sha256', "got 'abc'"],
+    ),
     'missing split': (lambda p: p['data']['splits'].pop('val'), ['data.splits', 'val']),
-    'unknown split': (setter('data.splits.holdout', {'ann': 'h.json', 'img': 'h/'}),
-                      ['data.splits.holdout', 'train', 'val', 'test']),
+    'unknown split': (
+        setter('data.splits.holdout', {'ann': 'h.json', 'img': 'h/'}),
+        ['data.splits.holdout', 'train', 'val', 'test'],
+    ),
     'sal me_stages 3': (setter('sal_methods.dfmsd.me_stages', [3]), ['sal_methods.dfmsd.me_stages', 'got 3']),
-    'aug weight without ME views': (setter('methods.mgd.aug_loss_weight', 0.25),
-                                    ['methods.mgd.aug_loss_weight', '0.25', 'ME views']),
-    'aug weight with no SAL ME stage': (setter('sal_methods.dfmsd.me_stages', []),
-                                        ['sal_methods.dfmsd.aug_loss_weight', 'me_stages']),
-    'ME views without aug weight': (setter('me_methods.dfmsd_no_sal.aug_loss_weight', 0),
-                                    ['me_methods.dfmsd_no_sal.aug_loss_weight', '0', 'ME views']),
-    'ablation of no method': (setter('me_methods.dfmsd_no_sal.ablation_of', 'dfmsd2'),
-                              ['me_methods.dfmsd_no_sal.ablation_of', "'dfmsd2'", 'dfmsd, ']),
-    'a name in two groups': (lambda p: p['sal_methods'].update(mgd=p['sal_methods']['dfmsd']),
-                             ['methods.mgd', 'sal_methods.mgd']),
+    'aug weight without ME views': (
+        setter('methods.mgd.aug_loss_weight', 0.25),
+        ['methods.mgd.aug_loss_weight', '0.25', 'ME views'],
+    ),
+    'aug weight with no SAL ME stage': (
+        setter('sal_methods.dfmsd.me_stages', []),
+        ['sal_methods.dfmsd.aug_loss_weight', 'me_stages'],
+    ),
+    'ME views without aug weight': (
+        setter('me_methods.dfmsd_no_sal.aug_loss_weight', 0),
+        ['me_methods.dfmsd_no_sal.aug_loss_weight', '0', 'ME views'],
+    ),
+    'ablation of no method': (
+        setter('me_methods.dfmsd_no_sal.ablation_of', 'dfmsd2'),
+        ['me_methods.dfmsd_no_sal.ablation_of', "'dfmsd2'", 'dfmsd, '],
+    ),
+    'a name in two groups': (
+        lambda p: p['sal_methods'].update(mgd=p['sal_methods']['dfmsd']),
+        ['methods.mgd', 'sal_methods.mgd'],
+    ),
     'a dash in a name': (rename('methods', 'mgd', 'mgd-v2'), ['methods.mgd-v2', 'must match']),
     'an @ in a name': (rename('students', STUDENT, 'retina@18'), ['students.retina@18', 'must match']),
     'duplicate seeds': (setter('seeds', [0, 1, 0]), ['seeds', '[0, 1, 0]']),
     'crop range reversed': (lambda p: p['me'].update(crop_min=0.4, crop_max=0.2), ['me', '0.4', '0.2']),
-    'widths half given': (lambda p: p['students'][STUDENT].pop('width'),
-                          [f'students.{STUDENT}', 'depth, width and fpn_channels']),
+    'widths half given': (
+        lambda p: p['students'][STUDENT].pop('width'),
+        [f'students.{STUDENT}', 'depth, width and fpn_channels'],
+    ),
 }
 
 
@@ -111,12 +130,15 @@ def test_every_problem_gets_its_own_line():
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('entry, needles', [
-    ({'iters': 10}, ['no known teacher kind', 'iters']),
-    ('retinanet', ['no known teacher kind', "'retinanet'"]),
-    ({'config': 'configs/small/gfl.py'}, ['pairs.p.weak.iters']),
-    ({'config': 'c.py', 'checkpoint': 't.pth'}, ['pairs.p.weak.sha256']),
-])
+@pytest.mark.parametrize(
+    'entry, needles',
+    [
+        ({'iters': 10}, ['no known teacher kind', 'iters']),
+        ('retinanet', ['no known teacher kind', "'retinanet'"]),
+        ({'config': 'configs/small/gfl.py'}, ['pairs.p.weak.iters']),
+        ({'config': 'c.py', 'checkpoint': 't.pth'}, ['pairs.p.weak.sha256']),
+    ],
+)
 def test_a_stage_reading_one_teacher_gets_the_same_key_paths(entry, needles):
     with pytest.raises(ParamsError) as err:
         teacher(entry, 'pairs.p.weak')
@@ -129,18 +151,30 @@ def test_a_stage_reading_one_teacher_gets_the_same_key_paths(entry, needles):
 @pytest.mark.fast
 def test_the_teacher_kind_follows_its_keys():
     digest = '0' * 64
-    kinds = {'trained': {'config': 'configs/small/gfl.py', 'iters': 10}, 'zoo': {'zoo': 'gfl_r50_fpn_1x_coco'},
-             'local': {'config': 'c.py', 'checkpoint': 't.pth', 'sha256': digest}}
+    kinds = {
+        'trained': {'config': 'configs/small/gfl.py', 'iters': 10},
+        'zoo': {'zoo': 'gfl_r50_fpn_1x_coco'},
+        'local': {'config': 'c.py', 'checkpoint': 't.pth', 'sha256': digest},
+    }
     assert {kind: type(teacher(entry, 'x')).__name__ for kind, entry in kinds.items()} == {
-        'trained': 'TrainedTeacher', 'zoo': 'ZooTeacher', 'local': 'LocalTeacher'}
+        'trained': 'TrainedTeacher',
+        'zoo': 'ZooTeacher',
+        'local': 'LocalTeacher',
+    }
 
 
 # ---------------------------------------------------------------- the command line
 
 
 def check(params_file: str, cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'dfmsd.check', params_file, *args], cwd=cwd,
-                          env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, '-m', 'dfmsd.check', params_file, *args],
+        cwd=cwd,
+        env=env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.fast
@@ -158,8 +192,9 @@ def test_command_on_a_broken_file_prints_one_error_line_per_problem(tmp_path):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize('text, needle', [('train: [unclosed', 'not valid YAML'), ('- a list', 'mapping'),
-                                          (None, 'not found')])
+@pytest.mark.parametrize(
+    'text, needle', [('train: [unclosed', 'not valid YAML'), ('- a list', 'mapping'), (None, 'not found')]
+)
 def test_command_on_an_unreadable_file(tmp_path, text, needle):
     if text is not None:
         (tmp_path / 'params.yaml').write_text(text)
@@ -182,20 +217,33 @@ def test_command_accepts_the_repository_params():
 def buildable(monkeypatch):
     """check_buildable in the repository (config paths are relative to it), mmdet loaded."""
     from dfmsd.check import check_buildable
+
     monkeypatch.chdir(REPO)
     return lambda params: check_buildable(validate(params))
 
 
-@pytest.mark.parametrize('change, needles', [
-    (setter(f'students.{STUDENT}.config', 'configs/small/yolo.py'),
-     [f'students.{STUDENT}.config', 'configs/small/yolo.py']),
-    (setter(f'pairs.{PAIR}.strong.config', 'mmdet::gfl/gfl_r50_fpn_9x_coco.py'),
-     [f'pairs.{PAIR}.strong.config', 'gfl_r50_fpn_9x_coco.py']),
-    (setter('methods.mgd.losses.feature.type', 'MGDLos'), ['methods.mgd.losses.feature.type', "'MGDLos'", 'MGDLoss']),
-    (setter('methods.pkd.losses.feature.temperature', 2.0), ['methods.pkd.losses.feature', 'temperature']),
-    (setter('me_methods.dfmsd_no_sal.losses', {'sfa': {'type': 'PKDLoss', 'loss_weight': 1.0}}),
-     ['me_methods.dfmsd_no_sal.aug_loss_weight', 'DMKDLoss']),
-])
+@pytest.mark.parametrize(
+    'change, needles',
+    [
+        (
+            setter(f'students.{STUDENT}.config', 'configs/small/yolo.py'),
+            [f'students.{STUDENT}.config', 'configs/small/yolo.py'],
+        ),
+        (
+            setter(f'pairs.{PAIR}.strong.config', 'mmdet::gfl/gfl_r50_fpn_9x_coco.py'),
+            [f'pairs.{PAIR}.strong.config', 'gfl_r50_fpn_9x_coco.py'],
+        ),
+        (
+            setter('methods.mgd.losses.feature.type', 'MGDLos'),
+            ['methods.mgd.losses.feature.type', "'MGDLos'", 'MGDLoss'],
+        ),
+        (setter('methods.pkd.losses.feature.temperature', 2.0), ['methods.pkd.losses.feature', 'temperature']),
+        (
+            setter('me_methods.dfmsd_no_sal.losses', {'sfa': {'type': 'PKDLoss', 'loss_weight': 1.0}}),
+            ['me_methods.dfmsd_no_sal.aug_loss_weight', 'DMKDLoss'],
+        ),
+    ],
+)
 def test_what_needs_mmdet_names_the_key_too(buildable, change, needles):
     params = repository_params()
     buildable(copy.deepcopy(params))  # the unchanged file passes

@@ -5,6 +5,7 @@ check what the run produced, that each stage read and imported only what dvc.yam
 for it, that nothing reruns, and (in their own copies) that a rebuild is byte-identical,
 whether the stages ran one at a time or two at once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from support import copy_project, preset_params, run
 
 #: files DVC itself reads while a stage asks for its params (dvc.api.params_show)
@@ -88,10 +88,10 @@ def test_each_stage_reads_and_imports_only_what_dvc_yaml_declares(smoke):
 
         for path in record['opened']:
             if not (covered(path) or covered(path, outs) or path in DVC_OWN or path.startswith(('.dvc/', '.git/'))):
-                problems.append(f"{record['stage']} read {path}")
+                problems.append(f'{record["stage"]} read {path}')
         for module in record['modules']:
             if not covered(module):
-                problems.append(f"{record['stage']} imported {module}")
+                problems.append(f'{record["stage"]} imported {module}')
     assert len(list(audit.glob('*.json'))) >= len(stages)
     assert not sorted(set(problems)), 'undeclared reads:\n' + '\n'.join(sorted(set(problems)))
 
@@ -124,4 +124,5 @@ def test_a_rebuild_is_byte_identical_one_stage_at_a_time(smoke, tmp_path):
     run([sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', target], other, timeout=3600)
     mine, theirs = out_hashes(other), out_hashes(root)
     assert mine and all(theirs[path] == md5 for path, md5 in mine.items()), {
-        p: (m, theirs.get(p)) for p, m in mine.items() if theirs.get(p) != m}
+        p: (m, theirs.get(p)) for p, m in mine.items() if theirs.get(p) != m
+    }

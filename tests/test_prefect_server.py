@@ -33,6 +33,19 @@ DEPLOYMENT = 'dvc-pipeline/dfmsd'
 pytestmark = pytest.mark.timeout(400)
 
 
+class Api(httpx.Client):
+    """The REST API, retrying what the server answers 503 (retryable, e.g. a busy sqlite
+    database), as Prefect's own client does."""
+
+    def request(self, method, url, **kwargs) -> httpx.Response:
+        for _ in range(30):
+            response = super().request(method, url, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(1)
+        return response
+
+
 def when(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
 
@@ -148,7 +161,7 @@ def served(prefect_server, tmp_path):
 
 def test_runs_started_from_the_deployment(served, tmp_path):
     api, root, deployment_id, serve = served
-    with httpx.Client(base_url=api, timeout=30) as http:
+    with Api(base_url=api, timeout=30) as http:
         deployment = http.get(f'/deployments/{deployment_id}').json()
         assert deployment['parameters']['repo_dir'] == str(root)
         schema = deployment['parameter_openapi_schema']['properties']

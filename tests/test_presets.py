@@ -1,5 +1,6 @@
 """Presets (dfmsd.core.presets) and running one in its own worktree (flows.presets): the
 repository's params.yaml, dvc.yaml and committed results stay as they are."""
+
 from __future__ import annotations
 
 import copy
@@ -22,27 +23,37 @@ PRESETS = sorted(p.stem for p in (REPO / 'presets').glob('*.yaml'))
 
 @pytest.mark.fast
 def test_mappings_merge_key_by_key_and_other_values_are_replaced():
-    base = {'train': {'lr': 0.1, 'iters': 10, 'optimizer': {'type': 'SGD', 'momentum': 0.9}},
-            'seeds': [0, 1, 2], 'data': {'root': 'd'}}
+    base = {
+        'train': {'lr': 0.1, 'iters': 10, 'optimizer': {'type': 'SGD', 'momentum': 0.9}},
+        'seeds': [0, 1, 2],
+        'data': {'root': 'd'},
+    }
     override = {'train': {'iters': 20, 'optimizer': {'momentum': 0.8}}, 'seeds': [5], 'data': 'elsewhere'}
     assert deep_merge(base, override) == {
         'train': {'lr': 0.1, 'iters': 20, 'optimizer': {'type': 'SGD', 'momentum': 0.8}},
-        'seeds': [5], 'data': 'elsewhere'}
+        'seeds': [5],
+        'data': 'elsewhere',
+    }
 
 
 @pytest.mark.fast
 def test_replace_swaps_a_whole_mapping_at_any_depth():
-    base = {'pairs': {'big': {'weak': {'config': 'a.py', 'iters': 5}}},
-            'methods': {'mgd': {'label': 'MGD', 'losses': {'feature': {'type': 'MGDLoss', 'lambda_mgd': 0.65}}}}}
-    override = {'pairs': {'_replace': True, 'tiny': {'weak': {'config': 'b.py'}}},
-                'methods': {'mgd': {'losses': {'_replace': True, 'feature': {'type': 'DMKDLoss'}}}},
-                'me': {'_replace': True, 'threshold': 0.4},  # a key the base lacks
-                'students': {'new': {'config': {'_replace': True, 'x': 1}}}}  # nested inside a new key
+    base = {
+        'pairs': {'big': {'weak': {'config': 'a.py', 'iters': 5}}},
+        'methods': {'mgd': {'label': 'MGD', 'losses': {'feature': {'type': 'MGDLoss', 'lambda_mgd': 0.65}}}},
+    }
+    override = {
+        'pairs': {'_replace': True, 'tiny': {'weak': {'config': 'b.py'}}},
+        'methods': {'mgd': {'losses': {'_replace': True, 'feature': {'type': 'DMKDLoss'}}}},
+        'me': {'_replace': True, 'threshold': 0.4},  # a key the base lacks
+        'students': {'new': {'config': {'_replace': True, 'x': 1}}},
+    }  # nested inside a new key
     assert deep_merge(base, override) == {
         'pairs': {'tiny': {'weak': {'config': 'b.py'}}},
         'methods': {'mgd': {'label': 'MGD', 'losses': {'feature': {'type': 'DMKDLoss'}}}},
         'me': {'threshold': 0.4},
-        'students': {'new': {'config': {'x': 1}}}}
+        'students': {'new': {'config': {'x': 1}}},
+    }
 
 
 @pytest.mark.fast
@@ -68,14 +79,19 @@ def write_presets(folder, **presets) -> None:
 @pytest.mark.fast
 def test_extends_merges_a_chain_in_order(tmp_path):
     presets = tmp_path / 'presets'
-    write_presets(presets,
-                  base={'seeds': [0, 1], 'train': {'iters': 30, 'batch_size': 2}},
-                  middle={'extends': 'base', 'train': {'iters': 20}, 'me': {'threshold': 0.4}},
-                  top={'extends': 'middle', 'train': {'checkpoint_interval': 5}, 'seeds': [7, 8]})
+    write_presets(
+        presets,
+        base={'seeds': [0, 1], 'train': {'iters': 30, 'batch_size': 2}},
+        middle={'extends': 'base', 'train': {'iters': 20}, 'me': {'threshold': 0.4}},
+        top={'extends': 'middle', 'train': {'checkpoint_interval': 5}, 'seeds': [7, 8]},
+    )
     merged = preset_params('top', REPO / 'params.yaml', presets)
     assert merged['seeds'] == [7, 8]
-    assert merged['train'] == read_yaml(REPO / 'params.yaml')['train'] | {'iters': 20, 'batch_size': 2,
-                                                                         'checkpoint_interval': 5}
+    assert merged['train'] == read_yaml(REPO / 'params.yaml')['train'] | {
+        'iters': 20,
+        'batch_size': 2,
+        'checkpoint_interval': 5,
+    }
     assert merged['me']['threshold'] == 0.4 and 'extends' not in merged
     assert preset_overrides('top', presets)['train'] == {'iters': 20, 'batch_size': 2, 'checkpoint_interval': 5}
 
@@ -86,10 +102,12 @@ def test_replace_in_a_chain_reaches_params_yaml(tmp_path):
     merge over params.yaml: what is replaced there is replaced, not merged."""
     presets = tmp_path / 'presets'
     student = {'config': 'configs/small/fcos.py', 'depth': 18, 'width': 8, 'fpn_channels': 16}
-    write_presets(presets,
-                  base={'students': {'_replace': True, 'fcos': student}},
-                  adds={'extends': 'base', 'students': {'gfl': dict(student, config='configs/small/gfl.py')}},
-                  swaps={'extends': 'base', 'students': {'_replace': True, 'atss': student}})
+    write_presets(
+        presets,
+        base={'students': {'_replace': True, 'fcos': student}},
+        adds={'extends': 'base', 'students': {'gfl': dict(student, config='configs/small/gfl.py')}},
+        swaps={'extends': 'base', 'students': {'_replace': True, 'atss': student}},
+    )
     assert set(read_yaml(REPO / 'params.yaml')['students']) - {'fcos', 'gfl', 'atss'}
     assert set(preset_params('base', REPO / 'params.yaml', presets)['students']) == {'fcos'}
     assert set(preset_params('adds', REPO / 'params.yaml', presets)['students']) == {'fcos', 'gfl'}
@@ -99,8 +117,13 @@ def test_replace_in_a_chain_reaches_params_yaml(tmp_path):
 @pytest.mark.fast
 def test_extends_in_a_loop_is_an_error(tmp_path):
     presets = tmp_path / 'presets'
-    write_presets(presets, one={'extends': 'two'}, two={'extends': 'three'}, three={'extends': 'one'},
-                  self_ref={'extends': 'self_ref'})
+    write_presets(
+        presets,
+        one={'extends': 'two'},
+        two={'extends': 'three'},
+        three={'extends': 'one'},
+        self_ref={'extends': 'self_ref'},
+    )
     with pytest.raises(ParamsError, match='one -> two -> three -> one'):
         preset_params('one', REPO / 'params.yaml', presets)
     with pytest.raises(ParamsError, match='self_ref -> self_ref'):
@@ -130,8 +153,14 @@ def test_a_preset_that_breaks_the_schema_names_the_preset_and_the_key(tmp_path):
 @pytest.mark.fast
 @pytest.mark.parametrize('name', PRESETS)
 def test_every_preset_validates(name):
-    res = subprocess.run([sys.executable, '-m', 'dfmsd.check', '--preset', name, '--shallow'], cwd=REPO,
-                         env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, '-m', 'dfmsd.check', '--preset', name, '--shallow'],
+        cwd=REPO,
+        env=env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert f'presets/{name}.yaml: valid' in res.stdout
 
@@ -162,8 +191,9 @@ def test_a_preset_runs_in_its_own_worktree_and_leaves_the_repository_as_it_was(t
     assert read_yaml(tree / 'params.yaml')['train']['iters'] == smoke['train']['iters']
     assert read_yaml(root / 'params.yaml')['train']['iters'] != smoke['train']['iters']
     assert (tree / 'dvc.yaml').read_bytes() == committed['dvc.yaml']
-    cache = subprocess.run([sys.executable, '-m', 'dvc', 'cache', 'dir'], cwd=tree, env=env(), check=True,
-                           capture_output=True, text=True).stdout.strip()
+    cache = subprocess.run(
+        [sys.executable, '-m', 'dvc', 'cache', 'dir'], cwd=tree, env=env(), check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert cache == str(root / '.dvc' / 'cache')
 
     # The preset's run writes its own results; meanwhile the workspace changes (and holds results

@@ -1,5 +1,6 @@
 """The report layer (dfmsd.report.tables): tables, verdicts, CSVs, DVC plot data and figures,
 built from a fake metrics/logs/data/me tree in tmp_path (no torch, no DVC)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,16 @@ from scipy import stats
 
 from dfmsd.core.errors import DfmsdError
 from dfmsd.report.metrics import PAPER_COLUMNS, REPORTED_METRICS
-from dfmsd.report.tables import (ReportWarning, build_report, me_cell, report_config, results_markdown, sal_cell,
-                                 sfa_cell, write_report)
+from dfmsd.report.tables import (
+    ReportWarning,
+    build_report,
+    me_cell,
+    report_config,
+    results_markdown,
+    sal_cell,
+    sfa_cell,
+    write_report,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -27,12 +36,23 @@ PARAMS = {
     'pairs': {PAIR: {'weak': {'config': 'w.py', 'iters': 1500}, 'strong': {'config': 's.py', 'iters': 2000}}},
     'students': {STUDENT: {'config': 'r.py'}},
     'methods': {'mgd': {'label': 'MGD', 'losses': {'feature': {'type': 'MGDLoss', 'loss_weight': 4e-6}}}},
-    'me_methods': {'dfmsd_no_sal': {'label': 'DFMSD w/o SAL', 'ablation_of': 'dfmsd', 'losses': DFMSD_LOSSES,
-                                    'aug_loss_weight': 2e-3}},
+    'me_methods': {
+        'dfmsd_no_sal': {
+            'label': 'DFMSD w/o SAL',
+            'ablation_of': 'dfmsd',
+            'losses': DFMSD_LOSSES,
+            'aug_loss_weight': 2e-3,
+        }
+    },
     'sal_methods': {
         'dfmsd': {'label': 'DFMSD', 'losses': DFMSD_LOSSES, 'aug_loss_weight': 2e-3, 'me_stages': [2]},
-        'dfmsd_me12': {'label': 'DFMSD ME 1+2', 'ablation_of': 'dfmsd', 'losses': DFMSD_LOSSES,
-                       'aug_loss_weight': 2e-3, 'me_stages': [1, 2]},
+        'dfmsd_me12': {
+            'label': 'DFMSD ME 1+2',
+            'ablation_of': 'dfmsd',
+            'losses': DFMSD_LOSSES,
+            'aug_loss_weight': 2e-3,
+            'me_stages': [1, 2],
+        },
     },
     'me': {'threshold': 0.5},
 }
@@ -54,8 +74,10 @@ TEACHER_MAP = {'weak': 23.1, 'strong': 35.0}
 
 def split_metrics(m_ap: float, seed: int) -> dict:
     """Every reported metric, derived from mAP with a seed-dependent wiggle."""
-    return {name: round(m_ap + 3.0 * i - 10 + 0.1 * ((seed * 7 + i) % 5), 2) if name != 'mAP' else round(m_ap, 2)
-            for i, name in enumerate(REPORTED_METRICS)}
+    return {
+        name: round(m_ap + 3.0 * i - 10 + 0.1 * ((seed * 7 + i) % 5), 2) if name != 'mAP' else round(m_ap, 2)
+        for i, name in enumerate(REPORTED_METRICS)
+    }
 
 
 def write(path: Path, obj) -> None:
@@ -79,27 +101,57 @@ def make_tree(root: Path, *, params: dict = PARAMS, pairs=(PAIR,), methods=None)
     methods = methods if methods is not None else list(GROUP_OF)
     for p_i, pair in enumerate(pairs):
         for role in ('weak', 'strong'):
-            write(metrics / 'teachers' / pair / f'{role}.json',
-                  {'kind': 'teacher', 'pair': pair, 'role': role, 'iters': 1500 if role == 'weak' else 2000,
-                   'start_iter': 0, 'batch_size': 8, 'images_seen': 12000, 'views_seen': 0, 'teacher_images': 0,
-                   'val': split_metrics(TEACHER_MAP[role] + 1 + p_i, 0),
-                   'test': split_metrics(TEACHER_MAP[role] + p_i, 0)})
+            write(
+                metrics / 'teachers' / pair / f'{role}.json',
+                {
+                    'kind': 'teacher',
+                    'pair': pair,
+                    'role': role,
+                    'iters': 1500 if role == 'weak' else 2000,
+                    'start_iter': 0,
+                    'batch_size': 8,
+                    'images_seen': 12000,
+                    'views_seen': 0,
+                    'teacher_images': 0,
+                    'val': split_metrics(TEACHER_MAP[role] + 1 + p_i, 0),
+                    'test': split_metrics(TEACHER_MAP[role] + p_i, 0),
+                },
+            )
             write(logs / 'teachers' / pair / f'{role}.csv', 'iter,lr,loss\n')  # downloaded: header only
         ratios = {str(i): round((i * 37 % 100) / 100, 3) for i in range(1, 61)}
         write(me / pair / 'boxes' / 'area_ratios.json', {'score_thr': 0.3, 'area_ratios': ratios})
         for seed in SEEDS:
             crop = sum(r >= 0.5 for r in ratios.values())
             noise = 12 + seed
-            write(me / pair / f'seed{seed}.json',
-                  {'seed': seed, 'threshold': 0.5, 'counts': {'noise': noise, 'crop': crop,
-                                                              'none': 60 - crop - noise}, 'ops': {}})
+            write(
+                me / pair / f'seed{seed}.json',
+                {
+                    'seed': seed,
+                    'threshold': 0.5,
+                    'counts': {'noise': noise, 'crop': crop, 'none': 60 - crop - noise},
+                    'ops': {},
+                },
+            )
     for s_i, seed in enumerate(SEEDS):
-        base_rec = {'kind': 'baseline', 'student': STUDENT, 'seed': seed, 'iters': 1200, 'start_iter': 0,
-                    'batch_size': 8, 'images_seen': 9600, 'views_seen': 0, 'teacher_images': 0,
-                    'val': split_metrics(BASE[s_i] + 0.5, seed), 'test': split_metrics(BASE[s_i], seed)}
+        base_rec = {
+            'kind': 'baseline',
+            'student': STUDENT,
+            'seed': seed,
+            'iters': 1200,
+            'start_iter': 0,
+            'batch_size': 8,
+            'images_seen': 9600,
+            'views_seen': 0,
+            'teacher_images': 0,
+            'val': split_metrics(BASE[s_i] + 0.5, seed),
+            'test': split_metrics(BASE[s_i], seed),
+        }
         # the layout is not used: a file anywhere under metrics/ says what it is
-        where = metrics / 'elsewhere' / 'b2.json' if seed == 2 else \
-            metrics / 'students' / STUDENT / f'seed{seed}' / 'baseline.json'
+        where = (
+            metrics / 'elsewhere' / 'b2.json'
+            if seed == 2
+            else metrics / 'students' / STUDENT / f'seed{seed}' / 'baseline.json'
+        )
         write(where, base_rec)
         loss_log(logs / 'students' / STUDENT / f'seed{seed}' / 'baseline.csv', range(100, 1201, 100), False)
         for p_i, pair in enumerate(pairs):
@@ -107,12 +159,26 @@ def make_tree(root: Path, *, params: dict = PARAMS, pairs=(PAIR,), methods=None)
                 group = GROUP_OF[name]
                 kind = KIND_OF[group]
                 m_ap = MAP[name][s_i] + 0.5 * p_i
-                rec = {'kind': kind, 'student': STUDENT, 'pair': pair, 'method': name, 'group': group, 'seed': seed,
-                       'uses_me': group != 'methods', 'iters': 1200, 'start_iter': 600 if kind == 'sal2' else 0,
-                       'batch_size': 8, 'images_seen': 9600, 'views_seen': 3500 if group != 'methods' else 0,
-                       'teacher_images': 13100 if group != 'methods' else 9600, 'config_digest': 'ab12cd34ef56',
-                       'threads': 1, 'strides': [8, 16, 32, 64],
-                       'val': split_metrics(m_ap + 0.4, seed), 'test': split_metrics(m_ap, seed)}
+                rec = {
+                    'kind': kind,
+                    'student': STUDENT,
+                    'pair': pair,
+                    'method': name,
+                    'group': group,
+                    'seed': seed,
+                    'uses_me': group != 'methods',
+                    'iters': 1200,
+                    'start_iter': 600 if kind == 'sal2' else 0,
+                    'batch_size': 8,
+                    'images_seen': 9600,
+                    'views_seen': 3500 if group != 'methods' else 0,
+                    'teacher_images': 13100 if group != 'methods' else 9600,
+                    'config_digest': 'ab12cd34ef56',
+                    'threads': 1,
+                    'strides': [8, 16, 32, 64],
+                    'val': split_metrics(m_ap + 0.4, seed),
+                    'test': split_metrics(m_ap, seed),
+                }
                 write(metrics / 'students' / STUDENT / f'seed{seed}' / pair / f'{name}.json', rec)
                 stem = logs / 'students' / STUDENT / f'seed{seed}' / pair
                 if kind == 'sal2':
@@ -159,7 +225,7 @@ def test_main_table_rows_and_ci_match_scipy(built):
     rows = table_rows(md, '### Main table')
     head = table_rows(md, '### Main table')  # header row is the first entry
     assert list(rows) == ['Row', 'Teacher (weak)', 'Teacher (strong)', 'Student baseline', 'MGD', 'DFMSD']
-    assert head['Row'][1:1 + len(PAPER_COLUMNS)] == list(PAPER_COLUMNS)
+    assert head['Row'][1 : 1 + len(PAPER_COLUMNS)] == list(PAPER_COLUMNS)
     assert rows['Teacher (strong)'][:2] == ['1', '35.0']  # single run, no ± and no CI
     assert rows['Teacher (strong)'][1 + len(PAPER_COLUMNS)] == '—'
     ci_col, gain_col = 1 + len(PAPER_COLUMNS), 2 + len(PAPER_COLUMNS)
@@ -186,8 +252,8 @@ def test_verdicts_follow_the_paired_intervals(built):
     lines = {line.split(':', 1)[0][2:]: line for line in verdicts.splitlines() if line.startswith('- ')}
     assert 'better' in lines['DFMSD vs Student baseline'].split(':', 1)[1].split('Δ')[0]
     assert 'not distinguishable at 95%' in lines['MGD vs Student baseline']
-    assert 'better' in lines['DFMSD vs MGD'].split('Δ')[0]            # SAL method vs every other main method
-    assert '**worse**' in lines['DFMSD w/o SAL vs DFMSD']             # ablation vs its full method
+    assert 'better' in lines['DFMSD vs MGD'].split('Δ')[0]  # SAL method vs every other main method
+    assert '**worse**' in lines['DFMSD w/o SAL vs DFMSD']  # ablation vs its full method
     assert 'not distinguishable at 95%' in lines['DFMSD ME 1+2 vs DFMSD']
     assert 'beats' not in md
     assert 'no correction for multiple comparisons' in md and '3 seeds per row' in md
@@ -224,8 +290,15 @@ def test_ablation_table_derives_the_module_columns(built):
 def test_csv_summary_and_plot_data(built):
     _, _, out, _ = built
     results = list(csv.DictReader((out / 'results.csv').open()))
-    assert [r['row'] for r in results] == ['teacher_weak', 'teacher_strong', 'baseline', 'mgd', 'dfmsd_no_sal',
-                                           'dfmsd', 'dfmsd_me12']
+    assert [r['row'] for r in results] == [
+        'teacher_weak',
+        'teacher_strong',
+        'baseline',
+        'mgd',
+        'dfmsd_no_sal',
+        'dfmsd',
+        'dfmsd_me12',
+    ]
     by_row = {r['row']: r for r in results}
     assert by_row['dfmsd']['n'] == '3' and by_row['teacher_weak']['n'] == '1'
     assert float(by_row['dfmsd']['mAP_mean']) == pytest.approx(np.mean(MAP['dfmsd']), abs=1e-4)
@@ -243,8 +316,17 @@ def test_csv_summary_and_plot_data(built):
     group = summary[f'{STUDENT}/{PAIR}']
     assert list(group) == ['teacher_weak', 'teacher_strong', 'baseline', 'mgd', 'dfmsd_no_sal', 'dfmsd', 'dfmsd_me12']
     assert group['teacher_strong'] == {'mAP': 35.0}
-    assert set(group['dfmsd']) == {'mAP', 'mAP_ci_low', 'mAP_ci_high', 'gain', 'gain_ci_low', 'gain_ci_high',
-                                   'APs', 'APm', 'APl'}
+    assert set(group['dfmsd']) == {
+        'mAP',
+        'mAP_ci_low',
+        'mAP_ci_high',
+        'gain',
+        'gain_ci_low',
+        'gain_ci_high',
+        'APs',
+        'APm',
+        'APl',
+    }
     assert group['dfmsd']['gain'] == round(float(np.mean(np.array(MAP['dfmsd']) - BASE)), 2)
     assert group['dfmsd']['gain_ci_low'] > 0 and group['dfmsd']['gain_ci_high'] > group['dfmsd']['gain_ci_low']
     assert 'gain' not in group['baseline']
@@ -283,8 +365,7 @@ def test_a_method_missing_from_params_is_ignored_with_a_warning(tmp_path):
         report = build_report(params, **dirs)
     md = results_markdown(report['groups'], report['config'], report['me'], report['notes'])
     assert 'fgd' in md.split('## Notes', 1)[1]
-    assert [r.name for r in report['groups'][0].rows] == ['teacher_weak', 'teacher_strong', 'baseline', 'mgd',
-                                                           'dfmsd']
+    assert [r.name for r in report['groups'][0].rows] == ['teacher_weak', 'teacher_strong', 'baseline', 'mgd', 'dfmsd']
 
 
 def test_a_file_that_contradicts_params_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
 """dfmsd.report.stats against scipy called directly, and the verdict logic on constructed cases."""
+
 from __future__ import annotations
 
 import numpy as np

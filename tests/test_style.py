@@ -1,9 +1,9 @@
 """The code base follows one lint and format configuration (pyproject.toml [tool.ruff])."""
+
 import subprocess
 import sys
 
 import pytest
-
 from support import REPO
 
 pytestmark = pytest.mark.fast
@@ -16,9 +16,11 @@ def test_ruff(command):
 
 
 def test_the_report_layer_does_not_import_torch():
-    code = ('import sys, dfmsd.report.tables, dfmsd.report.figures, dfmsd.report.stats; '
-            "bad = [m for m in ('torch', 'mmengine', 'mmdet') if m in sys.modules]; "
-            'assert not bad, bad')
+    code = (
+        'import sys, dfmsd.report.tables, dfmsd.report.figures, dfmsd.report.stats; '
+        "bad = [m for m in ('torch', 'mmengine', 'mmdet') if m in sys.modules]; "
+        'assert not bad, bad'
+    )
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
@@ -26,6 +28,7 @@ def test_the_report_layer_does_not_import_torch():
 def module_imports() -> dict[str, set[str]]:
     """Every import (module level or inside a function) of dfmsd/ and flows/ modules, by module."""
     import ast
+
     found = {}
     for path in [*(REPO / 'dfmsd').rglob('*.py'), *(REPO / 'flows').rglob('*.py')]:
         parts = path.relative_to(REPO).with_suffix('').parts
@@ -38,7 +41,9 @@ def module_imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ''
                 if node.level:
-                    base = '.'.join(package.split('.')[: len(package.split('.')) - node.level + 1] + ([base] if base else []))
+                    base = '.'.join(
+                        package.split('.')[: len(package.split('.')) - node.level + 1] + ([base] if base else [])
+                    )
                 targets |= {base} | {f'{base}.{a.name}' for a in node.names}
         found[name] = {t for t in targets if t.split('.')[0] in ('dfmsd', 'flows')}
     return found
@@ -46,6 +51,7 @@ def module_imports() -> dict[str, set[str]]:
 
 def test_the_package_has_no_import_cycle():
     import networkx as nx
+
     imports = module_imports()
     graph = nx.DiGraph([(m, t) for m, ts in imports.items() for t in ts if t in imports and t != m])
     # a package's __init__ importing its own submodules is not a cycle of logic
@@ -55,8 +61,12 @@ def test_the_package_has_no_import_cycle():
 
 def test_layers_only_import_downwards():
     """core imports nothing of the project but core; data: core; report: core; flows: core."""
-    allowed = {'dfmsd.core': ('dfmsd.core',), 'dfmsd.data': ('dfmsd.core', 'dfmsd.data'),
-               'dfmsd.report': ('dfmsd.core', 'dfmsd.report'), 'flows': ('dfmsd.core', 'flows')}
+    allowed = {
+        'dfmsd.core': ('dfmsd.core',),
+        'dfmsd.data': ('dfmsd.core', 'dfmsd.data'),
+        'dfmsd.report': ('dfmsd.core', 'dfmsd.report'),
+        'flows': ('dfmsd.core', 'flows'),
+    }
     for module, targets in module_imports().items():
         for layer, ok in allowed.items():
             if module == layer or module.startswith(layer + '.'):

@@ -1,6 +1,7 @@
 """Look-ups in mmdet's model-zoo index (dfmsd.engine.zoo): the index that ships with the
 installed mmdet (properties only, no hashes or box APs copied from it), and small indexes
 written by the tests for the parsing rules."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,12 +96,15 @@ def test_url_encoded_config_directory_is_repaired():
 
 
 @needs_mmdet
-@pytest.mark.parametrize('query, suggested', [
-    ('retinanet_r50_fpn_1x_cocoo', 'retinanet_r50_fpn_1x_coco'),
-    ('gfl_r101_fpn_2x_coco', 'gfl_r101_fpn_ms-2x_coco'),
-    ('fcos_r50_fpn_2x_coco', 'fcos_r50-caffe_fpn_gn-head_ms-640-800-2x_coco'),
-    ('swin-t', 'mask-rcnn_swin-t-p4-w7_fpn_1x_coco'),
-])
+@pytest.mark.parametrize(
+    'query, suggested',
+    [
+        ('retinanet_r50_fpn_1x_cocoo', 'retinanet_r50_fpn_1x_coco'),
+        ('gfl_r101_fpn_2x_coco', 'gfl_r101_fpn_ms-2x_coco'),
+        ('fcos_r50_fpn_2x_coco', 'fcos_r50-caffe_fpn_gn-head_ms-640-800-2x_coco'),
+        ('swin-t', 'mask-rcnn_swin-t-p4-w7_fpn_1x_coco'),
+    ],
+)
 def test_unknown_name_suggests_close_matches(query, suggested):
     with pytest.raises(KeyError) as err:
         find_model(query)
@@ -146,40 +150,73 @@ URL = 'https://download.example.org/mmdetection/v3.0/{}'
 def small_index(tmp_path, monkeypatch):
     """A .mim directory with two metafiles and their quirks, in place of the installed one."""
     root = tmp_path / 'mim'
-    for rel in ('configs/retinanet/retinanet_a.py', 'configs/retinanet/retinanet_b.py',
-                'configs/gn+ws/mask-rcnn_gn-ws.py', 'configs/albu_example/albu_bare.py',
-                'configs/retinanet/shared_cfg.py'):
+    for rel in (
+        'configs/retinanet/retinanet_a.py',
+        'configs/retinanet/retinanet_b.py',
+        'configs/gn+ws/mask-rcnn_gn-ws.py',
+        'configs/albu_example/albu_bare.py',
+        'configs/retinanet/shared_cfg.py',
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text('# config\n')
-    retinanet = {'Models': [
-        model('retinanet_a', 'configs/retinanet/retinanet_a.py', URL.format('retinanet_a_20200130-c2398f9e.pth'),
-              [box_ap(30.1, 'LVIS'), box_ap(36.5)]),
-        model('retinanet-b', 'configs/retinanet/retinanet_b.py', URL.format('retinanet_b_20200130-deadbeefcafe.pth'),
-              [box_ap('n/a')]),
-        model('retinanet_a', 'configs/retinanet/retinanet_b.py', URL.format('dup-00000000.pth')),  # duplicate
-        model('no_weights', 'configs/retinanet/retinanet_a.py', None),
-        model('local_weights', 'configs/retinanet/retinanet_a.py', 'work_dirs/latest.pth'),
-        model('shared_one', 'configs/retinanet/shared_cfg.py', URL.format('s1-11111111.pth')),
-        model('shared_two', 'configs/retinanet/shared_cfg.py', URL.format('s2-22222222.pth')),
-        model('ddq_like', 'configs/retinanet/retinanet_a.py', URL.format('ddq_detr_5scale_coco_1x.pth')),
-    ]}
-    quirks = {'Models': [
-        model('mask-rcnn_gn-ws', 'configs/gn%2Bws/mask-rcnn_gn-ws.py', URL.format('gn-ws-12345678.pth')),
-        model('albu_bare', 'albu_bare.py', URL.format('albu-87654321.pth')),
-        model('not_shipped', 'configs/gone/not_shipped.py', URL.format('gone-abcdef12.pth')),
-    ]}
+    retinanet = {
+        'Models': [
+            model(
+                'retinanet_a',
+                'configs/retinanet/retinanet_a.py',
+                URL.format('retinanet_a_20200130-c2398f9e.pth'),
+                [box_ap(30.1, 'LVIS'), box_ap(36.5)],
+            ),
+            model(
+                'retinanet-b',
+                'configs/retinanet/retinanet_b.py',
+                URL.format('retinanet_b_20200130-deadbeefcafe.pth'),
+                [box_ap('n/a')],
+            ),
+            model('retinanet_a', 'configs/retinanet/retinanet_b.py', URL.format('dup-00000000.pth')),  # duplicate
+            model('no_weights', 'configs/retinanet/retinanet_a.py', None),
+            model('local_weights', 'configs/retinanet/retinanet_a.py', 'work_dirs/latest.pth'),
+            model('shared_one', 'configs/retinanet/shared_cfg.py', URL.format('s1-11111111.pth')),
+            model('shared_two', 'configs/retinanet/shared_cfg.py', URL.format('s2-22222222.pth')),
+            model('ddq_like', 'configs/retinanet/retinanet_a.py', URL.format('ddq_detr_5scale_coco_1x.pth')),
+        ]
+    }
+    quirks = {
+        'Models': [
+            model('mask-rcnn_gn-ws', 'configs/gn%2Bws/mask-rcnn_gn-ws.py', URL.format('gn-ws-12345678.pth')),
+            model('albu_bare', 'albu_bare.py', URL.format('albu-87654321.pth')),
+            model('not_shipped', 'configs/gone/not_shipped.py', URL.format('gone-abcdef12.pth')),
+        ]
+    }
     (root / 'configs/retinanet/metafile.yml').write_text(yaml.safe_dump(retinanet))
     (root / 'configs/albu_example/metafile.yml').write_text(yaml.safe_dump(quirks))
-    (root / 'model-index.yml').write_text(yaml.safe_dump({'Import': [
-        'configs/retinanet/metafile.yml', 'configs/albu_example/metafile.yml', 'configs/missing/metafile.yml']}))
+    (root / 'model-index.yml').write_text(
+        yaml.safe_dump(
+            {
+                'Import': [
+                    'configs/retinanet/metafile.yml',
+                    'configs/albu_example/metafile.yml',
+                    'configs/missing/metafile.yml',
+                ]
+            }
+        )
+    )
     monkeypatch.setattr(zoo, 'mim_dir', lambda: root.resolve())
     return root.resolve()
 
 
 def test_only_entries_with_downloadable_weights_are_indexed_first_name_wins(small_index):
     names = [m.name for m in list_models()]
-    assert names == ['retinanet_a', 'retinanet-b', 'shared_one', 'shared_two', 'ddq_like', 'mask-rcnn_gn-ws',
-                     'albu_bare', 'not_shipped']
+    assert names == [
+        'retinanet_a',
+        'retinanet-b',
+        'shared_one',
+        'shared_two',
+        'ddq_like',
+        'mask-rcnn_gn-ws',
+        'albu_bare',
+        'not_shipped',
+    ]
     assert find_model('retinanet_a').config == str(small_index / 'configs/retinanet/retinanet_a.py')
 
 

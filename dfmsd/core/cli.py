@@ -8,6 +8,7 @@ opened and which project modules it imported, in ``<dir>/<stage>.<pid>.json`` (a
 run as several processes: see dfmsd.core.runs); the test of dvc.yaml's declarations
 (tests/test_pipeline.py) compares them with each stage's ``deps``.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,7 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
             file = getattr(module, '__file__', None)
             if file and Path(file).resolve().is_relative_to(root):
                 modules.add(Path(file).resolve().relative_to(root).as_posix())
-        record = {'stage': _stage_label(), 'argv': sys.argv, 'opened': sorted(opened),
-                  'modules': sorted(modules)}
+        record = {'stage': _stage_label(), 'argv': sys.argv, 'opened': sorted(opened), 'modules': sorted(modules)}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         name = _stage_label().replace('/', '_').replace(':', '_')
         (Path(out_dir) / f'{name}.{os.getpid()}.json').write_text(json.dumps(record, indent=1))

@@ -4,6 +4,7 @@ A :class:`DfmsdError` is an input or set-up problem the user can fix. Stage comm
 print its message on one line and exit with :data:`EXIT_CODE`, never with a traceback
 (see :mod:`dfmsd.core.cli`).
 """
+
 from __future__ import annotations
 
 #: Exit status of a stage command that stopped on a DfmsdError (argparse uses 2 as well).

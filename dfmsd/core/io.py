@@ -3,6 +3,7 @@
 A stage that fails half-way must leave its previous output in place and no partial
 file behind, so every output goes through a temporary sibling and one ``os.replace``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,8 +110,7 @@ class Progress:
     Plain lines rather than a redrawn bar: stage output ends up in DVC and Prefect logs.
     """
 
-    def __init__(self, total: int, label: str, *, unit: str = 'img', lines: int = 10,
-                 enabled: bool = True):
+    def __init__(self, total: int, label: str, *, unit: str = 'img', lines: int = 10, enabled: bool = True):
         self.total, self.label, self.unit = total, label, unit
         self.enabled = enabled and total > 0
         self.every = max(1, -(-total // max(1, lines)))
@@ -121,5 +121,4 @@ class Progress:
         before, self.done = self.done, self.done + count
         if self.enabled and (self.done >= self.total or self.done // self.every > before // self.every):
             rate = self.done / max(time.perf_counter() - self._start, 1e-9)
-            print(f'{self.label}: {self.done}/{self.total} ({rate:.1f} {self.unit}/s)',
-                  file=sys.stderr, flush=True)
+            print(f'{self.label}: {self.done}/{self.total} ({rate:.1f} {self.unit}/s)', file=sys.stderr, flush=True)

@@ -11,17 +11,27 @@ Two ways in:
   stage's own name (``DVC_STAGE``, set by DVC and by ``flows.runner``), so a stage sees only
   the keys its ``params:`` list in dvc.yaml declares. Reading anything else fails.
 """
+
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dfmsd.core.errors import ParamsError
 
@@ -63,7 +73,7 @@ class Data(Strict):
     def _all_splits(cls, value):
         missing = [s for s in SPLITS if s not in value]
         if missing:
-            raise ValueError(f"needs {', '.join(SPLITS)}; missing {', '.join(missing)}")
+            raise ValueError(f'needs {", ".join(SPLITS)}; missing {", ".join(missing)}')
         return value
 
     @model_validator(mode='after')
@@ -71,7 +81,7 @@ class Data(Strict):
         if self.generate:
             uncounted = [s for s in SPLITS if self.splits[s].images is None]
             if uncounted:
-                raise ValueError(f"generate: true needs splits.<split>.images for {', '.join(uncounted)}")
+                raise ValueError(f'generate: true needs splits.<split>.images for {", ".join(uncounted)}')
             if self.image_size is None:
                 raise ValueError('generate: true needs image_size')
         return self
@@ -81,13 +91,15 @@ class Data(Strict):
 class Detector(Strict):
     """A detector config (a path, or ``mmdet::<path>`` inside the installed mmdet), and for
     the small ResNet presets its backbone depth and widths."""
+
     config: str
     depth: Literal[18, 34, 50, 101, 152] | None = None
     width: PositiveInt | None = None
     fpn_channels: PositiveInt | None = None
     lr: PositiveFloat | None = Field(None, description="this model's learning rate (default: train.lr)")
-    pretrained: bool = Field(True, description="false: no pretrained weights from the config's init_cfg "
-                                               '(e.g. an offline machine)')
+    pretrained: bool = Field(
+        True, description="false: no pretrained weights from the config's init_cfg (e.g. an offline machine)"
+    )
 
     @model_validator(mode='after')
     def _widths(self) -> Detector:
@@ -115,8 +127,11 @@ class LocalTeacher(Strict):
 Teacher = TrainedTeacher | ZooTeacher | LocalTeacher
 
 
-TEACHER_KINDS = ('config + iters (trained here)', 'zoo (an mmdet model-zoo name)',
-                 'config + checkpoint + sha256 (a local checkpoint)')
+TEACHER_KINDS = (
+    'config + iters (trained here)',
+    'zoo (an mmdet model-zoo name)',
+    'config + checkpoint + sha256 (a local checkpoint)',
+)
 
 
 def _teacher(value: Any) -> Any:
@@ -125,7 +140,7 @@ def _teacher(value: Any) -> Any:
         return value
     if not isinstance(value, dict) or not {'zoo', 'checkpoint', 'config'} & set(value):
         got = f'keys {", ".join(map(str, value))}' if isinstance(value, dict) else repr(value)
-        raise ValueError(f"no known teacher kind ({got}); give one of: {'; '.join(TEACHER_KINDS)}")
+        raise ValueError(f'no known teacher kind ({got}); give one of: {"; ".join(TEACHER_KINDS)}')
     if 'zoo' in value:
         return ZooTeacher.model_validate(value)
     if 'checkpoint' in value:
@@ -163,7 +178,8 @@ class Train(Strict):
     auto_scale_lr: bool = False
     base_batch_size: PositiveInt | None = None
     trackers: list[Literal['dvclive', 'tensorboard']] = Field(
-        ['dvclive'], description="live training scalars in the run's work dir, besides mmengine's own")
+        ['dvclive'], description="live training scalars in the run's work dir, besides mmengine's own"
+    )
 
     @field_validator('optimizer')
     @classmethod
@@ -189,6 +205,7 @@ class Launch(Strict):
 # ---------------------------------------------------------------- methods
 class Loss(BaseModel):
     """A registered loss: ``type`` plus its keyword arguments (checked by dfmsd.check)."""
+
     model_config = ConfigDict(extra='allow', frozen=True)
     type: str
     loss_weight: NonNegativeFloat | None = None
@@ -240,6 +257,7 @@ class Evaluate(Strict):
 
 class Figures(Strict):
     """Which run the method figures (stage `figures`) show: a SAL method's final student."""
+
     pair: str
     student: str
     method: str
@@ -281,35 +299,47 @@ class Params(Strict):
         for group in ('pairs', 'students', *METHOD_GROUPS):
             for name in getattr(self, group):
                 if not NAME.match(name):
-                    raise ValueError(f'{group}.{name}: names must match {NAME.pattern} '
-                                     f'(they become DVC stage names and paths)')
+                    raise ValueError(
+                        f'{group}.{name}: names must match {NAME.pattern} (they become DVC stage names and paths)'
+                    )
         f = self.figures
-        if f.pair not in self.pairs or f.student not in self.students or f.method not in self.sal_methods \
-                or f.seed not in self.seeds:
-            raise ValueError(f'figures: pair, student, seed and method must name a pair, a student, a seed and a '
-                             f'sal_methods entry of this grid (got {f.pair}, {f.student}, {f.seed}, {f.method})')
+        if (
+            f.pair not in self.pairs
+            or f.student not in self.students
+            or f.method not in self.sal_methods
+            or f.seed not in self.seeds
+        ):
+            raise ValueError(
+                f'figures: pair, student, seed and method must name a pair, a student, a seed and a '
+                f'sal_methods entry of this grid (got {f.pair}, {f.student}, {f.seed}, {f.method})'
+            )
         names = [n for g in METHOD_GROUPS for n in getattr(self, g)]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
             paths = [f'{g}.{n}' for n in clash for g in METHOD_GROUPS if n in getattr(self, g)]
-            raise ValueError(f"{', '.join(paths)}: method names must be unique across "
-                             f"{', '.join(METHOD_GROUPS)}")
+            raise ValueError(f'{", ".join(paths)}: method names must be unique across {", ".join(METHOD_GROUPS)}')
         if not names:
-            raise ValueError(f"no method: give at least one of {', '.join(METHOD_GROUPS)}")
+            raise ValueError(f'no method: give at least one of {", ".join(METHOD_GROUPS)}')
         for group in METHOD_GROUPS:
             for name, method in getattr(self, group).items():
                 if method.ablation_of is not None and method.ablation_of not in names:
-                    raise ValueError(f'{group}.{name}.ablation_of: no method {method.ablation_of!r} '
-                                     f"(known: {', '.join(sorted(names))})")
+                    raise ValueError(
+                        f'{group}.{name}.ablation_of: no method {method.ablation_of!r} '
+                        f'(known: {", ".join(sorted(names))})'
+                    )
                 has_views = group == 'me_methods' or (group == 'sal_methods' and method.me_stages)
                 if method.aug_loss_weight and not has_views:
                     views = 'me_stages is empty' if group == 'sal_methods' else f'{group} have none'
-                    raise ValueError(f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight} > 0 weights the '
-                                     f'loss of ME views, but {views} (ME views: me_methods, or me_stages of '
-                                     f'a SAL method)')
+                    raise ValueError(
+                        f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight} > 0 weights the '
+                        f'loss of ME views, but {views} (ME views: me_methods, or me_stages of '
+                        f'a SAL method)'
+                    )
                 if has_views and not method.aug_loss_weight:
-                    raise ValueError(f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight}, but this method '
-                                     f'makes ME views: give it a weight > 0 (or no ME views)')
+                    raise ValueError(
+                        f'{group}.{name}.aug_loss_weight: {method.aug_loss_weight}, but this method '
+                        f'makes ME views: give it a weight > 0 (or no ME views)'
+                    )
         return self
 
     def methods_of(self, group: str) -> dict[str, Method]:
@@ -329,8 +359,7 @@ def format_errors(err: ValidationError, source: str, prefix: str = '') -> str:
     lines = []
     for e in err.errors():
         got = e.get('input')
-        shown = '' if isinstance(got, (dict, list)) or got is None or e['type'] == 'value_error' \
-            else f' (got {got!r})'
+        shown = '' if isinstance(got, (dict, list)) or got is None or e['type'] == 'value_error' else f' (got {got!r})'
         loc = _location(e['loc'])
         where = '.'.join(part for part in (prefix, '' if loc == '(top)' else loc) if part)
         message = e['msg'].removeprefix('Value error, ')
@@ -373,14 +402,17 @@ def section(model: type[BaseModel], data: Any, where: str) -> Any:
 def stage_name() -> str:
     name = os.environ.get('DVC_STAGE')
     if not name:
-        raise ParamsError('this command reads its params as a DVC stage: run it with `dvc repro <stage>` '
-                          '(or set DVC_STAGE to the stage name)')
+        raise ParamsError(
+            'this command reads its params as a DVC stage: run it with `dvc repro <stage>` '
+            '(or set DVC_STAGE to the stage name)'
+        )
     return name
 
 
 def stage_params() -> dict[str, Any]:
     """The params declared by this stage in dvc.yaml, and nothing else."""
     import dvc.api
+
     return dvc.api.params_show(stages=stage_name())
 
 
@@ -390,7 +422,9 @@ def lookup(params: dict[str, Any], dotted: str) -> Any:
     for i, part in enumerate(dotted.split('.')):
         if not isinstance(node, dict) or part not in node:
             where = '.'.join(dotted.split('.')[: i + 1])
-            raise ParamsError(f"params.yaml: no key '{where}' among this stage's params "
-                              f'(declare it in dvc.yaml, or add it to params.yaml)')
+            raise ParamsError(
+                f"params.yaml: no key '{where}' among this stage's params "
+                f'(declare it in dvc.yaml, or add it to params.yaml)'
+            )
         node = node[part]
     return node

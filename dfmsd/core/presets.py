@@ -6,6 +6,7 @@ may start with ``extends: <other preset>``, merged first (e.g. each COCO table e
 ``coco``). The merge result is validated against the schema. ``flows.presets`` runs a preset in its own git
 worktree, so that the repository's params.yaml, dvc.lock and results stay as they are.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,7 @@ def preset_overrides(name: str, presets_dir: str | Path = PRESETS_DIR, _seen: tu
     if not preset_file.is_file():
         raise ParamsError(f"no preset '{name}' (known: {', '.join(known_presets(presets_dir)) or 'none'})")
     if name in _seen:
-        raise ParamsError(f"presets extend each other in a loop: {' -> '.join((*_seen, name))}")
+        raise ParamsError(f'presets extend each other in a loop: {" -> ".join((*_seen, name))}')
     override = read_yaml(preset_file)
     base = override.pop('extends', None)
     if not base:
@@ -54,8 +55,9 @@ def preset_overrides(name: str, presets_dir: str | Path = PRESETS_DIR, _seen: tu
     return deep_merge(preset_overrides(base, presets_dir, (*_seen, name)), override, keep_replace=True)
 
 
-def preset_params(name: str, params_file: str | Path = 'params.yaml',
-                  presets_dir: str | Path = PRESETS_DIR) -> dict[str, Any]:
+def preset_params(
+    name: str, params_file: str | Path = 'params.yaml', presets_dir: str | Path = PRESETS_DIR
+) -> dict[str, Any]:
     """params.yaml with presets/<name>.yaml (and what it extends) merged over it, validated."""
     merged = deep_merge(read_yaml(params_file), preset_overrides(name, presets_dir))
     validate(merged, f'{params_file} + {Path(presets_dir) / name}.yaml')

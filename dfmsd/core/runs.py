@@ -17,6 +17,7 @@ Every stage command that completes appends one JSON line ``{stage, phase, status
 to ``DFMSD_RUN_LOG`` (when set): the runner's machine-readable record of what ran. A stage
 that DVC restores from its run-cache never runs, so it leaves no line.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,7 @@ def record(stage: str, status: str) -> None:
     path = os.environ.get(RUN_LOG_ENV)
     if not path:
         return
-    line = json.dumps({'stage': stage, 'phase': phase(), 'status': status, 'argv': sys.argv,
-                       'cwd': os.getcwd()})
+    line = json.dumps({'stage': stage, 'phase': phase(), 'status': status, 'argv': sys.argv, 'cwd': os.getcwd()})
     with open(path, 'a', encoding='utf-8') as f:  # one short line per write: appends do not interleave
         f.write(line + '\n')
 

@@ -4,6 +4,7 @@
 (a generated one and a user's own alike): the message of each :class:`DatasetError`
 names the file and the entry at fault.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,18 +101,18 @@ def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bo
         if not isinstance(img, dict) or not isinstance(img.get('id'), int):
             raise DatasetError(f'{ann_file}: image entry without an integer id: {str(img)[:80]}')
         if img['id'] in images:
-            raise DatasetError(f"{ann_file}: image id {img['id']} appears twice")
+            raise DatasetError(f'{ann_file}: image id {img["id"]} appears twice')
         if not isinstance(img.get('file_name'), str) or not all(
-                isinstance(img.get(k), int) and img[k] > 0 for k in ('width', 'height')):
-            raise DatasetError(f"{ann_file}: image {img['id']} needs file_name and positive integer "
-                               f'width and height')
+            isinstance(img.get(k), int) and img[k] > 0 for k in ('width', 'height')
+        ):
+            raise DatasetError(f'{ann_file}: image {img["id"]} needs file_name and positive integer width and height')
         images[img['id']] = img
     categories: set[Any] = set()
     for cat in data['categories']:
         if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
             raise DatasetError(f'{ann_file}: category entry without an integer id: {str(cat)[:80]}')
         if cat['id'] in categories:
-            raise DatasetError(f"{ann_file}: category id {cat['id']} appears twice")
+            raise DatasetError(f'{ann_file}: category id {cat["id"]} appears twice')
         categories.add(cat['id'])
     if not categories:
         raise DatasetError(f'{ann_file}: no categories')
@@ -122,23 +123,27 @@ def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bo
         if not isinstance(ann.get('id'), int):
             raise DatasetError(f'{ann_file}: annotation entry without an integer id: {str(ann)[:80]}')
         if ann['id'] in annotation_ids:
-            raise DatasetError(f"{ann_file}: annotation id {ann['id']} appears twice")
+            raise DatasetError(f'{ann_file}: annotation id {ann["id"]} appears twice')
         annotation_ids.add(ann['id'])
-        where = f"{ann_file}: annotation {ann['id']}"
+        where = f'{ann_file}: annotation {ann["id"]}'
         img = images.get(ann.get('image_id'))
         if img is None:
-            raise DatasetError(f"{where} references unknown image_id {ann.get('image_id')}")
+            raise DatasetError(f'{where} references unknown image_id {ann.get("image_id")}')
         if ann.get('category_id') not in categories:
-            raise DatasetError(f"{where} references unknown category_id {ann.get('category_id')}")
+            raise DatasetError(f'{where} references unknown category_id {ann.get("category_id")}')
         bbox = ann.get('bbox')
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_number, bbox))
-                and bbox[2] > 0 and bbox[3] > 0):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_number, bbox)) and bbox[2] > 0 and bbox[3] > 0):
             raise DatasetError(f'{where} has invalid bbox {bbox!r} (want 4 numbers x, y, w, h with w, h > 0)')
         x, y, w, h = bbox
-        if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > img['width'] + BOX_TOLERANCE \
-                or y + h > img['height'] + BOX_TOLERANCE:
-            raise DatasetError(f"{where}: bbox {bbox} lies outside its image {img['id']} "
-                               f"({img['width']}x{img['height']})")
+        if (
+            x < -BOX_TOLERANCE
+            or y < -BOX_TOLERANCE
+            or x + w > img['width'] + BOX_TOLERANCE
+            or y + h > img['height'] + BOX_TOLERANCE
+        ):
+            raise DatasetError(
+                f'{where}: bbox {bbox} lies outside its image {img["id"]} ({img["width"]}x{img["height"]})'
+            )
     if check_images:
         for img in images.values():
             _check_image(ann_file, img_dir / img['file_name'], img)
@@ -146,7 +151,7 @@ def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bo
 
 
 def _check_image(ann_file: Path, path: Path, entry: dict) -> None:
-    where = f"{ann_file}: image {entry['id']}"
+    where = f'{ann_file}: image {entry["id"]}'
     if not path.is_file():
         raise DatasetError(f'{where} file missing: {path}')
     try:
@@ -156,5 +161,6 @@ def _check_image(ann_file: Path, path: Path, entry: dict) -> None:
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetError(f'{where}: {path} is not a readable image ({err})') from None
     if size != (entry['width'], entry['height']):
-        raise DatasetError(f"{where}: {path} is {size[0]}x{size[1]} but its entry says "
-                           f"{entry['width']}x{entry['height']}")
+        raise DatasetError(
+            f'{where}: {path} is {size[0]}x{size[1]} but its entry says {entry["width"]}x{entry["height"]}'
+        )

@@ -18,6 +18,7 @@ same seed and image give the same bytes whatever the worker count or process ran
 no PNG copy of the dataset is ever written. :func:`write_views` is the offline reference
 (PNG files) that the tests compare the online transform with.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dfmsd.data.coco import load_rgb, save_png
 from dfmsd.core.io import atomic_directory, read_json, write_json
+from dfmsd.data.coco import load_rgb, save_png
 
 OPS = ('noise', 'crop', 'none')
 _DECIDE, _PIXELS = 0, 1  # generator streams: the decision, then the view's pixels
@@ -44,15 +45,29 @@ def decide(area_ratios: dict[int, float], *, threshold: float, noise_prob: float
     return ops
 
 
-def decision_table(area_ratios: dict[int, float], *, threshold: float, noise_prob: float, noise_sigma: float,
-                   crop_min: float, crop_max: float, seed: int) -> dict:
+def decision_table(
+    area_ratios: dict[int, float],
+    *,
+    threshold: float,
+    noise_prob: float,
+    noise_sigma: float,
+    crop_min: float,
+    crop_max: float,
+    seed: int,
+) -> dict:
     """The JSON the ``me_table`` stage writes: settings, counts and one op per image."""
     ops = decide(area_ratios, threshold=threshold, noise_prob=noise_prob, seed=seed)
     counts = Counter(ops.values())
-    return {'seed': seed, 'threshold': threshold, 'noise_prob': noise_prob, 'noise_sigma': noise_sigma,
-            'crop_min': crop_min, 'crop_max': crop_max,
-            'counts': {op: counts.get(op, 0) for op in OPS},
-            'ops': {str(k): v for k, v in ops.items()}}
+    return {
+        'seed': seed,
+        'threshold': threshold,
+        'noise_prob': noise_prob,
+        'noise_sigma': noise_sigma,
+        'crop_min': crop_min,
+        'crop_max': crop_max,
+        'counts': {op: counts.get(op, 0) for op in OPS},
+        'ops': {str(k): v for k, v in ops.items()},
+    }
 
 
 def load_table(path: str | Path) -> tuple[dict[int, str], dict]:
@@ -61,8 +76,9 @@ def load_table(path: str | Path) -> tuple[dict[int, str], dict]:
     return {int(k): v for k, v in table['ops'].items()}, table
 
 
-def crop_window(rng: np.random.Generator, width: int, height: int, crop_min: float,
-                crop_max: float) -> tuple[int, int, int, int]:
+def crop_window(
+    rng: np.random.Generator, width: int, height: int, crop_min: float, crop_max: float
+) -> tuple[int, int, int, int]:
     """(x0, y0, w, h): a share in [crop_min, crop_max] of each side removed, split randomly
     between its two edges; at least one pixel kept per side."""
 
@@ -76,8 +92,9 @@ def crop_window(rng: np.random.Generator, width: int, height: int, crop_min: flo
     return x0, y0, w, h
 
 
-def enhance(image_rgb: np.ndarray, op: str, *, image_id: int, seed: int, noise_sigma: float,
-            crop_min: float, crop_max: float) -> np.ndarray:
+def enhance(
+    image_rgb: np.ndarray, op: str, *, image_id: int, seed: int, noise_sigma: float, crop_min: float, crop_max: float
+) -> np.ndarray:
     """The enhanced view of an H x W x 3 uint8 RGB image (a new array; the input is kept)."""
     rng = np.random.default_rng([seed, image_id, _PIXELS])
     if op == 'noise':
@@ -86,7 +103,7 @@ def enhance(image_rgb: np.ndarray, op: str, *, image_id: int, seed: int, noise_s
     if op == 'crop':
         height, width = image_rgb.shape[:2]
         x0, y0, w, h = crop_window(rng, width, height, crop_min, crop_max)
-        return np.ascontiguousarray(image_rgb[y0:y0 + h, x0:x0 + w])
+        return np.ascontiguousarray(image_rgb[y0 : y0 + h, x0 : x0 + w])
     raise ValueError(f"ME op must be 'noise' or 'crop' to make a view, got {op!r}")
 
 
@@ -103,10 +120,16 @@ def write_views(coco: dict, img_dir: str | Path, table_file: str | Path, out_dir
             op = ops.get(img['id'], 'none')
             if op == 'none':
                 continue
-            view = enhance(load_rgb(Path(img_dir) / img['file_name']), op, image_id=img['id'],
-                           seed=table['seed'], noise_sigma=table['noise_sigma'], crop_min=table['crop_min'],
-                           crop_max=table['crop_max'])
-            save_png(view, tmp / f"{img['id']}.png")
-            written[img['id']] = Path(out_dir) / f"{img['id']}.png"
+            view = enhance(
+                load_rgb(Path(img_dir) / img['file_name']),
+                op,
+                image_id=img['id'],
+                seed=table['seed'],
+                noise_sigma=table['noise_sigma'],
+                crop_min=table['crop_min'],
+                crop_max=table['crop_max'],
+            )
+            save_png(view, tmp / f'{img["id"]}.png')
+            written[img['id']] = Path(out_dir) / f'{img["id"]}.png'
         write_json(tmp / 'ops.json', {str(k): v for k, v in ops.items()})
     return written

@@ -24,11 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dfmsd.data.coco import area_ratio, rounded_box, save_png
 from dfmsd.core.io import Progress, atomic_directory, write_json
+from dfmsd.data.coco import area_ratio, rounded_box, save_png
 
-CLASS_NAMES = ("circle", "square", "triangle", "star", "ring")
-CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+CLASS_NAMES = ('circle', 'square', 'triangle', 'star', 'ring')
+CATEGORIES = [{'id': i + 1, 'name': name, 'supercategory': 'shape'} for i, name in enumerate(CLASS_NAMES)]
 
 # Each size mode keeps a margin from the ME threshold's usual value (0.5), because ME
 # measures r(I) from (imperfect) teacher boxes.
@@ -41,7 +41,7 @@ MAX_OCCLUDED_FRACTION = 0.7  # objects hidden more than this are not annotated
 MAX_ATTEMPTS_PER_IMAGE = 25  # re-draws allowed to hit the size-mode's r(I) range
 
 _SUBPIXEL_BITS = 4  # cv2 polygon coordinates are fixed point with this many bits
-_TEXTURES = ("solid", "stripes", "checker", "noise")
+_TEXTURES = ('solid', 'stripes', 'checker', 'noise')
 _TEXTURE_PROBS = (0.4, 0.2, 0.2, 0.2)
 
 
@@ -158,7 +158,7 @@ def _sample_large_objects(rng: np.random.Generator, size: int, count: int) -> li
 
 def _sample_objects(rng: np.random.Generator, size: int, size_mode: str, max_objects: int) -> list[_Object]:
     """Objects for one image, in drawing order (later ones are drawn on top)."""
-    if size_mode == "small":
+    if size_mode == 'small':
         count = int(rng.integers(max(1, math.ceil(max_objects / 2)), max_objects + 1))
         return _sample_small_objects(rng, size, count)
     num_large = int(rng.integers(1, min(3, max_objects) + 1))
@@ -174,22 +174,22 @@ def _regular_polygon(num_points: int, start_angle: float, radius: float = 1.0) -
 
 def _shape_outlines(rng: np.random.Generator, class_name: str) -> list[tuple[np.ndarray, int]]:
     """Unit-scale outlines of a shape as (points, fill) pairs; fill 0 cuts a hole."""
-    if class_name == "circle":
+    if class_name == 'circle':
         return [(_regular_polygon(48, 0.0), 1)]
-    if class_name == "ring":
+    if class_name == 'ring':
         inner = rng.uniform(0.45, 0.62)
         return [(_regular_polygon(48, 0.0), 1), (_regular_polygon(48, 0.0, inner), 0)]
-    if class_name == "square":
+    if class_name == 'square':
         return [(_regular_polygon(4, np.pi / 4 + rng.uniform(-0.26, 0.26)), 1)]
-    if class_name == "triangle":
+    if class_name == 'triangle':
         return [(_regular_polygon(3, rng.uniform(0, 2 * np.pi)), 1)]
-    if class_name == "star":
+    if class_name == 'star':
         outer = _regular_polygon(5, rng.uniform(0, 2 * np.pi))
         inner_radius = rng.uniform(0.38, 0.5)
         start = math.atan2(outer[0, 1], outer[0, 0]) + np.pi / 5
         inner = _regular_polygon(5, start, inner_radius)
         return [(np.stack([outer, inner], axis=1).reshape(10, 2), 1)]
-    raise ValueError(f"unknown shape class {class_name!r}")
+    raise ValueError(f'unknown shape class {class_name!r}')
 
 
 def _rasterise(outlines, obj: _Object, size: int):
@@ -231,13 +231,13 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], colour: np.ndarra
     """Fill pattern for an object: solid, stripes, checker or noisy, in shades of ``colour``."""
     kind = _TEXTURES[rng.choice(len(_TEXTURES), p=_TEXTURE_PROBS)]
     fill = np.broadcast_to(colour, shape + (3,)).astype(np.float32)
-    if kind == "solid":
+    if kind == 'solid':
         return fill
-    if kind == "noise":
+    if kind == 'noise':
         return fill + rng.normal(0.0, 28.0, size=fill.shape).astype(np.float32)
     shade = colour * rng.uniform(0.35, 0.6)  # same hue, darker: the object keeps its colour
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
-    if kind == "stripes":
+    if kind == 'stripes':
         angle, period = rng.uniform(0, np.pi), rng.uniform(3.0, 8.0)
         pattern = np.floor((xx * np.cos(angle) + yy * np.sin(angle)) / (period / 2)) % 2
     else:  # checker
@@ -279,7 +279,7 @@ def _draw_objects(rng: np.random.Generator, image: np.ndarray, objects: list[_Ob
 
 
 def _ratio_fits_mode(ratio: float, size_mode: str) -> bool:
-    if size_mode == "small":
+    if size_mode == 'small':
         return ratio <= SMALL_MODE_MAX_RATIO
     return ratio >= LARGE_MODE_MIN_RATIO
 
@@ -309,61 +309,88 @@ def render_image(rng: np.random.Generator, size: int, size_mode: str, max_object
 def _size_modes(rng: np.random.Generator, count: int, small_fraction: float) -> list[str]:
     """Exactly round(fraction * count) "small" images, at random positions."""
     num_small = int(round(small_fraction * count))
-    modes = np.array(["small"] * num_small + ["large"] * (count - num_small))
+    modes = np.array(['small'] * num_small + ['large'] * (count - num_small))
     return [str(mode) for mode in rng.permutation(modes)]
 
 
-def _generate_split(image_dir: Path, split: str, split_index: int, count: int, *, image_size: int, seed: int,
-                    small_image_fraction: float, max_objects: int, progress: bool) -> dict:
+def _generate_split(
+    image_dir: Path,
+    split: str,
+    split_index: int,
+    count: int,
+    *,
+    image_size: int,
+    seed: int,
+    small_image_fraction: float,
+    max_objects: int,
+    progress: bool,
+) -> dict:
     """Write one split's PNGs under ``image_dir`` and return its COCO dict."""
     image_dir.mkdir(parents=True)
     modes = _size_modes(np.random.default_rng([seed, split_index, 0]), count, small_image_fraction)
     images, annotations = [], []
-    reporter = Progress(count, f"generate {split}", enabled=progress)
+    reporter = Progress(count, f'generate {split}', enabled=progress)
     for index, size_mode in enumerate(modes):
         # One generator per image: image i does not depend on how many come before it.
         rng = np.random.default_rng([seed, split_index, 1, index])
         pixels, objects = render_image(rng, image_size, size_mode, max_objects)
         image_id = index + 1
-        file_name = f"{image_id:06d}.png"
+        file_name = f'{image_id:06d}.png'
         save_png(pixels, image_dir / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": image_size,
-                       "height": image_size, "size_mode": size_mode})
+        images.append(
+            {'id': image_id, 'file_name': file_name, 'width': image_size, 'height': image_size, 'size_mode': size_mode}
+        )
         for category_id, (x, y, w, h) in objects:
             bbox = rounded_box(x, y, w, h, image_size, image_size)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
-                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0})
+            annotations.append(
+                {
+                    'id': len(annotations) + 1,
+                    'image_id': image_id,
+                    'category_id': category_id,
+                    'bbox': bbox,
+                    'area': round(bbox[2] * bbox[3], 2),
+                    'iscrowd': 0,
+                }
+            )
         reporter.update()
-    info = {"description": f"DFMSD synthetic shapes ({split})", "seed": seed, "image_size": image_size}
-    return {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    info = {'description': f'DFMSD synthetic shapes ({split})', 'seed': seed, 'image_size': image_size}
+    return {'info': info, 'images': images, 'annotations': annotations, 'categories': CATEGORIES}
 
 
 def summarise_coco(coco: dict, threshold: float = 0.5) -> dict:
     """Counts of a COCO dict: images, boxes, boxes per class, images on each side of r(I) = threshold."""
-    names = {c["id"]: c["name"] for c in coco["categories"]}
+    names = {c['id']: c['name'] for c in coco['categories']}
     per_class = {name: 0 for name in names.values()}
-    boxes_by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
-    for ann in coco["annotations"]:
-        per_class[names[ann["category_id"]]] += 1
-        boxes_by_image[ann["image_id"]].append(ann["bbox"])
-    ratios = [area_ratio(boxes_by_image[img["id"]], img["width"], img["height"]) for img in coco["images"]]
+    boxes_by_image: dict[int, list] = {img['id']: [] for img in coco['images']}
+    for ann in coco['annotations']:
+        per_class[names[ann['category_id']]] += 1
+        boxes_by_image[ann['image_id']].append(ann['bbox'])
+    ratios = [area_ratio(boxes_by_image[img['id']], img['width'], img['height']) for img in coco['images']]
     small = sum(r < threshold for r in ratios)
     return {
-        "images": len(coco["images"]),
-        "annotations": len(coco["annotations"]),
-        "per_class": per_class,
-        "small_dominated": small,
-        "large_dominated": len(ratios) - small,
+        'images': len(coco['images']),
+        'annotations': len(coco['annotations']),
+        'per_class': per_class,
+        'small_dominated': small,
+        'large_dominated': len(ratios) - small,
     }
 
 
 #: Generation order of the splits: a split's images depend on its index only, so adding a
 #: split after the others leaves their bytes unchanged.
-SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+SPLIT_INDEX = {'train': 0, 'val': 1, 'test': 2}
 
 
-def generate_dataset(out_dir, splits: dict[str, tuple[str, str, int]], *, image_size: int = 128, seed: int = 0,
-                     small_image_fraction: float = 0.5, max_objects: int = 6, progress: bool = True) -> dict:
+def generate_dataset(
+    out_dir,
+    splits: dict[str, tuple[str, str, int]],
+    *,
+    image_size: int = 128,
+    seed: int = 0,
+    small_image_fraction: float = 0.5,
+    max_objects: int = 6,
+    progress: bool = True,
+) -> dict:
     """Generate the synthetic dataset under ``out_dir`` (replacing it atomically).
 
     ``splits`` maps a split name (train, val, test) to ``(annotation file, image dir,
@@ -376,14 +403,24 @@ def generate_dataset(out_dir, splits: dict[str, tuple[str, str, int]], *, image_
     Returns ``{split: summary}`` (see :func:`summarise_coco`).
     """
     if image_size < 32 or seed < 0 or max_objects < 1 or not 0.0 <= small_image_fraction <= 1.0:
-        raise ValueError(f"invalid generation arguments: image_size={image_size}, seed={seed}, "
-                         f"max_objects={max_objects}, small_image_fraction={small_image_fraction}")
+        raise ValueError(
+            f'invalid generation arguments: image_size={image_size}, seed={seed}, '
+            f'max_objects={max_objects}, small_image_fraction={small_image_fraction}'
+        )
     summary: dict = {}
     with atomic_directory(out_dir) as root:
         for split, (ann, img, count) in splits.items():
-            coco = _generate_split(root / img, split, SPLIT_INDEX[split], count, image_size=image_size,
-                                   seed=seed, small_image_fraction=small_image_fraction,
-                                   max_objects=max_objects, progress=progress)
+            coco = _generate_split(
+                root / img,
+                split,
+                SPLIT_INDEX[split],
+                count,
+                image_size=image_size,
+                seed=seed,
+                small_image_fraction=small_image_fraction,
+                max_objects=max_objects,
+                progress=progress,
+            )
             write_json(root / ann, coco, indent=None)
             summary[split] = summarise_coco(coco)
     return summary

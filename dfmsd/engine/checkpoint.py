@@ -12,6 +12,7 @@ Two kinds of file, two rules:
 
 Safety is never switched off: no message here suggests ``weights_only=False``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -37,6 +38,7 @@ def _numpy_globals() -> list[Any]:
 def allow_mmengine_checkpoints() -> None:
     """Register the non-tensor types found in mmengine checkpoints as safe to unpickle."""
     from mmengine.logging.history_buffer import HistoryBuffer
+
     torch.serialization.add_safe_globals(_numpy_globals() + [HistoryBuffer])
 
 
@@ -53,7 +55,8 @@ def load_weights(path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
         raise CheckpointError(
             f'{what} {path} cannot be loaded as model weights ({type(err).__name__}: {reason}). It is damaged, '
             f'or not a weights file: restore it with `dvc checkout --force {path}` or rebuild it with `dvc repro`; '
-            f'a downloaded file is fetched again when its hash does not match') from None
+            f'a downloaded file is fetched again when its hash does not match'
+        ) from None
 
 
 def _load_failure(err: BaseException) -> str:
@@ -77,8 +80,9 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, what: str = 'ch
         model.load_state_dict(state_dict_of(checkpoint), strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()
-        raise CheckpointError(f'{what} {path} does not fit its model config: '
-                              f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
+        raise CheckpointError(
+            f'{what} {path} does not fit its model config: {" ".join(line.strip() for line in first[:3])[:400]}'
+        ) from None
     return checkpoint
 
 
@@ -88,15 +92,16 @@ def save_weights(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def export_plain_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
-                            meta: dict[str, Any] | None = None, prefix: str = '') -> Path:
+def export_plain_checkpoint(
+    state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any] | None = None, prefix: str = ''
+) -> Path:
     """Write ``{'state_dict', 'meta'}`` with only tensors and plain values inside.
 
     Stock mmdet (``init_detector``, ``load_checkpoint``) reads it with ``weights_only=True``
     and no project code; ``meta['dataset_meta']`` (class names) labels its boxes. ``prefix``
     strips a wrapper's key prefix (``student.``).
     """
-    plain = {k[len(prefix):]: v.detach().cpu().clone() for k, v in state_dict.items() if k.startswith(prefix)}
+    plain = {k[len(prefix) :]: v.detach().cpu().clone() for k, v in state_dict.items() if k.startswith(prefix)}
     return save_weights({'state_dict': plain, 'meta': dict(meta or {})}, path)
 
 
@@ -111,8 +116,7 @@ def record_hash(path: str | Path) -> None:
 
 def is_verified(path: str | Path) -> bool:
     path = Path(path)
-    return (path.is_file() and sidecar(path).is_file()
-            and sidecar(path).read_text().strip() == sha256_file(path))
+    return path.is_file() and sidecar(path).is_file() and sidecar(path).read_text().strip() == sha256_file(path)
 
 
 def latest_verified_checkpoint(work_dir: str | Path) -> Path | None:
@@ -130,6 +134,7 @@ def load_verified(path: str | Path, map_location=None, *, sha256: str | None = N
     """
     import hashlib
     import io
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path} does not exist (run the stage that makes it: `dvc repro`)')
@@ -137,9 +142,11 @@ def load_verified(path: str | Path, map_location=None, *, sha256: str | None = N
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if not expected or len(expected) < 8 or not actual.startswith(expected.lower()):
-        raise CheckpointError(f'refusing to unpickle {path}: its sha256 {actual} does not match the recorded '
-                              f'{expected or "(none)"}. Rebuild it with `dvc repro`, restore it with '
-                              f'`dvc checkout`, or delete a damaged download so that it is fetched again')
+        raise CheckpointError(
+            f'refusing to unpickle {path}: its sha256 {actual} does not match the recorded '
+            f'{expected or "(none)"}. Rebuild it with `dvc repro`, restore it with '
+            f'`dvc checkout`, or delete a damaged download so that it is fetched again'
+        )
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)  # hash-verified
 
 
@@ -167,4 +174,4 @@ def register_verified_checkpoints() -> None:
 
     @CheckpointLoader.register_scheme(prefixes=VERIFIED_SCHEME)
     def _load(filename: str, map_location=None):
-        return load_verified(filename[len(VERIFIED_SCHEME):], map_location)
+        return load_verified(filename[len(VERIFIED_SCHEME) :], map_location)

@@ -4,6 +4,7 @@ A model entry names a config (a path, or ``mmdet::<path>`` inside the installed 
 for the small presets, the backbone depth and widths. This module applies those, points the
 config at a dataset split, and sets the seed, schedule and hooks of a training run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,24 +14,25 @@ from typing import Any
 
 from mmengine.config import Config
 
-from dfmsd.data.coco import dataset_classes, split_files
 from dfmsd.core.errors import ParamsError
 from dfmsd.core.params import Data, Detector, Method, Train
+from dfmsd.data.coco import dataset_classes, split_files
 
 RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
 MMDET_SCOPE = 'mmdet::'
-ME_META_KEYS = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip', 'flip_direction',
-                'me_view')
+ME_META_KEYS = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip', 'flip_direction', 'me_view')
 
 
 def resolve_config(config: str, where: str) -> str:
     """A config reference Config.fromfile takes, checked to exist; ``where`` names its key."""
     if config.startswith(MMDET_SCOPE):
         from dfmsd.engine.zoo import mim_dir
-        path = mim_dir() / 'configs' / config[len(MMDET_SCOPE):]
+
+        path = mim_dir() / 'configs' / config[len(MMDET_SCOPE) :]
         if not path.is_file():
-            raise ParamsError(f'params.yaml: {where}: {config} is not a config of the installed mmdet '
-                              f'(looked for {path})')
+            raise ParamsError(
+                f'params.yaml: {where}: {config} is not a config of the installed mmdet (looked for {path})'
+            )
         return str(path)
     if not Path(config).is_file():
         raise ParamsError(f'params.yaml: {where}: {config} does not exist')
@@ -73,8 +75,11 @@ def point_at_dataset(cfg: Config, data: Data, *, test_split: str = 'val') -> Non
     """Train on data's train split; validate and test on ``test_split``; classes from the files."""
     root = str(data.root).rstrip('/') + '/'
     classes = dataset_classes(split_files(data, 'train')[0])
-    for loader, split in ((cfg.train_dataloader, 'train'), (cfg.val_dataloader, test_split),
-                          (cfg.test_dataloader, test_split)):
+    for loader, split in (
+        (cfg.train_dataloader, 'train'),
+        (cfg.val_dataloader, test_split),
+        (cfg.test_dataloader, test_split),
+    ):
         ds = loader.dataset
         while 'dataset' in ds:  # wrappers (RepeatDataset, ...) of zoo configs
             ds = ds.dataset
@@ -101,8 +106,7 @@ def detector_config(spec: Detector, data: Data, where: str) -> Config:
     return cfg
 
 
-def set_schedule(cfg: Config, train: Train, iters: int, *, lr: float | None = None,
-                 stop_at: int | None = None) -> None:
+def set_schedule(cfg: Config, train: Train, iters: int, *, lr: float | None = None, stop_at: int | None = None) -> None:
     """Iteration budget, warm-up (default min(100, 10%)) then cosine decay over all of it.
 
     ``stop_at`` ends this run early on the same schedule (a SAL stage). ``lr``: the model's
@@ -119,26 +123,33 @@ def set_schedule(cfg: Config, train: Train, iters: int, *, lr: float | None = No
         cfg.optim_wrapper.optimizer.lr = float(lr)
     base = train.base_batch_size or (cfg.get('auto_scale_lr') or {}).get('base_batch_size', 16)
     cfg.auto_scale_lr = dict(enable=lr is None or train.auto_scale_lr, base_batch_size=base)
-    cfg.train_cfg = dict(type='StagedIterBasedTrainLoop', max_iters=iters, stop_at=stop_at,
-                         val_interval=train.validate_every or iters + 1)
-    warmup = train.warmup_iters or min(100, max(1, iters // 10))
-    warmup = max(1, min(warmup, iters))
-    cfg.param_scheduler = [
-        dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup),
-        dict(type='CosineAnnealingLR', by_epoch=False, begin=warmup, end=iters, eta_min_ratio=0.05),
-    ]
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=train.checkpoint_interval,
-                                        by_epoch=False, max_keep_ckpts=2, save_last=True)
+    cfg.train_cfg = dict(
+        type='StagedIterBasedTrainLoop',
+        max_iters=iters,
+        stop_at=stop_at,
+        val_interval=train.validate_every or iters + 1,
+    )
+    # mmengine's LinearLR over a single iteration never leaves its start factor: at least 2
+    warmup = train.warmup_iters or min(100, max(2, iters // 10))
+    warmup = max(2, min(warmup, iters))
+    cfg.param_scheduler = [dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup)]
+    if warmup < iters:  # a warm-up as long as the budget (warmup_iters >= iters) leaves nothing to decay
+        cfg.param_scheduler.append(
+            dict(type='CosineAnnealingLR', by_epoch=False, begin=warmup, end=iters, eta_min_ratio=0.05)
+        )
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook', interval=train.checkpoint_interval, by_epoch=False, max_keep_ckpts=2, save_last=True
+    )
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=max(1, min(20, iters // 10)))
     cfg.default_hooks.pop('visualization', None)  # no image dumps during training
-    backends = {'dvclive': dict(type='QuietDVCLiveVisBackend'),
-                'tensorboard': dict(type='TensorboardVisBackend')}
+    backends = {'dvclive': dict(type='QuietDVCLiveVisBackend'), 'tensorboard': dict(type='TensorboardVisBackend')}
     if cfg.get('visualizer'):  # LocalVisBackend's scalars.json feeds the committed loss log
         cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')] + [backends[t] for t in train.trackers]
     if cfg.get('log_processor'):  # model-zoo configs log per epoch; the loop counts iterations
         cfg.log_processor.by_epoch = False
     cfg.custom_hooks = [dict(type='DivergenceGuard', patience=3)] + [
-        h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DivergenceGuard']
+        h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DivergenceGuard'
+    ]
     if not train.validate_every:
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     else:
@@ -168,9 +179,20 @@ def with_me_views(cfg: Config, table: str) -> None:
     ds.pipeline = pipeline
 
 
-def distill_config(student: Config, teacher_dir: str | Path, method: Method, *, train: Train, iters: int,
-                   seed: int, min_cells: int, probe_size: int, me_table: str | None = None,
-                   stop_at: int | None = None, lr: float | None = None) -> Config:
+def distill_config(
+    student: Config,
+    teacher_dir: str | Path,
+    method: Method,
+    *,
+    train: Train,
+    iters: int,
+    seed: int,
+    min_cells: int,
+    probe_size: int,
+    me_table: str | None = None,
+    stop_at: int | None = None,
+    lr: float | None = None,
+) -> Config:
     """A StageDistiller training config around the plain ``student`` config.
 
     ``teacher_dir`` holds the teacher's ``model.pth`` and ``model.py``. ``me_table`` adds
@@ -185,9 +207,12 @@ def distill_config(student: Config, teacher_dir: str | Path, method: Method, *, 
         teacher=dict(config=str(teacher_dir / 'model.py'), checkpoint=str(teacher_dir / 'model.pth')),
         losses={name: loss.model_dump(exclude_none=True) for name, loss in method.losses.items()},
         aug_loss_weight=method.aug_loss_weight if me_table else 0.0,
-        seed=seed, min_cells=min_cells, probe_size=probe_size,
+        seed=seed,
+        min_cells=min_cells,
+        probe_size=probe_size,
         # explicit, or the Runner would hand it the config's normalising top-level one
-        data_preprocessor=dict(type='BaseDataPreprocessor'))
+        data_preprocessor=dict(type='BaseDataPreprocessor'),
+    )
     set_schedule(cfg, train, iters, lr=lr, stop_at=stop_at)
     cfg.custom_hooks.append(dict(type='LossScaleCheck', max_ratio=100.0))
     set_seed(cfg, seed)

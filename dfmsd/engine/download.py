@@ -43,9 +43,7 @@ verified are ever unpickled with full pickle (``torch.load(weights_only=False)``
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import io
 import logging
 import os
 import re
@@ -62,8 +60,8 @@ from dfmsd.core.errors import DownloadError
 from dfmsd.core.io import sha256_file
 
 __all__ = [
-    "download_verified",
-    "fetch_zoo_teacher",
+    'download_verified',
+    'fetch_zoo_teacher',
 ]
 
 log = logging.getLogger(__name__)
@@ -75,10 +73,10 @@ _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 #: tests set it to 0.
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 30.0
-_USER_AGENT = "dfmsd-download/0.1 (+urllib)"
-_HEX = re.compile(r"^[0-9a-f]+$")
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
-_CONTENT_RANGE_UNSAT = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.I)
+_USER_AGENT = 'dfmsd-download/0.1 (+urllib)'
+_HEX = re.compile(r'^[0-9a-f]+$')
+_CONTENT_RANGE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.I)
+_CONTENT_RANGE_UNSAT = re.compile(r'^\s*bytes\s+\*/(\d+)\s*$', re.I)
 
 # Exceptions that mean "the network let us down": retried, and the .part is kept.
 _NETWORK_ERRORS = (
@@ -99,7 +97,7 @@ class _HTTPStatus(Exception):
     """Non-success HTTP status; ``transient`` tells whether a retry may help."""
 
     def __init__(self, code: int, reason: str):
-        super().__init__(f"HTTP {code} {reason}".strip())
+        super().__init__(f'HTTP {code} {reason}'.strip())
         self.code = code
         self.transient = code in _TRANSIENT_STATUS
 
@@ -109,17 +107,15 @@ def _normalise_hashes(sha256: str | None, sha256_prefix: str | None) -> tuple[st
     prefix = sha256_prefix.strip().lower() if sha256_prefix else None
     if full is None and prefix is None:
         raise DownloadError(
-            "refusing an unverifiable file: give sha256= (full digest) or sha256_prefix= "
-            "(e.g. the 8 hex digits at the end of an OpenMMLab checkpoint name)"
+            'refusing an unverifiable file: give sha256= (full digest) or sha256_prefix= '
+            '(e.g. the 8 hex digits at the end of an OpenMMLab checkpoint name)'
         )
     if full is not None and (len(full) != 64 or not _HEX.match(full)):
-        raise DownloadError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        raise DownloadError(f'sha256 must be 64 hex digits, got {sha256!r}')
     if prefix is not None and (not 8 <= len(prefix) <= 64 or not _HEX.match(prefix)):
-        raise DownloadError(f"sha256_prefix must be 8 to 64 hex digits, got {sha256_prefix!r}")
+        raise DownloadError(f'sha256_prefix must be 8 to 64 hex digits, got {sha256_prefix!r}')
     if full is not None and prefix is not None and not full.startswith(prefix):
-        raise DownloadError(
-            f"inconsistent hashes: sha256 {full} does not start with sha256_prefix {prefix}"
-        )
+        raise DownloadError(f'inconsistent hashes: sha256 {full} does not start with sha256_prefix {prefix}')
     return full, prefix
 
 
@@ -131,7 +127,7 @@ def _matches(actual: str, full: str | None, prefix: str | None) -> bool:
 
 
 def _expected_str(full: str | None, prefix: str | None) -> str:
-    return f"sha256 {full}" if full is not None else f"sha256 prefix {prefix}"
+    return f'sha256 {full}' if full is not None else f'sha256 prefix {prefix}'
 
 
 # -------------------------------------------------------------------------- download
@@ -166,32 +162,30 @@ def download_verified(
         if _matches(actual, full, prefix):
             return dest
         log.warning(
-            "%s exists but has sha256 %s, expected %s; downloading it again",
-            dest, actual, _expected_str(full, prefix),
+            '%s exists but has sha256 %s, expected %s; downloading it again',
+            dest,
+            actual,
+            _expected_str(full, prefix),
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(dest.name + '.part')
 
     fresh_retry_left = True  # one from-zero retry after a mismatch on a resumed body
     while True:
-        resumed = _fetch_with_retries(url, part, timeout=timeout, retries=retries, progress=progress,
-                                      label=dest.name)
+        resumed = _fetch_with_retries(url, part, timeout=timeout, retries=retries, progress=progress, label=dest.name)
         actual = sha256_file(part)
         if _matches(actual, full, prefix):
             os.replace(part, dest)
             return dest
         _unlink(part)
         if resumed and fresh_retry_left:
-            log.warning("%s: resumed download does not verify (stale .part?); refetching from zero", url)
+            log.warning('%s: resumed download does not verify (stale .part?); refetching from zero', url)
             fresh_retry_left = False
             continue
-        raise DownloadError(
-            f"hash mismatch for {url}: expected {_expected_str(full, prefix)}, got sha256 {actual}"
-        )
+        raise DownloadError(f'hash mismatch for {url}: expected {_expected_str(full, prefix)}, got sha256 {actual}')
 
 
-def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, progress: bool,
-                        label: str) -> bool:
+def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, progress: bool, label: str) -> bool:
     """Bring ``part`` to the complete body of ``url``; return whether any resume happened."""
     attempt = 0
     resumed = False
@@ -202,7 +196,7 @@ def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, p
         except _HTTPStatus as e:
             if not e.transient or attempt >= retries:
                 _unlink(part)
-                raise DownloadError(f"{e} for {url}") from None
+                raise DownloadError(f'{e} for {url}') from None
             err: BaseException = e
         except (_Truncated, urllib.error.URLError, *_NETWORK_ERRORS) as e:
             # (urlopen's HTTPError, a URLError subclass, never gets here: _fetch_once
@@ -210,66 +204,69 @@ def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, p
             if attempt >= retries:
                 have = part.stat().st_size if part.exists() else 0
                 raise DownloadError(
-                    f"download of {url} failed after {attempt + 1} attempt(s): {_describe(e)}"
-                    + (f" ({have} bytes kept in {part} for resuming)" if have else "")
+                    f'download of {url} failed after {attempt + 1} attempt(s): {_describe(e)}'
+                    + (f' ({have} bytes kept in {part} for resuming)' if have else '')
                 ) from e
             err = e
         attempt += 1
         delay = min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S)
-        log.warning("%s: %s; retry %d/%d in %.1fs", url, _describe(err), attempt, retries, delay)
+        log.warning('%s: %s; retry %d/%d in %.1fs', url, _describe(err), attempt, retries, delay)
         if delay > 0:
             time.sleep(delay)
 
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-        return f"{type(e).__name__}: {e.reason}"
-    return f"{type(e).__name__}: {e}"
+        return f'{type(e).__name__}: {e.reason}'
+    return f'{type(e).__name__}: {e}'
 
 
 def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool, label: str) -> bool:
     """One HTTP exchange; leaves ``part`` complete or raises. Returns True if it resumed."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    headers = {'User-Agent': _USER_AGENT, 'Accept-Encoding': 'identity'}
     if offset:
-        headers["Range"] = f"bytes={offset}-"
+        headers['Range'] = f'bytes={offset}-'
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         with e:
             if e.code == 416 and offset:
-                m = _CONTENT_RANGE_UNSAT.match(e.headers.get("Content-Range", "") or "")
+                m = _CONTENT_RANGE_UNSAT.match(e.headers.get('Content-Range', '') or '')
                 if m and int(m.group(1)) == offset:
                     return True  # the part already holds the whole body: go verify it
-                log.warning("%s: server refused Range from byte %d (416); restarting from zero",
-                            url, offset)
+                log.warning('%s: server refused Range from byte %d (416); restarting from zero', url, offset)
                 _unlink(part)
                 return _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
-            raise _HTTPStatus(e.code, str(e.reason or "")) from None
+            raise _HTTPStatus(e.code, str(e.reason or '')) from None
 
     with resp:
         status = resp.status
-        length = resp.headers.get("Content-Length")
+        length = resp.headers.get('Content-Length')
         length = int(length) if length and length.isdigit() else None
         if status == 206 and offset:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "") or "")
+            m = _CONTENT_RANGE.match(resp.headers.get('Content-Range', '') or '')
             if not m or int(m.group(1)) != offset:
                 # A range we did not ask for: do not splice it in; start over cleanly.
-                log.warning("%s: unexpected Content-Range %r for offset %d; restarting from zero",
-                            url, resp.headers.get("Content-Range"), offset)
+                log.warning(
+                    '%s: unexpected Content-Range %r for offset %d; restarting from zero',
+                    url,
+                    resp.headers.get('Content-Range'),
+                    offset,
+                )
                 resp.close()
                 _unlink(part)
                 return _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
-            total = int(m.group(3)) if m.group(3) != "*" else (offset + length if length is not None else None)
-            mode, start, resumed = "ab", offset, True
+            total = int(m.group(3)) if m.group(3) != '*' else (offset + length if length is not None else None)
+            mode, start, resumed = 'ab', offset, True
         elif status == 200:
             if offset:
-                log.info("%s: server ignored Range; downloading from zero", url)
+                log.info('%s: server ignored Range; downloading from zero', url)
             total = length
-            mode, start, resumed = "wb", 0, False
+            mode, start, resumed = 'wb', 0, False
         else:
-            raise _HTTPStatus(status, getattr(resp, "reason", "") or "")
+            raise _HTTPStatus(status, getattr(resp, 'reason', '') or '')
 
         written = start
         bar = _progress_bar(total, start, label, enabled=progress)
@@ -289,10 +286,10 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool, label: 
 
     if total is not None:
         if written < total:
-            raise _Truncated(f"response ended at byte {written} of {total}")
+            raise _Truncated(f'response ended at byte {written} of {total}')
         if written > total:
             _unlink(part)
-            raise DownloadError(f"{url}: received {written} bytes, more than the announced {total}")
+            raise DownloadError(f'{url}: received {written} bytes, more than the announced {total}')
     return resumed
 
 
@@ -311,8 +308,18 @@ def _progress_bar(total: int | None, initial: int, label: str, *, enabled: bool)
         from tqdm import tqdm
     except ImportError:  # progress is cosmetic; never fail a download over it
         return _NoBar()
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=label, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit='B',
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 def _unlink(p: Path) -> None:
@@ -340,7 +347,7 @@ def fetch_zoo_teacher(name_or_config: str, cache_dir: str | os.PathLike, sha256:
     # stored as "..._gn-neck+head_2x_coco_20200329-91babaa2.pth"
     basename = Path(urllib.parse.unquote(urllib.parse.urlparse(model.url).path)).name
     if not basename:
-        raise DownloadError(f"cannot derive a file name from {model.url!r}")
+        raise DownloadError(f'cannot derive a file name from {model.url!r}')
     return download_verified(
         model.url,
         Path(cache_dir) / basename,

@@ -15,6 +15,7 @@ worker turns its mmengine config into a distributed one (:func:`apply_launcher`)
 Every key can be overridden per machine with ``DFMSD_LAUNCH_<KEY>`` (e.g.
 ``DFMSD_LAUNCH_NODE_RANK=1`` on the second node), so that all nodes share one params.yaml.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,9 +49,22 @@ def world_size(launch: Launch) -> int:
 
 def torchrun_command(launch: Launch, argv: list[str] | None = None) -> list[str]:
     argv = list(sys.argv if argv is None else argv)
-    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(launch.nproc_per_node),
-            '--nnodes', str(launch.nnodes), '--node_rank', str(launch.node_rank),
-            '--master_addr', launch.master_addr, '--master_port', str(launch.master_port), *argv]
+    return [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        str(launch.nproc_per_node),
+        '--nnodes',
+        str(launch.nnodes),
+        '--node_rank',
+        str(launch.node_rank),
+        '--master_addr',
+        launch.master_addr,
+        '--master_port',
+        str(launch.master_port),
+        *argv,
+    ]
 
 
 def maybe_relaunch(launch: Launch, argv: list[str] | None = None) -> None:
@@ -79,7 +93,9 @@ def apply_launcher(cfg: Any, launch: Launch) -> bool:
     if not in_worker():
         return False
     import torch
+
     from dfmsd.core.errors import ParamsError
+
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     cfg.launcher = 'pytorch'
     cfg.env_cfg = {**(cfg.get('env_cfg') or {}), 'dist_cfg': dict(backend=launch.backend)}
@@ -90,11 +106,15 @@ def apply_launcher(cfg: Any, launch: Launch) -> bool:
             raise ParamsError("params.yaml: launch.backend 'nccl' needs CUDA GPUs; use 'gloo' on a CPU")
         wrapper['device_ids'] = None  # a CPU module: DDP refuses device ids
         import torch.distributed as dist
+
         if not dist.is_initialized():
             dist.init_process_group(backend=launch.backend)
     cfg.model_wrapper_cfg = wrapper
-    print(f'[launch] rank {rank}/{world} (node {launch.node_rank}, local rank {os.environ["LOCAL_RANK"]}), '
-          f'backend {launch.backend}, find_unused_parameters={uses_me}', flush=True)
+    print(
+        f'[launch] rank {rank}/{world} (node {launch.node_rank}, local rank {os.environ["LOCAL_RANK"]}), '
+        f'backend {launch.backend}, find_unused_parameters={uses_me}',
+        flush=True,
+    )
     return True
 
 

@@ -1,16 +1,25 @@
 """mmengine's Runner with logs a person reads: one line of set-up, then the training progress."""
+
 from __future__ import annotations
 
 import logging
-import os
 
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 
 #: INFO lines that reach the console: progress, resume, and the project's own messages.
-_KEPT_INFO = ('Iter(train)', 'Iter(val)', 'Epoch(', 'resum', 'Advance dataloader', 'SAL hand-off',
-              'Load checkpoint', 'Saving checkpoint', '[dfmsd]')
+_KEPT_INFO = (
+    'Iter(train)',
+    'Iter(val)',
+    'Epoch(',
+    'resum',
+    'Advance dataloader',
+    'SAL hand-off',
+    'Load checkpoint',
+    'Saving checkpoint',
+    '[dfmsd]',
+)
 
 
 class _ConciseFilter(logging.Filter):
@@ -29,7 +38,8 @@ class ConciseRunner(Runner):
         logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler and not any(
-                    isinstance(f, _ConciseFilter) for f in handler.filters):
+                isinstance(f, _ConciseFilter) for f in handler.filters
+            ):
                 handler.addFilter(_ConciseFilter())
         return logger
 
@@ -38,28 +48,17 @@ class ConciseRunner(Runner):
         import mmdet
         import mmengine
         import torch
-        self.logger.info(f'[dfmsd] torch {torch.__version__} ({torch.get_num_threads()} threads), mmcv '
-                         f'{mmcv.__version__}, mmdet {mmdet.__version__}, mmengine {mmengine.__version__}, '
-                         f'seed {self.seed}, deterministic {self._deterministic}, world size {self.world_size}')
 
-
-#: cuBLAS's deterministic workspace setting (torch's reproducibility notes).
-CUBLAS_DETERMINISTIC = ':4096:8'
-
-
-def allow_deterministic_cublas(cfg: Config) -> None:
-    """``randomness.deterministic`` (every config of ours) makes mmengine call
-    ``torch.use_deterministic_algorithms(True)``, under which every cuBLAS call on a GPU
-    (GFL's integral, DMKD's SE block, Swin's attention) raises unless CUBLAS_WORKSPACE_CONFIG
-    is set; torch reads it at each call, and cuBLAS before its first handle, i.e. here."""
-    if (cfg.get('randomness') or {}).get('deterministic'):
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)
+        self.logger.info(
+            f'[dfmsd] torch {torch.__version__} ({torch.get_num_threads()} threads), mmcv '
+            f'{mmcv.__version__}, mmdet {mmdet.__version__}, mmengine {mmengine.__version__}, '
+            f'seed {self.seed}, deterministic {self._deterministic}, world size {self.world_size}'
+        )
 
 
 def build_runner(cfg: Config) -> Runner:
     """A Runner whose visualizer is its own: mmengine reuses a global visualizer by name,
     which would keep writing into an earlier runner's (possibly deleted) work dir."""
-    allow_deterministic_cublas(cfg)
     if cfg.get('visualizer'):
         cfg.visualizer.pop('name', None)  # defaults to the runner's unique experiment name
     return ConciseRunner.from_cfg(cfg)

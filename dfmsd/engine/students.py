@@ -7,6 +7,7 @@ training state; stage 2 continues that state (optimizer, learning-rate position,
 modules, cost counters) with the strong teacher. So a single-stage row differs from a SAL
 row only in the teacher schedule.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,48 +21,79 @@ from dfmsd.engine.training import train_and_export
 
 
 def init_student(spec: Detector, data: Data, seed: int, out: str | Path, where: str) -> None:
-    import dfmsd.models  # noqa: F401
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     from mmengine.runner import set_random_seed
 
+    import dfmsd.models  # noqa: F401
     from dfmsd.data.coco import dataset_classes, split_files
     from dfmsd.engine.checkpoint import export_plain_checkpoint
+
     cfg = detector_config(spec, data, where)
     init_default_scope('mmdet')
     set_random_seed(seed, deterministic=True)
     model = MODELS.build(cfg.model)
     model.init_weights()
     classes = list(dataset_classes(split_files(data, 'train')[0]))
-    export_plain_checkpoint(model.state_dict(), Path(out) / 'model.pth',
-                            meta={'seed': seed, 'dataset_meta': {'classes': classes}})
+    export_plain_checkpoint(
+        model.state_dict(), Path(out) / 'model.pth', meta={'seed': seed, 'dataset_meta': {'classes': classes}}
+    )
     cfg.dump(str(Path(out) / 'model.py'))
     print(f'[student_init] {where}, seed {seed}: {out}/model.pth')
 
 
-def train_baseline(spec: Detector, data: Data, train: Train, runtime: Runtime, launch: Launch, *, seed: int,
-                   init: str, out: str, loss_log: str, identity: dict) -> None:
+def train_baseline(
+    spec: Detector,
+    data: Data,
+    train: Train,
+    runtime: Runtime,
+    launch: Launch,
+    *,
+    seed: int,
+    init: str,
+    out: str,
+    loss_log: str,
+    identity: dict,
+) -> None:
     maybe_relaunch(launch)
     import dfmsd.models  # noqa: F401
-    cfg = training_config(spec, data, train, train.iters, seed, f"students.{identity['student']}")
+
+    cfg = training_config(spec, data, train, train.iters, seed, f'students.{identity["student"]}')
     cfg.load_from = str(Path(init) / 'model.pth')
     student_cfg = copy.deepcopy(cfg)
     apply_launcher(cfg, launch)
-    train_and_export(cfg, out_dir=out, student_cfg=student_cfg, loss_csv=loss_log, threads=runtime.threads,
-                     identity=identity)
+    train_and_export(
+        cfg, out_dir=out, student_cfg=student_cfg, loss_csv=loss_log, threads=runtime.threads, identity=identity
+    )
 
 
 def sal_boundary(method: SALMethod, iters: int) -> int:
     return max(1, min(iters - 1, round(method.split * iters)))
 
 
-def distill_student(*, kind: str, method: Method, student: Detector, data: Data, train: Train, distill: Distill,
-                    runtime: Runtime, launch: Launch, seed: int, teacher: str, init: str, me_table: str | None,
-                    out: str, loss_log: str, identity: dict) -> None:
+def distill_student(
+    *,
+    kind: str,
+    method: Method,
+    student: Detector,
+    data: Data,
+    train: Train,
+    distill: Distill,
+    runtime: Runtime,
+    launch: Launch,
+    seed: int,
+    teacher: str,
+    init: str,
+    me_table: str | None,
+    out: str,
+    loss_log: str,
+    identity: dict,
+) -> None:
     """One distillation stage (see the module docstring); ``kind``: distill, distill_me, sal1, sal2."""
     maybe_relaunch(launch)
     import dfmsd.models  # noqa: F401
-    where = f"students.{identity['student']}"
+
+    where = f'students.{identity["student"]}'
     student_cfg = training_config(student, data, train, train.iters, seed, where)
     stop_at = start = None
     if kind in ('sal1', 'sal2'):
@@ -70,17 +102,35 @@ def distill_student(*, kind: str, method: Method, student: Detector, data: Data,
     uses_me = kind == 'distill_me' or (kind in ('sal1', 'sal2') and int(kind[-1]) in method.me_stages)
     if uses_me and not me_table:
         raise DistillError(f'{kind} of {identity["method"]} adds ME views: its dvc.yaml command must pass --me-table')
-    cfg = distill_config(student_cfg, teacher, method, train=train, iters=train.iters, seed=seed,
-                         min_cells=distill.min_cells, probe_size=probe_size_of(data, student_cfg),
-                         me_table=me_table if uses_me else None, stop_at=stop_at, lr=student.lr)
+    cfg = distill_config(
+        student_cfg,
+        teacher,
+        method,
+        train=train,
+        iters=train.iters,
+        seed=seed,
+        min_cells=distill.min_cells,
+        probe_size=probe_size_of(data, student_cfg),
+        me_table=me_table if uses_me else None,
+        stop_at=stop_at,
+        lr=student.lr,
+    )
     resume_from = None
     if kind == 'sal2':
         resume_from = str(Path(init) / 'state.pth')
-        cfg.custom_hooks.append(dict(type='SALHandoff', boundary=start, reset_modules=method.reset_modules,
-                                     seed=seed))
+        cfg.custom_hooks.append(dict(type='SALHandoff', boundary=start, reset_modules=method.reset_modules, seed=seed))
     else:
         cfg.model.student_init = str(Path(init) / 'model.pth')
     apply_launcher(cfg, launch)
-    train_and_export(cfg, out_dir=out, student_cfg=student_cfg, loss_csv=loss_log, threads=runtime.threads,
-                     identity={**identity, 'uses_me': uses_me}, prefix='student.', keep_state=kind == 'sal1',
-                     resume_from=resume_from, start_iter=start or 0)
+    train_and_export(
+        cfg,
+        out_dir=out,
+        student_cfg=student_cfg,
+        loss_csv=loss_log,
+        threads=runtime.threads,
+        identity={**identity, 'uses_me': uses_me},
+        prefix='student.',
+        keep_state=kind == 'sal1',
+        resume_from=resume_from,
+        start_iter=start or 0,
+    )

@@ -4,6 +4,7 @@ Downloaded and local checkpoints are verified against their sha256 (a full diges
 params, or the prefix in the model index's file name) before anything unpickles them, and
 re-exported as tensor-only ``model.pth``, so nothing downstream reads an unverified pickle.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,22 +19,34 @@ from dfmsd.engine.launch import apply_launcher, maybe_relaunch
 from dfmsd.engine.training import log, train_and_export
 
 
-def train_teacher(spec: TrainedTeacher, data: Data, train: Train, runtime: Runtime, launch: Launch, *,
-                  out: str, loss_log: str, identity: dict, where: str) -> None:
+def train_teacher(
+    spec: TrainedTeacher,
+    data: Data,
+    train: Train,
+    runtime: Runtime,
+    launch: Launch,
+    *,
+    out: str,
+    loss_log: str,
+    identity: dict,
+    where: str,
+) -> None:
     maybe_relaunch(launch)
     import dfmsd.models  # noqa: F401
+
     cfg = training_config(spec, data, train, spec.iters, train.teacher_seed, where)
     apply_launcher(cfg, launch)
-    train_and_export(cfg, out_dir=out, student_cfg=cfg, loss_csv=loss_log, threads=runtime.threads,
-                     identity=identity)
+    train_and_export(cfg, out_dir=out, student_cfg=cfg, loss_csv=loss_log, threads=runtime.threads, identity=identity)
 
 
-def import_teacher(spec: ZooTeacher | LocalTeacher, data: Data, out: str, loss_log: str, identity: dict,
-                   where: str) -> None:
+def import_teacher(
+    spec: ZooTeacher | LocalTeacher, data: Data, out: str, loss_log: str, identity: dict, where: str
+) -> None:
     """Verify, unpickle and re-export a downloaded or local teacher (nothing is trained)."""
     if isinstance(spec, ZooTeacher):
         from dfmsd.engine.download import fetch_zoo_teacher
         from dfmsd.engine.zoo import find_model
+
         model = find_model(spec.zoo)
         path = fetch_zoo_teacher(spec.zoo, Path('~/.cache/dfmsd/zoo').expanduser(), sha256=spec.sha256)
         checkpoint = load_verified(path, sha256=spec.sha256 or model.sha256_prefix)
@@ -46,7 +59,9 @@ def import_teacher(spec: ZooTeacher | LocalTeacher, data: Data, out: str, loss_l
     meta = {**source, 'dataset_meta': {'classes': list(cfg.train_dataloader.dataset.metainfo['classes'])}}
     export_plain_checkpoint(state_dict_of(checkpoint), out_dir / 'model.pth', meta=meta)
     cfg.dump(str(out_dir / 'model.py'))
-    write_json(out_dir / 'run.json', {**identity, 'iters': 0, 'images_seen': 0, 'views_seen': 0,
-                                      'teacher_images': 0, 'source': source})
+    write_json(
+        out_dir / 'run.json',
+        {**identity, 'iters': 0, 'images_seen': 0, 'views_seen': 0, 'teacher_images': 0, 'source': source},
+    )
     write_text(loss_log, 'iter,loss\n')  # nothing trained; DVC declares the log as a plot output
     log(f'{where}: verified {source} -> {out_dir}/model.pth')

@@ -16,6 +16,7 @@ run is, and what it cost: iterations, images seen, ME views,
 images through the teacher) and, for a SAL
 stage, ``state.pth`` (+ ``.sha256``): the resumable training state the next stage continues.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,11 +35,18 @@ import torch
 from mmengine.config import Config
 
 from dfmsd.core import runs
-from dfmsd.engine.checkpoint import (VERIFIED_SCHEME, allow_mmengine_checkpoints, export_plain_checkpoint,
-                              is_verified, latest_verified_checkpoint, load_verified, record_hash,
-                              register_verified_checkpoints)
-from dfmsd.data.coco import dataset_classes
 from dfmsd.core.io import write_json, write_text
+from dfmsd.data.coco import dataset_classes
+from dfmsd.engine.checkpoint import (
+    VERIFIED_SCHEME,
+    allow_mmengine_checkpoints,
+    export_plain_checkpoint,
+    is_verified,
+    latest_verified_checkpoint,
+    load_verified,
+    record_hash,
+    register_verified_checkpoints,
+)
 from dfmsd.engine.launch import single_process_config
 
 WORK_ROOT = Path('work_dirs')
@@ -80,13 +88,15 @@ def prepare_work_dir(cfg: Config, work_root: Path = WORK_ROOT) -> Path:
     return work_dir
 
 
-def run_training(cfg: Config, *, threads: int, resume_from: str | Path | None = None,
-                 work_root: Path = WORK_ROOT) -> tuple[Path, Path]:
+def run_training(
+    cfg: Config, *, threads: int, resume_from: str | Path | None = None, work_root: Path = WORK_ROOT
+) -> tuple[Path, Path]:
     """Train ``cfg`` to its stop iteration; return (work dir, verified final checkpoint).
 
     ``resume_from``: a previous SAL stage's state, continued when the work dir has nothing newer.
     """
     from dfmsd.engine.runner import build_runner
+
     torch.set_num_threads(threads)
     allow_mmengine_checkpoints()
     register_verified_checkpoints()
@@ -104,8 +114,11 @@ def run_training(cfg: Config, *, threads: int, resume_from: str | Path | None = 
     start = last or (Path(resume_from) if resume_from else None)
     if start is not None and not is_verified(start):
         from dfmsd.core.errors import CheckpointError
-        raise CheckpointError(f'{start}: its hash does not match {start}.sha256; rebuild the previous stage '
-                              f'(`dvc repro`) or restore it (`dvc checkout`)')
+
+        raise CheckpointError(
+            f'{start}: its hash does not match {start}.sha256; rebuild the previous stage '
+            f'(`dvc repro`) or restore it (`dvc checkout`)'
+        )
     cfg.resume = start is not None
     cfg.load_from = f'{VERIFIED_SCHEME}{start}' if start else cfg.get('load_from')
     if start:
@@ -141,9 +154,19 @@ def write_loss_csv(work_dir: str | Path, path: str | Path, start_iter: int = 0) 
     write_text(path, buf.getvalue())
 
 
-def export(final: Path, work_dir: Path, *, out_dir: str | Path, train_cfg: Config, student_cfg: Config,
-           loss_csv: str | Path, identity: dict, prefix: str = '', keep_state: bool = False,
-           start_iter: int = 0) -> dict:
+def export(
+    final: Path,
+    work_dir: Path,
+    *,
+    out_dir: str | Path,
+    train_cfg: Config,
+    student_cfg: Config,
+    loss_csv: str | Path,
+    identity: dict,
+    prefix: str = '',
+    keep_state: bool = False,
+    start_iter: int = 0,
+) -> dict:
     """Write the run's outputs (see the module docstring) from its final checkpoint."""
     out_dir = Path(out_dir)
     checkpoint = load_verified(final, map_location='cpu')
@@ -152,7 +175,10 @@ def export(final: Path, work_dir: Path, *, out_dir: str | Path, train_cfg: Confi
     batch = int(train_cfg.train_dataloader.batch_size)
     counted = {k: int(state[f'{k}']) for k in ('images_seen', 'views_seen', 'teacher_images') if k in state}
     record = {
-        **identity, 'iters': iters, 'start_iter': start_iter, 'batch_size': batch,
+        **identity,
+        'iters': iters,
+        'start_iter': start_iter,
+        'batch_size': batch,
         'images_seen': counted.get('images_seen', (iters - start_iter) * batch),
         'views_seen': counted.get('views_seen', 0),
         'teacher_images': counted.get('teacher_images', 0),
@@ -161,10 +187,12 @@ def export(final: Path, work_dir: Path, *, out_dir: str | Path, train_cfg: Confi
     }
     if 'distilled_strides' in state:  # the FPN levels the distiller used
         record['strides'] = [int(s) for s in state['distilled_strides'].tolist()]
-    classes = dataset_classes(Path(student_cfg.train_dataloader.dataset.data_root,
-                                   student_cfg.train_dataloader.dataset.ann_file))
-    export_plain_checkpoint(state, out_dir / 'model.pth', prefix=prefix,
-                            meta={'iters': iters, 'dataset_meta': {'classes': list(classes)}})
+    classes = dataset_classes(
+        Path(student_cfg.train_dataloader.dataset.data_root, student_cfg.train_dataloader.dataset.ann_file)
+    )
+    export_plain_checkpoint(
+        state, out_dir / 'model.pth', prefix=prefix, meta={'iters': iters, 'dataset_meta': {'classes': list(classes)}}
+    )
     _stock(student_cfg).dump(str(out_dir / 'model.py'))
     _rerunnable(train_cfg).dump(str(out_dir / 'train.py'))
     if any(k.startswith('losses.') for k in state):  # the distiller's learnt loss modules (DMKD's G, SE...)
@@ -202,30 +230,55 @@ def _stock(cfg: Config) -> Config:
     """The student's config as stock mmdet takes it (``model.py``: init_detector, tools/test.py):
     without the project's types, which only its training used (loop, hooks, trackers)."""
     from mmdet.registry import HOOKS, LOOPS, VISBACKENDS
+
     out = single_process_config(copy.deepcopy(cfg))
     out.pop('custom_imports', None)
     out.custom_hooks = [h for h in out.get('custom_hooks') or [] if not _ours(HOOKS, h['type'])]
     if out.get('visualizer'):
-        out.visualizer.vis_backends = [b for b in out.visualizer.get('vis_backends') or []
-                                       if not _ours(VISBACKENDS, b['type'])]
+        out.visualizer.vis_backends = [
+            b for b in out.visualizer.get('vis_backends') or [] if not _ours(VISBACKENDS, b['type'])
+        ]
     if out.get('train_cfg') and _ours(LOOPS, out.train_cfg.get('type', '')):  # StagedIterBasedTrainLoop
         out.train_cfg = dict({k: v for k, v in out.train_cfg.items() if k != 'stop_at'}, type='IterBasedTrainLoop')
     return out
 
 
-def train_and_export(cfg: Config, *, out_dir: str | Path, student_cfg: Config, loss_csv: str | Path,
-                     threads: int, identity: dict, prefix: str = '', keep_state: bool = False,
-                     resume_from: str | Path | None = None, start_iter: int = 0) -> dict | None:
+def train_and_export(
+    cfg: Config,
+    *,
+    out_dir: str | Path,
+    student_cfg: Config,
+    loss_csv: str | Path,
+    threads: int,
+    identity: dict,
+    prefix: str = '',
+    keep_state: bool = False,
+    resume_from: str | Path | None = None,
+    start_iter: int = 0,
+) -> dict | None:
     """Train (or find the finished training of) ``cfg`` and export it; see the module docstring."""
     from mmengine.dist import is_main_process
+
     work_dir, final = run_training(cfg, threads=threads, resume_from=resume_from)
     if runs.phase() == 'train' or not is_main_process():
         log(f'trained: {final} (export left to the DVC run)')
         return None
-    record = export(final, work_dir, out_dir=out_dir, train_cfg=cfg, student_cfg=student_cfg,
-                    loss_csv=loss_csv, identity=identity, prefix=prefix, keep_state=keep_state,
-                    start_iter=start_iter)
+    record = export(
+        final,
+        work_dir,
+        out_dir=out_dir,
+        train_cfg=cfg,
+        student_cfg=student_cfg,
+        loss_csv=loss_csv,
+        identity=identity,
+        prefix=prefix,
+        keep_state=keep_state,
+        start_iter=start_iter,
+    )
     shutil.rmtree(work_dir, ignore_errors=True)  # exported: nothing left to resume
-    log(f"exported {out_dir} ({record['iters']} iterations, {record['images_seen']} images"
-        + (f", {record['views_seen']} ME views" if record['views_seen'] else '') + ')')
+    log(
+        f'exported {out_dir} ({record["iters"]} iterations, {record["images_seen"]} images'
+        + (f', {record["views_seen"]} ME views' if record['views_seen'] else '')
+        + ')'
+    )
     return record

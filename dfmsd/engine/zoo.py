@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["ZooModel", "find_model", "list_models", "mim_dir"]
+__all__ = ['ZooModel', 'find_model', 'list_models', 'mim_dir']
 
-_HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
+_HASH_SUFFIX = re.compile(r'-([0-9a-f]{8,64})\.pth$')
 # yaml.safe_load semantics (SafeLoader), with libyaml's C implementation when present:
 # about 10x faster on the ~100 metafiles.
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
 
 
 def _safe_load(f):
@@ -53,16 +53,16 @@ def mim_dir() -> Path:
     That is ``<site-packages>/mmdet/.mim`` for a wheel install, or the repository root
     for an editable install from a source checkout.
     """
-    spec = importlib.util.find_spec("mmdet")
+    spec = importlib.util.find_spec('mmdet')
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("mmdet is not installed; the model zoo index ships with it")
+        raise ModuleNotFoundError('mmdet is not installed; the model zoo index ships with it')
     for loc in spec.submodule_search_locations:
         pkg = Path(loc)
-        for cand in (pkg / ".mim", pkg.parent):
-            if (cand / "model-index.yml").is_file():
+        for cand in (pkg / '.mim', pkg.parent):
+            if (cand / 'model-index.yml').is_file():
                 return cand.resolve()
     raise FileNotFoundError(
-        f"no model-index.yml under {list(spec.submodule_search_locations)} (looked in .mim/ and the parent)"
+        f'no model-index.yml under {list(spec.submodule_search_locations)} (looked in .mim/ and the parent)'
     )
 
 
@@ -78,23 +78,23 @@ def _box_ap(results) -> float | None:
         return None
     found = []
     for r in results:
-        if not isinstance(r, dict) or not isinstance(r.get("Metrics"), dict):
+        if not isinstance(r, dict) or not isinstance(r.get('Metrics'), dict):
             continue
-        ap = r["Metrics"].get("box AP")
+        ap = r['Metrics'].get('box AP')
         if ap is None:
             continue
         try:
             ap = float(ap)
         except (TypeError, ValueError):
             continue
-        found.append((str(r.get("Dataset", "")).upper() != "COCO", ap))  # COCO first
+        found.append((str(r.get('Dataset', '')).upper() != 'COCO', ap))  # COCO first
     return min(found, key=lambda t: t[0])[1] if found else None
 
 
 def _weights_url(w) -> str | None:
     if isinstance(w, list):  # never seen in practice; be lenient
         w = next((x for x in w if isinstance(x, str)), None)
-    if isinstance(w, str) and w.strip().startswith(("http://", "https://")):
+    if isinstance(w, str) and w.strip().startswith(('http://', 'https://')):
         return w.strip()
     return None
 
@@ -117,34 +117,36 @@ def _config_path(root: Path, metafile_dir: Path, rel: str) -> Path:
 @functools.lru_cache(maxsize=4)
 def _load_index(root: str) -> _Index:
     root_p = Path(root)
-    with open(root_p / "model-index.yml", encoding="utf-8") as f:
+    with open(root_p / 'model-index.yml', encoding='utf-8') as f:
         top = _safe_load(f) or {}
-    metafiles = top.get("Import") or []
+    metafiles = top.get('Import') or []
     models: list[ZooModel] = []
     seen: set[str] = set()
     for rel in metafiles:
         path = root_p / rel
         if not path.is_file():
             continue
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding='utf-8') as f:
             meta = _safe_load(f)
         if not isinstance(meta, dict):
             continue
-        for m in meta.get("Models") or []:
-            if not isinstance(m, dict) or not m.get("Name") or not m.get("Config"):
+        for m in meta.get('Models') or []:
+            if not isinstance(m, dict) or not m.get('Name') or not m.get('Config'):
                 continue
-            url = _weights_url(m.get("Weights"))
-            if url is None or m["Name"] in seen:
+            url = _weights_url(m.get('Weights'))
+            if url is None or m['Name'] in seen:
                 continue
-            seen.add(m["Name"])
+            seen.add(m['Name'])
             h = _HASH_SUFFIX.search(url)
-            models.append(ZooModel(
-                name=str(m["Name"]),
-                config=str(_config_path(root_p, path.parent, str(m["Config"]))),
-                url=url,
-                sha256_prefix=h.group(1) if h else "",
-                box_ap=_box_ap(m.get("Results")),
-            ))
+            models.append(
+                ZooModel(
+                    name=str(m['Name']),
+                    config=str(_config_path(root_p, path.parent, str(m['Config']))),
+                    url=url,
+                    sha256_prefix=h.group(1) if h else '',
+                    box_ap=_box_ap(m.get('Results')),
+                )
+            )
     by_stem: dict[str, list[ZooModel]] = {}
     for zm in models:
         by_stem.setdefault(Path(zm.config).stem, []).append(zm)
@@ -165,7 +167,7 @@ def list_models() -> list[ZooModel]:
 
 
 def _norm(s: str) -> str:
-    return s.lower().replace("-", "_")
+    return s.lower().replace('-', '_')
 
 
 def find_model(name: str) -> ZooModel:
@@ -181,7 +183,7 @@ def find_model(name: str) -> ZooModel:
     q = str(name).strip()
     if q in idx.by_name:
         return idx.by_name[q]
-    stem = Path(q).stem if (q.endswith(".py") or "/" in q) else q
+    stem = Path(q).stem if (q.endswith('.py') or '/' in q) else q
     if stem in idx.by_name:
         return idx.by_name[stem]
     cands = idx.by_config_stem.get(stem, ())
@@ -189,8 +191,8 @@ def find_model(name: str) -> ZooModel:
         return cands[0]
     if len(cands) > 1:
         raise KeyError(
-            f"config {stem!r} is used by several mmdet zoo models: {', '.join(c.name for c in cands)}; "
-            "ask for one by name"
+            f'config {stem!r} is used by several mmdet zoo models: {", ".join(c.name for c in cands)}; '
+            'ask for one by name'
         )
     n = _norm(stem)
     loose = {zm.name: zm for zm in idx.models if _norm(zm.name) == n}
@@ -200,9 +202,9 @@ def find_model(name: str) -> ZooModel:
         return next(iter(loose.values()))
 
     close = _suggest(n, sorted(set(idx.by_name) | set(idx.by_config_stem)))
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    amb = f" (ambiguous: {', '.join(sorted(loose))})" if len(loose) > 1 else ""
-    raise KeyError(f"unknown mmdet model zoo entry {q!r}{amb} among {len(idx.models)} models{hint}")
+    hint = f'; close matches: {", ".join(close)}' if close else ''
+    amb = f' (ambiguous: {", ".join(sorted(loose))})' if len(loose) > 1 else ''
+    raise KeyError(f'unknown mmdet model zoo entry {q!r}{amb} among {len(idx.models)} models{hint}')
 
 
 def _suggest(n: str, keys: list[str], k: int = 8) -> list[str]:
@@ -210,7 +212,7 @@ def _suggest(n: str, keys: list[str], k: int = 8) -> list[str]:
     keys of the same algorithm family and for keys containing the query)."""
     if not n:
         return []
-    family = n.split("_")[0] + "_"
+    family = n.split('_')[0] + '_'
     scored = []
     for key in keys:
         nk = _norm(key)

@@ -21,6 +21,7 @@ raw batch with its own data preprocessor, and follows the model across devices
 once at the training size; only levels with at least ``min_cells`` x ``min_cells`` cells
 there are distilled, for every method alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,14 @@ from dfmsd.models.losses.heads import dense_head
 def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> nn.Module:
     """Frozen detector in eval mode; the checkpoint must match the config exactly."""
     from dfmsd.engine.checkpoint import load_model_weights
-    cfg = (config if isinstance(config, Config) else Config(config) if isinstance(config, dict)
-           else Config.fromfile(str(config)))
+
+    cfg = (
+        config
+        if isinstance(config, Config)
+        else Config(config)
+        if isinstance(config, dict)
+        else Config.fromfile(str(config))
+    )
     teacher = MODELS.build(cfg.model)
     if checkpoint is not None:
         load_model_weights(teacher, checkpoint, what='teacher')
@@ -81,12 +88,21 @@ def match_levels(student_levels, teacher_levels, min_cells: int) -> list[dict[st
     for s_idx, (stride, s_ch, cells) in enumerate(student_levels):
         if stride in teacher_by_stride and cells >= min_cells:
             t_idx, t_ch = teacher_by_stride[stride]
-            pairs.append(dict(stride=stride, cells=cells, student_idx=s_idx, teacher_idx=t_idx,
-                              student_channels=s_ch, teacher_channels=t_ch))
+            pairs.append(
+                dict(
+                    stride=stride,
+                    cells=cells,
+                    student_idx=s_idx,
+                    teacher_idx=t_idx,
+                    student_channels=s_ch,
+                    teacher_channels=t_ch,
+                )
+            )
     if not pairs:
         raise DistillError(
             f'teacher and student share no FPN level to distill: student (stride, channels, cells) '
-            f'{student_levels}, teacher {teacher_levels}, min_cells {min_cells}')
+            f'{student_levels}, teacher {teacher_levels}, min_cells {min_cells}'
+        )
     return pairs
 
 
@@ -133,29 +149,39 @@ class StageDistiller(BaseDetector):
         student_init: plain student weights to start from (the run seed's initialisation).
     """
 
-    def __init__(self, student: dict, teacher: dict, losses: dict[str, dict] | None = None,
-                 aug_loss_weight: float = 0.0, seed: int = 0, min_cells: int = 2, probe_size: int = 800,
-                 student_init: str | None = None, data_preprocessor: dict | None = None,
-                 init_cfg: dict | None = None) -> None:
+    def __init__(
+        self,
+        student: dict,
+        teacher: dict,
+        losses: dict[str, dict] | None = None,
+        aug_loss_weight: float = 0.0,
+        seed: int = 0,
+        min_cells: int = 2,
+        probe_size: int = 800,
+        student_init: str | None = None,
+        data_preprocessor: dict | None = None,
+        init_cfg: dict | None = None,
+    ) -> None:
         # The batch reaches loss() raw: student and teacher normalise it with their own
         # preprocessors. mmengine's Runner hands a config's top-level `data_preprocessor`
         # (mmdet base configs have one) to a model that names none, which would normalise
         # twice, so distill configs name this one and a normalising one is refused.
         data_preprocessor = data_preprocessor or dict(type='BaseDataPreprocessor')
-        kind = (data_preprocessor.get('type') if isinstance(data_preprocessor, dict)
-                else type(data_preprocessor))
+        kind = data_preprocessor.get('type') if isinstance(data_preprocessor, dict) else type(data_preprocessor)
         if kind not in ('BaseDataPreprocessor', BaseDataPreprocessor):
             raise DistillError(
                 f"StageDistiller's data_preprocessor must be BaseDataPreprocessor (the student and "
-                f"teacher normalise the raw batch with their own), got {kind}; set "
-                f"model.data_preprocessor=dict(type='BaseDataPreprocessor') in the distillation config")
+                f'teacher normalise the raw batch with their own), got {kind}; set '
+                f"model.data_preprocessor=dict(type='BaseDataPreprocessor') in the distillation config"
+            )
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
         object.__setattr__(self, 'teacher', build_teacher(**teacher))  # hidden: not a submodule
         self.seed = int(seed)
         self.student_init = student_init
-        self.level_pairs = match_levels(probe_fpn(self.student, probe_size),
-                                        probe_fpn(self.teacher, probe_size), min_cells)
+        self.level_pairs = match_levels(
+            probe_fpn(self.student, probe_size), probe_fpn(self.teacher, probe_size), min_cells
+        )
         self.losses = nn.ModuleDict({name: self._build_loss(cfg) for name, cfg in (losses or {}).items()})
         self.aug_loss_weight = float(aug_loss_weight)
         self.aug_loss_name = self._reconstruction_loss_name() if self.aug_loss_weight else None
@@ -179,22 +205,33 @@ class StageDistiller(BaseDetector):
         """One module per level, or one for the whole pyramid (``per_level = False``: losses
         that need every level at once, e.g. CrossKD's label assignment)."""
         if getattr(MODELS.get(cfg['type']), 'per_level', True):
-            return nn.ModuleList(MODELS.build(dict(cfg, student_channels=p['student_channels'],
-                                                   teacher_channels=p['teacher_channels']))
-                                 for p in self.level_pairs)
-        return MODELS.build(dict(cfg, student_channels=[p['student_channels'] for p in self.level_pairs],
-                                 teacher_channels=[p['teacher_channels'] for p in self.level_pairs]))
+            return nn.ModuleList(
+                MODELS.build(dict(cfg, student_channels=p['student_channels'], teacher_channels=p['teacher_channels']))
+                for p in self.level_pairs
+            )
+        return MODELS.build(
+            dict(
+                cfg,
+                student_channels=[p['student_channels'] for p in self.level_pairs],
+                teacher_channels=[p['teacher_channels'] for p in self.level_pairs],
+            )
+        )
 
     @staticmethod
     def _modules_of(loss: nn.Module) -> list[nn.Module]:
         return list(loss) if isinstance(loss, nn.ModuleList) else [loss]
 
     def _reconstruction_loss_name(self) -> str:
-        names = [n for n, m in self.losses.items()
-                 if isinstance(m, nn.ModuleList) and isinstance(m[0], MaskedReconstructionLoss)]
+        names = [
+            n
+            for n, m in self.losses.items()
+            if isinstance(m, nn.ModuleList) and isinstance(m[0], MaskedReconstructionLoss)
+        ]
         if len(names) != 1:
-            raise DistillError(f'aug_loss_weight needs exactly one masked reconstruction loss '
-                               f'(DMKDLoss, MGDLoss, AMDLoss) among the losses; found {names or "none"}')
+            raise DistillError(
+                f'aug_loss_weight needs exactly one masked reconstruction loss '
+                f'(DMKDLoss, MGDLoss, AMDLoss) among the losses; found {names or "none"}'
+            )
         return names[0]
 
     # ---- module plumbing ---------------------------------------------------------
@@ -202,6 +239,7 @@ class StageDistiller(BaseDetector):
         super().init_weights()
         if self.student_init:  # after the random init, so that the run seed's weights win
             from dfmsd.engine.checkpoint import load_model_weights
+
             load_model_weights(self.student, self.student_init, what='student initialisation')
 
     def _record_student_feats(self, module, args, output) -> None:
@@ -269,8 +307,9 @@ class StageDistiller(BaseDetector):
             inputs['teacher_head'] = getattr(self.teacher, 'bbox_head', None)
         if 'student_head_out' in needs:
             cls_scores, bbox_preds = self._student_head_out[:2]
-            inputs['student_head_out'] = pick([(cls_scores[p['student_idx']], bbox_preds[p['student_idx']])
-                                               for p in pairs])
+            inputs['student_head_out'] = pick(
+                [(cls_scores[p['student_idx']], bbox_preds[p['student_idx']]) for p in pairs]
+            )
         if 'samples' in needs:
             inputs['samples'] = samples
         return inputs
@@ -296,14 +335,18 @@ class StageDistiller(BaseDetector):
                 if isinstance(per_level, nn.ModuleList):
                     loss = per_level[level]
                     losses[f'loss_distill_{name}_s{pair["stride"]}'] = loss(
-                        s, t, **{k: level_inputs[k] for k in loss.needs})
+                        s, t, **{k: level_inputs[k] for k in loss.needs}
+                    )
         pyramid = {n: m for n, m in self.losses.items() if not isinstance(m, nn.ModuleList)}
         if pyramid:
             all_inputs = self._level_inputs(None, samples, it, s_levels[0].device)
             for name, loss in pyramid.items():
                 out = loss(s_levels, t_levels, **{k: all_inputs[k] for k in loss.needs})
-                losses.update({f'loss_distill_{name}_{k}': v for k, v in out.items()} if isinstance(out, dict)
-                              else {f'loss_distill_{name}': out})
+                losses.update(
+                    {f'loss_distill_{name}_{k}': v for k, v in out.items()}
+                    if isinstance(out, dict)
+                    else {f'loss_distill_{name}': out}
+                )
         views = views_batch(samples) if self.aug_loss_weight else None
         if views is not None:
             losses.update(self._aug_losses(views, it))
@@ -331,8 +374,7 @@ class StageDistiller(BaseDetector):
             t = self._resized(t_views[pair['teacher_idx']], s)
             gen = torch.Generator(device=s.device)
             gen.manual_seed(draw_seed(self.seed, it, level, 'aug'))
-            out[f'loss_distill_aug_s{pair["stride"]}'] = self.aug_loss_weight * rec.error(
-                rec.reconstruct(s, t, gen), t)
+            out[f'loss_distill_aug_s{pair["stride"]}'] = self.aug_loss_weight * rec.error(rec.reconstruct(s, t, gen), t)
         return out
 
     # BaseDetector's abstract hooks, answered by the student.

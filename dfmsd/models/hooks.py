@@ -1,4 +1,5 @@
 """Training hooks: stop a diverged run, warn about a mis-scaled loss, hand SAL stages over."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import torch
 from mmdet.registry import HOOKS
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
+from mmengine.optim import AmpOptimWrapper
 from torch import nn
 
 from dfmsd.core.errors import TrainingDiverged
@@ -21,7 +23,9 @@ class DivergenceGuard(Hook):
     """Stop the run when the loss or the gradient norm is non-finite ``patience`` times in a row.
 
     A run whose gradient is inf/NaN at every step learns nothing, yet would finish and be
-    reported as if all were well.
+    reported as if all were well. Under mixed precision (AmpOptimWrapper) a non-finite
+    gradient is the loss scaler's business: it skips that step and lowers the scale, so only
+    a non-finite loss counts there.
     """
 
     priority = 'VERY_LOW'
@@ -33,13 +37,15 @@ class DivergenceGuard(Hook):
         hub = runner.message_hub
         loss = (outputs or {}).get('loss')
         grad = hub.get_scalar('train/grad_norm').current() if 'train/grad_norm' in hub.log_scalars else None
-        finite = _finite(loss) and (grad is None or _finite(grad))
+        scaled = isinstance(runner.optim_wrapper, AmpOptimWrapper)
+        finite = _finite(loss) and (grad is None or scaled or _finite(grad))
         self.bad = 0 if finite else self.bad + 1
         if self.bad >= self.patience:
             raise TrainingDiverged(
                 f'training diverged: loss {float(loss) if loss is not None else None}, gradient norm {grad} '
                 f'were not finite for {self.bad} consecutive iterations (last: iteration {runner.iter + 1}); '
-                f'lower the loss weights or the learning rate')
+                f'lower the loss weights or the learning rate'
+            )
 
 
 @HOOKS.register_module()
@@ -62,10 +68,13 @@ class LossScaleCheck(Hook):
         distill = sum(float(v) for k, v in outputs.items() if k.startswith('loss_distill'))
         det = sum(float(v) for k, v in outputs.items() if k.startswith('loss_') and not k.startswith('loss_distill'))
         if distill and det and distill > self.max_ratio * det:
-            print_log(f'WARNING: the distillation terms are {distill / det:.3g}x the detection loss at '
-                      f'iteration {runner.iter + 1} ({distill:.4g} vs {det:.4g}); the calibrated weights give '
-                      f'about 1x (benchmarks/loss_scale.py): check the loss_weight values', logger='current',
-                      level=30)
+            print_log(
+                f'WARNING: the distillation terms are {distill / det:.3g}x the detection loss at '
+                f'iteration {runner.iter + 1} ({distill:.4g} vs {det:.4g}); the calibrated weights give '
+                f'about 1x (benchmarks/loss_scale.py): check the loss_weight values',
+                logger='current',
+                level=30,
+            )
 
 
 def reset_module(module: nn.Module) -> None:
@@ -112,6 +121,9 @@ class SALHandoff(Hook):
                         reset_module(module)
                         for param in module.parameters():
                             dropped += optimizer.state.pop(param, None) is not None
-        print_log(f'SAL hand-off at iteration {self.boundary}: loss modules '
-                  f"{'re-initialised' if self.reset_modules else 'carried over'}, optimizer state and "
-                  f'learning-rate schedule continued ({dropped} parameter states dropped)', logger='current')
+        print_log(
+            f'SAL hand-off at iteration {self.boundary}: loss modules '
+            f'{"re-initialised" if self.reset_modules else "carried over"}, optimizer state and '
+            f'learning-rate schedule continued ({dropped} parameter states dropped)',
+            logger='current',
+        )

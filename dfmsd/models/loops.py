@@ -1,4 +1,5 @@
 """The training loop of one SAL stage: the row's whole schedule, stopped at the stage's end."""
+
 from __future__ import annotations
 
 from mmdet.registry import LOOPS

@@ -11,6 +11,7 @@ The committed loss log stays ``logs/<run>.csv``, collected from mmengine's own s
 DVCLive appends the iterations a resumed run repeats, so its files are not byte-identical
 to an uninterrupted run's, and the CSV is (tests/test_training.py).
 """
+
 from __future__ import annotations
 
 from mmengine.registry import VISBACKENDS
@@ -21,6 +22,7 @@ from mmengine.visualization.vis_backend import DVCLiveVisBackend, force_init_env
 class QuietDVCLiveVisBackend(DVCLiveVisBackend):
     def _init_env(self):
         from dvclive import Live
+
         kwargs = dict(self._init_kwargs or {})
         kwargs.update(dir=self._save_dir, save_dvc_exp=False, dvcyaml=None, report=None, resume=True)
         self._dvclive = Live(**kwargs)

@@ -1,4 +1,5 @@
 """Masking enhancement as a data-pipeline transform (dfmsd.data.me holds the decisions and pixels)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,15 @@ class MaskingEnhancement(BaseTransform):
         if op == 'none':
             return results
         s = self.settings
-        view = enhance(results['img'][..., ::-1], op, image_id=int(results['img_id']), seed=s['seed'],
-                       noise_sigma=s['noise_sigma'], crop_min=s['crop_min'], crop_max=s['crop_max'])
+        view = enhance(
+            results['img'][..., ::-1],
+            op,
+            image_id=int(results['img_id']),
+            seed=s['seed'],
+            noise_sigma=s['noise_sigma'],
+            crop_min=s['crop_min'],
+            crop_max=s['crop_max'],
+        )
         view = np.ascontiguousarray(view[..., ::-1])
         if self.resize is not None:
             view = self.resize(dict(img=view, img_shape=view.shape[:2], ori_shape=view.shape[:2]))['img']

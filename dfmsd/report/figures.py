@@ -11,6 +11,7 @@ a PNG; that entry is the only thing that varies with the installation).
 * :func:`training_loss`: total and detection-only training loss (log y), one line per row.
 * :func:`me_area_ratio`: histograms of the ME size criterion r(I), with T and the op counts.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,32 @@ BASELINE_COLOR = '#4d4d4d'
 METHOD_COLOR = '#1f77b4'
 SAL_COLOR = '#d62728'
 ABLATION_COLOR = '#ff7f0e'
-LINE_COLORS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#8c564b', '#e377c2', '#17becf',
-               '#bcbd22', '#ff7f0e', '#7f7f7f')
-KIND_COLORS = {'teacher': TEACHER_COLOR, 'baseline': BASELINE_COLOR, 'method': METHOD_COLOR,
-               'sal': SAL_COLOR, 'ablation': ABLATION_COLOR}
-KIND_NAMES = {'teacher': 'teacher (one run)', 'baseline': 'student baseline', 'method': 'single-stage method',
-              'sal': 'SAL method', 'ablation': 'ablation'}
+LINE_COLORS = (
+    '#1f77b4',
+    '#d62728',
+    '#2ca02c',
+    '#9467bd',
+    '#8c564b',
+    '#e377c2',
+    '#17becf',
+    '#bcbd22',
+    '#ff7f0e',
+    '#7f7f7f',
+)
+KIND_COLORS = {
+    'teacher': TEACHER_COLOR,
+    'baseline': BASELINE_COLOR,
+    'method': METHOD_COLOR,
+    'sal': SAL_COLOR,
+    'ablation': ABLATION_COLOR,
+}
+KIND_NAMES = {
+    'teacher': 'teacher (one run)',
+    'baseline': 'student baseline',
+    'method': 'single-stage method',
+    'sal': 'SAL method',
+    'ablation': 'ablation',
+}
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -54,11 +75,13 @@ def _save(fig, path: str | Path) -> Path:
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=DPI, layout='constrained')
 
 
 def _rc():
     import matplotlib
+
     return matplotlib.rc_context(RC)
 
 
@@ -68,12 +91,19 @@ def _empty(fig, text: str) -> None:
     ax.text(0.5, 0.5, text, ha='center', va='center', fontsize=11, transform=ax.transAxes)
 
 
-def map_per_row(groups: Sequence[dict[str, Any]], path: str | Path, *, metric: str = 'mAP',
-                split: str = 'test', confidence_label: str = '95%') -> Path:
+def map_per_row(
+    groups: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    metric: str = 'mAP',
+    split: str = 'test',
+    confidence_label: str = '95%',
+) -> Path:
     """``groups``: ``[{'title', 'rows': [{'label', 'kind', 'mean', 'ci', 'points'}], 'baseline': mean}]``;
     ``kind`` in teacher, baseline, method, sal, ablation; ``ci`` (lo, hi) or None; ``points``
     the per-seed values."""
     from matplotlib.patches import Patch
+
     with _rc():
         widest = max((len(g['rows']) for g in groups), default=1)
         fig = _figure(max(7.5, 0.75 * widest + 3.8), 3.6 * max(1, len(groups)))
@@ -96,26 +126,54 @@ def map_per_row(groups: Sequence[dict[str, Any]], path: str | Path, *, metric: s
                 ax.scatter([x + o for o in offsets], pts, s=14, color='black', zorder=4, linewidths=0)
                 if r.get('ci') is not None:
                     lo, hi = r['ci']
-                    ax.errorbar([x], [r['mean']], yerr=[[r['mean'] - lo], [hi - r['mean']]], fmt='none',
-                                ecolor='black', elinewidth=1.2, capsize=4, zorder=5)
-            handles = [Patch(color=KIND_COLORS[k], label=KIND_NAMES[k])
-                       for k in KIND_COLORS if any(r['kind'] == k for r in rows)]
+                    ax.errorbar(
+                        [x],
+                        [r['mean']],
+                        yerr=[[r['mean'] - lo], [hi - r['mean']]],
+                        fmt='none',
+                        ecolor='black',
+                        elinewidth=1.2,
+                        capsize=4,
+                        zorder=5,
+                    )
+            handles = [
+                Patch(color=KIND_COLORS[k], label=KIND_NAMES[k])
+                for k in KIND_COLORS
+                if any(r['kind'] == k for r in rows)
+            ]
             if group.get('baseline') is not None:
-                handles.append(ax.axhline(group['baseline'], color=BASELINE_COLOR, lw=1.0, ls='--', zorder=3,
-                                          label='student baseline (mean)'))
+                handles.append(
+                    ax.axhline(
+                        group['baseline'],
+                        color=BASELINE_COLOR,
+                        lw=1.0,
+                        ls='--',
+                        zorder=3,
+                        label='student baseline (mean)',
+                    )
+                )
             ax.legend(handles=handles, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-            ax.set_xticks(xs, [f"{r['label']}\n{r['mean']:.1f}" for r in rows], rotation=25, ha='right')
+            ax.set_xticks(xs, [f'{r["label"]}\n{r["mean"]:.1f}' for r in rows], rotation=25, ha='right')
             ax.set_ylabel(f'{metric} ({split}, %)')
-            ax.set_title(f"{group['title']}: mean over seeds, points = seeds, whiskers = {confidence_label} CI")
+            ax.set_title(f'{group["title"]}: mean over seeds, points = seeds, whiskers = {confidence_label} CI')
             ax.grid(axis='y', lw=0.4, alpha=0.5, zorder=0)
-            top = max([r['mean'] for r in rows] + [p for r in rows for p in (r.get('points') or [])]
-                      + [r['ci'][1] for r in rows if r.get('ci') is not None])
+            top = max(
+                [r['mean'] for r in rows]
+                + [p for r in rows for p in (r.get('points') or [])]
+                + [r['ci'][1] for r in rows if r.get('ci') is not None]
+            )
             ax.set_ylim(0, top * 1.12 if top > 0 else 1)
         return _save(fig, path)
 
 
-def paired_differences(groups: Sequence[dict[str, Any]], path: str | Path, *, metric: str = 'mAP',
-                       split: str = 'test', confidence_label: str = '95%') -> Path:
+def paired_differences(
+    groups: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    metric: str = 'mAP',
+    split: str = 'test',
+    confidence_label: str = '95%',
+) -> Path:
     """Forest plot. ``groups``: ``[{'title', 'items': [{'label', 'reference', 'mean', 'ci', 'kind'}]}]``:
     one line per comparison ``label`` minus ``reference`` (paired by seed)."""
     with _rc():
@@ -136,7 +194,7 @@ def paired_differences(groups: Sequence[dict[str, Any]], path: str | Path, *, me
                     ax.hlines(y, lo, hi, color=color, lw=2.0)
                 ax.plot([it['mean']], [y], marker=marker, color=color, ms=6, ls='none')
             ax.axvline(0.0, color='black', lw=0.9)
-            ax.set_yticks(ys, [f"{it['label']} − {it['reference']}" for it in items])
+            ax.set_yticks(ys, [f'{it["label"]} − {it["reference"]}' for it in items])
             ax.set_ylim(-0.7, len(items) - 0.3)
             ax.set_xlabel(f'paired {metric} difference ({split}, points; bars = {confidence_label} CI)')
             ax.set_title(group['title'])
@@ -151,6 +209,7 @@ def training_loss(curves: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """``curves``: ``[{'label', 'iters', 'loss', 'det_loss', 'boundaries': [iter, ...]}]`` (means over
     seeds; SAL stages end to end; a boundary is drawn as a dotted vertical line)."""
     from matplotlib.ticker import FuncFormatter
+
     with _rc():
         drawn = [c for c in curves if c['iters']]
         fig = _figure(11.0, 4.2 + 0.2 * math.ceil(len(drawn) / 2))
@@ -183,6 +242,7 @@ def training_loss(curves: Sequence[dict[str, Any]], path: str | Path) -> Path:
 def me_area_ratio(pairs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """``pairs``: ``[{'pair', 'ratios': [r, ...], 'threshold': T, 'score_thr', 'counts': {seed: {op: n}}}]``."""
     from matplotlib.ticker import MaxNLocator
+
     with _rc():
         shown = [p for p in pairs if p['ratios']]
         lines = max([len(p['counts']) for p in shown] + [0])
@@ -196,13 +256,15 @@ def me_area_ratio(pairs: Sequence[dict[str, Any]], path: str | Path) -> Path:
             top = max(max(ratios), p['threshold'] or 0.0, 1e-6)
             ax.hist(ratios, bins=40, range=(0.0, top * 1.02), color=METHOD_COLOR)
             if p.get('threshold') is not None:
-                ax.axvline(p['threshold'], color=SAL_COLOR, lw=1.5, label=f"T = {p['threshold']:g}")
+                ax.axvline(p['threshold'], color=SAL_COLOR, lw=1.5, label=f'T = {p["threshold"]:g}')
                 ax.legend()
-            counts = '\n'.join(f"seed {s}: {c.get('noise', 0)} noise / {c.get('crop', 0)} crop / "
-                               f"{c.get('none', 0)} none" for s, c in sorted(p['counts'].items()))
-            title = f"{p['pair']}: r(I) of {len(ratios)} training images"
+            counts = '\n'.join(
+                f'seed {s}: {c.get("noise", 0)} noise / {c.get("crop", 0)} crop / {c.get("none", 0)} none'
+                for s, c in sorted(p['counts'].items())
+            )
+            title = f'{p["pair"]}: r(I) of {len(ratios)} training images'
             if p.get('score_thr') is not None:
-                title += f" (teacher boxes with score ≥ {p['score_thr']:g})"
+                title += f' (teacher boxes with score ≥ {p["score_thr"]:g})'
             ax.set_title(title + ('\n' + counts if counts else ''), fontsize=9)
             ax.set_xlabel('r(I) = summed teacher box area / image area')
             ax.set_ylabel('training images')

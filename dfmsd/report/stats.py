@@ -14,6 +14,7 @@ runs that share a seed), never as two independent samples.
 
 No correction for multiple comparisons is applied here; the report says so.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,11 +99,15 @@ def paired(a: Mapping[Any, float], b: Mapping[Any, float], confidence: float = 0
     n = len(seeds)
     x = np.asarray([float(a[s]) for s in seeds], dtype=float)
     y = np.asarray([float(b[s]) for s in seeds], dtype=float)
-    out: dict[str, Any] = {'n': n, 'seeds': seeds,
-                           'mean_a': float(np.mean(x)) if n else None,
-                           'mean_b': float(np.mean(y)) if n else None,
-                           'mean_diff': float(np.mean(x - y)) if n else None,
-                           'ci': None, 'p_value': None}
+    out: dict[str, Any] = {
+        'n': n,
+        'seeds': seeds,
+        'mean_a': float(np.mean(x)) if n else None,
+        'mean_b': float(np.mean(y)) if n else None,
+        'mean_diff': float(np.mean(x - y)) if n else None,
+        'ci': None,
+        'p_value': None,
+    }
     if n < 2:
         out['verdict'] = ONE_SEED
         return out

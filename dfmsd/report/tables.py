@@ -27,6 +27,7 @@ student's baseline, then every method of params.yaml in params order (``methods`
 ablation table of the method they name rather than in the main table. Every student row is
 compared with the baseline, paired by seed (:func:`dfmsd.report.stats.paired`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,7 +68,7 @@ class ReportWarning(UserWarning):
 class MethodSpec:
     name: str
     group: str  # methods | me_methods | sal_methods
-    spec: Any   # dfmsd.core.params.Method or SALMethod
+    spec: Any  # dfmsd.core.params.Method or SALMethod
 
     @property
     def label(self) -> str:
@@ -92,12 +93,16 @@ class ReportConfig:
 def report_config(params: Mapping[str, Any]) -> ReportConfig:
     """Validate the report stage's params (``report``, ``seeds``, ``pairs``, ``students``, the three
     method groups and ``me.threshold``) into a :class:`ReportConfig`."""
-    from dfmsd.core.params import METHOD_GROUPS, ME, Method, Report, SALMethod, lookup, section
+    from dfmsd.core.params import ME, METHOD_GROUPS, Method, Report, SALMethod, lookup, section
+
     report = section(Report, params.get('report') or {}, 'report')
     seeds = lookup(params, 'seeds')
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise ParamsError(f'params.yaml: seeds: a non-empty list of distinct non-negative integers, got {seeds!r}')
     names = {}
     for key in ('pairs', 'students'):
@@ -112,8 +117,10 @@ def report_config(params: Mapping[str, Any]) -> ReportConfig:
             raise ParamsError(f'params.yaml: {group}: expected a mapping of method names')
         for name, raw in entries.items():
             if name in methods:
-                raise ParamsError(f'params.yaml: {group}.{name}: method names must be unique across '
-                                  f"{', '.join(METHOD_GROUPS)} (also in {methods[name].group})")
+                raise ParamsError(
+                    f'params.yaml: {group}.{name}: method names must be unique across '
+                    f'{", ".join(METHOD_GROUPS)} (also in {methods[name].group})'
+                )
             model = SALMethod if group == 'sal_methods' else Method
             methods[name] = MethodSpec(name, group, section(model, raw, f'{group}.{name}'))
     for m in methods.values():
@@ -121,15 +128,22 @@ def report_config(params: Mapping[str, Any]) -> ReportConfig:
             raise ParamsError(f'params.yaml: {m.group}.{m.name}.ablation_of: no method {m.ablation_of!r}')
     me = params.get('me')
     threshold = section(ME, me, 'me').threshold if isinstance(me, dict) and 'threshold' in me else None
-    return ReportConfig(confidence=report.confidence, split=report.split, seeds=tuple(seeds),
-                        pairs=names['pairs'], students=names['students'], methods=methods,
-                        me_threshold=threshold)
+    return ReportConfig(
+        confidence=report.confidence,
+        split=report.split,
+        seeds=tuple(seeds),
+        pairs=names['pairs'],
+        students=names['students'],
+        methods=methods,
+        me_threshold=threshold,
+    )
 
 
 # ---------------------------------------------------------------- measured runs
 @dataclass
 class Run:
     """One metrics file: its record (identity, cost, ``val``/``test`` metrics) and where it came from."""
+
     record: dict[str, Any]
     source: str
 
@@ -148,7 +162,7 @@ class Run:
 def _need(record: dict, keys: tuple[str, ...], source: str) -> None:
     missing = [k for k in keys if k not in record]
     if missing:
-        raise DfmsdError(f"{source}: a {record.get('kind')} metrics file needs {', '.join(missing)}")
+        raise DfmsdError(f'{source}: a {record.get("kind")} metrics file needs {", ".join(missing)}')
 
 
 def _check_split(record: dict, split: str, source: str, required: bool) -> None:
@@ -156,8 +170,11 @@ def _check_split(record: dict, split: str, source: str, required: bool) -> None:
     if values is None and not required:
         return
     if not isinstance(values, dict):
-        raise DfmsdError(f"{source}: no '{split}' metrics (the report's split)" if required
-                         else f"{source}: '{split}' must be a mapping of metrics")
+        raise DfmsdError(
+            f"{source}: no '{split}' metrics (the report's split)"
+            if required
+            else f"{source}: '{split}' must be a mapping of metrics"
+        )
     missing = [m for m in REPORTED_METRICS if m not in values]
     if missing:
         raise DfmsdError(f"{source}: '{split}' lacks {', '.join(missing)}")
@@ -200,7 +217,7 @@ def load_runs(metrics_dir: str | Path, config: ReportConfig) -> tuple[dict[tuple
             raise DfmsdError(f'{source}: expected a JSON object')
         kind = record.get('kind')
         if kind not in KINDS:  # e.g. a file of an older layout that DVC left behind
-            _ignore(notes, f"{source}: not a run record (kind {kind!r}, expected one of {', '.join(KINDS)}); ignored")
+            _ignore(notes, f'{source}: not a run record (kind {kind!r}, expected one of {", ".join(KINDS)}); ignored')
             continue
         if kind == 'sal1':
             _ignore(notes, f'{source}: SAL stage 1 metrics are not a row (the row is its sal2 run); ignored')
@@ -208,36 +225,46 @@ def load_runs(metrics_dir: str | Path, config: ReportConfig) -> tuple[dict[tuple
         if kind == 'teacher':
             _need(record, ('pair', 'role'), source)
             if record['role'] not in ROLES:
-                raise DfmsdError(f"{source}: role {record['role']!r} is not weak or strong")
+                raise DfmsdError(f'{source}: role {record["role"]!r} is not weak or strong')
             if record['pair'] not in config.pairs:
-                _ignore(notes, f"{source}: pair {record['pair']!r} is not in params.yaml pairs; ignored")
+                _ignore(notes, f'{source}: pair {record["pair"]!r} is not in params.yaml pairs; ignored')
                 continue
         else:
-            _need(record, ('student', 'seed') if kind == 'baseline' else
-                  ('student', 'pair', 'method', 'group', 'seed'), source)
+            _need(
+                record,
+                ('student', 'seed') if kind == 'baseline' else ('student', 'pair', 'method', 'group', 'seed'),
+                source,
+            )
             if not isinstance(record['seed'], int) or isinstance(record['seed'], bool):
-                raise DfmsdError(f"{source}: seed must be an integer, got {record['seed']!r}")
+                raise DfmsdError(f'{source}: seed must be an integer, got {record["seed"]!r}')
             if record['student'] not in config.students:
-                _ignore(notes, f"{source}: student {record['student']!r} is not in params.yaml students; ignored")
+                _ignore(notes, f'{source}: student {record["student"]!r} is not in params.yaml students; ignored')
                 continue
             if record['seed'] not in config.seeds:
-                _ignore(notes, f"{source}: seed {record['seed']} is not in params.yaml seeds; ignored")
+                _ignore(notes, f'{source}: seed {record["seed"]} is not in params.yaml seeds; ignored')
                 continue
             if kind != 'baseline':
                 if record['pair'] not in config.pairs:
-                    _ignore(notes, f"{source}: pair {record['pair']!r} is not in params.yaml pairs; ignored")
+                    _ignore(notes, f'{source}: pair {record["pair"]!r} is not in params.yaml pairs; ignored')
                     continue
                 method = config.methods.get(record['method'])
                 if method is None:
-                    _ignore(notes, f"{source}: method {record['method']!r} is in no method group of "
-                                   f"params.yaml (methods, me_methods, sal_methods); ignored")
+                    _ignore(
+                        notes,
+                        f'{source}: method {record["method"]!r} is in no method group of '
+                        f'params.yaml (methods, me_methods, sal_methods); ignored',
+                    )
                     continue
                 if record['group'] != method.group:
-                    raise DfmsdError(f"{source}: method {method.name!r} is in {method.group} in params.yaml, "
-                                     f"but this file says group {record['group']!r}: a stale metrics file?")
+                    raise DfmsdError(
+                        f'{source}: method {method.name!r} is in {method.group} in params.yaml, '
+                        f'but this file says group {record["group"]!r}: a stale metrics file?'
+                    )
                 if kind != KIND_OF_GROUP[method.group]:
-                    raise DfmsdError(f'{source}: kind {kind!r} does not match {method.group} '
-                                     f'(expected {KIND_OF_GROUP[method.group]!r})')
+                    raise DfmsdError(
+                        f'{source}: kind {kind!r} does not match {method.group} '
+                        f'(expected {KIND_OF_GROUP[method.group]!r})'
+                    )
         _check_split(record, config.split, source, required=True)
         for split in SPLITS:
             _check_split(record, split, source, required=False)
@@ -370,8 +397,13 @@ def _verdicts(group: Group, config: ReportConfig) -> list[dict]:
             if other is r or (other.name, r.name) in done:
                 continue
             done.add((r.name, other.name))
-            out.append({'a': r, 'b': other, 'result': paired(r.values(config.split), other.values(config.split),
-                                                             config.confidence)})
+            out.append(
+                {
+                    'a': r,
+                    'b': other,
+                    'result': paired(r.values(config.split), other.values(config.split), config.confidence),
+                }
+            )
     for r in methods:
         if r.kind == 'ablation' and group.row(r.method.ablation_of).n:
             out.append({'a': r, 'b': group.row(r.method.ablation_of), 'result': r.vs_full})
@@ -426,8 +458,8 @@ def fmt_mean_std(s: dict) -> str:
     if not s['n']:
         return DASH
     if s['std'] is None:
-        return f"{s['mean']:.1f}"
-    return f"{s['mean']:.1f} ± {s['std']:.1f}"
+        return f'{s["mean"]:.1f}'
+    return f'{s["mean"]:.1f} ± {s["std"]:.1f}'
 
 
 def fmt_ci(ci: tuple[float, float] | None, sign: bool = False) -> str:
@@ -439,15 +471,15 @@ def fmt_ci(ci: tuple[float, float] | None, sign: bool = False) -> str:
 def fmt_mean_ci(s: dict) -> str:
     if not s['n']:
         return DASH
-    return f"{s['mean']:.2f} {fmt_ci(s['ci'])}" if s['ci'] is not None else f"{s['mean']:.2f} (one run)"
+    return f'{s["mean"]:.2f} {fmt_ci(s["ci"])}' if s['ci'] is not None else f'{s["mean"]:.2f} (one run)'
 
 
 def fmt_diff(p: dict | None) -> str:
     if p is None or not p['n']:
         return DASH
     if p['ci'] is None:
-        return f"{p['mean_diff']:+.2f} (one seed)"
-    return f"{p['mean_diff']:+.2f} {fmt_ci(p['ci'], sign=True)}"
+        return f'{p["mean_diff"]:+.2f} (one seed)'
+    return f'{p["mean_diff"]:+.2f} {fmt_ci(p["ci"], sign=True)}'
 
 
 def fmt_p(p: float | None) -> str:
@@ -461,22 +493,29 @@ def _cost(x: float | None) -> str:
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|'] + \
-        ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|'] + [
+        '| ' + ' | '.join(r) + ' |' for r in rows
+    ]
 
 
 def main_table(group: Group, config: ReportConfig) -> list[str]:
     cl = confidence_label(config.confidence)
-    head = (['Row', 'n'] + list(PAPER_COLUMNS) + [f'mAP {cl} CI', f'mAP gain vs baseline ({cl} CI)',
-                                                  'Iters', 'Images seen', 'Teacher images'])
+    head = (
+        ['Row', 'n']
+        + list(PAPER_COLUMNS)
+        + [f'mAP {cl} CI', f'mAP gain vs baseline ({cl} CI)', 'Iters', 'Images seen', 'Teacher images']
+    )
     lines = []
     for r in group.main_rows:
         if not r.n:
             lines.append([r.label, '0'] + ['not measured'] + [DASH] * (len(head) - 3))
             continue
-        lines.append([r.label, str(r.n)] + [fmt_mean_std(r.stats[m]) for m in PAPER_COLUMNS]
-                     + [fmt_ci(r.stats['mAP']['ci']), fmt_diff(r.gain) if r.is_method else DASH]
-                     + [_cost(r.cost[k]) for k in ('iters', 'images_seen', 'teacher_images')])
+        lines.append(
+            [r.label, str(r.n)]
+            + [fmt_mean_std(r.stats[m]) for m in PAPER_COLUMNS]
+            + [fmt_ci(r.stats['mAP']['ci']), fmt_diff(r.gain) if r.is_method else DASH]
+            + [_cost(r.cost[k]) for k in ('iters', 'images_seen', 'teacher_images')]
+        )
     return _table(head, lines)
 
 
@@ -489,9 +528,18 @@ def ablation_tables(group: Group, config: ReportConfig) -> list[str]:
             continue
         full = group.row(m.name)
         head = ['Row', 'SAL', 'ME', 'SFA', 'n', f'mAP ({cl} CI)', f'Δ mAP vs {full.label} ({cl} CI)']
-        lines = [[r.label, sal_cell(r.method), me_cell(r.method), sfa_cell(r.method), str(r.n),
-                  fmt_mean_ci(r.stats['mAP']), DASH if r is full else fmt_diff(r.vs_full)]
-                 for r in [full] + ablations]
+        lines = [
+            [
+                r.label,
+                sal_cell(r.method),
+                me_cell(r.method),
+                sfa_cell(r.method),
+                str(r.n),
+                fmt_mean_ci(r.stats['mAP']),
+                DASH if r is full else fmt_diff(r.vs_full),
+            ]
+            for r in [full] + ablations
+        ]
         out += ['', f'#### Ablations of {full.label}', ''] + _table(head, lines)
     for names in me_placement_sets(config):
         rows = [group.row(n) for n in names]
@@ -499,8 +547,11 @@ def ablation_tables(group: Group, config: ReportConfig) -> list[str]:
         head = ['Row', 'ME stages', 'n', f'mAP ({cl} CI)', f'Δ mAP vs {ref.label} ({cl} CI)']
         lines = []
         for r in rows:
-            diff = DASH if r is ref else fmt_diff(paired(r.values(config.split), ref.values(config.split),
-                                                         config.confidence))
+            diff = (
+                DASH
+                if r is ref
+                else fmt_diff(paired(r.values(config.split), ref.values(config.split), config.confidence))
+            )
             lines.append([r.label, me_cell(r.method), str(r.n), fmt_mean_ci(r.stats['mAP']), diff])
         out += ['', f'#### ME stage placement: {ref.label}', ''] + _table(head, lines)
     return out
@@ -522,25 +573,43 @@ def teacher_sequence_tables(groups: list[Group], config: ReportConfig) -> list[s
                     continue
                 r = g.row(m.name)
                 weak, strong = (g.row(TEACHER_ROWS[role]) for role in ROLES)
-                lines.append([g.pair, _f(weak.stats['mAP']['mean']), _f(strong.stats['mAP']['mean']), str(r.n),
-                              fmt_mean_ci(r.stats['mAP']), fmt_diff(r.gain)])
-            head = ['Pair (weak → strong)', 'Weak teacher mAP', 'Strong teacher mAP', 'n', f'mAP ({cl} CI)',
-                    f'Gain vs baseline ({cl} CI)']
+                lines.append(
+                    [
+                        g.pair,
+                        _f(weak.stats['mAP']['mean']),
+                        _f(strong.stats['mAP']['mean']),
+                        str(r.n),
+                        fmt_mean_ci(r.stats['mAP']),
+                        fmt_diff(r.gain),
+                    ]
+                )
+            head = [
+                'Pair (weak → strong)',
+                'Weak teacher mAP',
+                'Strong teacher mAP',
+                'n',
+                f'mAP ({cl} CI)',
+                f'Gain vs baseline ({cl} CI)',
+            ]
             out += ['', f'### Teacher sequence: {m.label} ({student})', ''] + _table(head, lines)
     return out
 
 
 def verdict_line(v: dict, config: ReportConfig) -> str:
     a, b, p = v['a'], v['b'], v['result']
-    head = f"- {a.label} vs {b.label}: "
+    head = f'- {a.label} vs {b.label}: '
     if not p['n']:
         return head + 'no common seed: not compared.'
     if p['ci'] is None:
-        return (head + f"{p['verdict']} (Δ mAP = {p['mean_diff']:+.2f} on seed {p['seeds'][0]}; "
-                       f"{p['mean_a']:.2f} vs {p['mean_b']:.2f}).")
+        return (
+            head + f'{p["verdict"]} (Δ mAP = {p["mean_diff"]:+.2f} on seed {p["seeds"][0]}; '
+            f'{p["mean_a"]:.2f} vs {p["mean_b"]:.2f}).'
+        )
     cl = confidence_label(config.confidence)
-    return (head + f"**{p['verdict']}**: Δ mAP = {p['mean_diff']:+.2f}, {cl} CI {fmt_ci(p['ci'], sign=True)}, "
-                   f"{fmt_p(p['p_value'])}, {p['n']} paired seeds ({p['mean_a']:.2f} vs {p['mean_b']:.2f}).")
+    return (
+        head + f'**{p["verdict"]}**: Δ mAP = {p["mean_diff"]:+.2f}, {cl} CI {fmt_ci(p["ci"], sign=True)}, '
+        f'{fmt_p(p["p_value"])}, {p["n"]} paired seeds ({p["mean_a"]:.2f} vs {p["mean_b"]:.2f}).'
+    )
 
 
 def _strides_lines(groups: list[Group]) -> list[str]:
@@ -549,7 +618,7 @@ def _strides_lines(groups: list[Group]) -> list[str]:
         for r in g.rows:
             if not r.is_method:
                 continue
-            for seed, run in r.runs.items():
+            for run in r.runs.values():
                 s = run.record.get('strides')
                 text = ', '.join(str(x) for x in s) if isinstance(s, list) and s else 'not recorded'
                 by_strides.setdefault(text, [])
@@ -561,7 +630,7 @@ def _strides_lines(groups: list[Group]) -> list[str]:
     if len(by_strides) == 1:
         text = next(iter(by_strides))
         return [f'Every distillation run: {text}' + ('.' if text == 'not recorded' else ' (stride in pixels).')]
-    return [f"- {text}: {', '.join(names)}" for text, names in by_strides.items()]
+    return [f'- {text}: {", ".join(names)}' for text, names in by_strides.items()]
 
 
 def _missing_notes(groups: list[Group], config: ReportConfig) -> list[str]:
@@ -575,8 +644,9 @@ def _missing_notes(groups: list[Group], config: ReportConfig) -> list[str]:
             missing = [s for s in config.seeds if s not in r.runs]
             if missing:
                 where = f'{g.student}' if r.kind == 'baseline' else g.key
-                notes.append(f"{where}: {r.label} ({r.name}) has no metrics for seed(s) "
-                             f"{', '.join(map(str, missing))}.")
+                notes.append(
+                    f'{where}: {r.label} ({r.name}) has no metrics for seed(s) {", ".join(map(str, missing))}.'
+                )
     return list(dict.fromkeys(notes))
 
 
@@ -586,8 +656,14 @@ def load_me(me_dir: str | Path, config: ReportConfig) -> list[dict]:
     me_dir = Path(me_dir)
     out = []
     for pair in config.pairs:
-        entry: dict[str, Any] = {'pair': pair, 'ratios': [], 'score_thr': None, 'threshold': config.me_threshold,
-                                 'counts': {}, 'tables': {}}
+        entry: dict[str, Any] = {
+            'pair': pair,
+            'ratios': [],
+            'score_thr': None,
+            'threshold': config.me_threshold,
+            'counts': {},
+            'tables': {},
+        }
         ratios_file = me_dir / pair / 'boxes' / 'area_ratios.json'
         if ratios_file.is_file():
             data = _read(ratios_file)
@@ -627,17 +703,32 @@ def me_lines(me: list[dict], config: ReportConfig) -> list[str]:
         for seed, t in sorted(entry['tables'].items()):
             c = t['counts']
             total = sum(int(v) for v in c.values())
-            rows.append([entry['pair'], str(seed), _g(t['threshold']), str(c.get('noise', 0)), str(c.get('crop', 0)),
-                         str(c.get('none', 0)), str(total)])
+            rows.append(
+                [
+                    entry['pair'],
+                    str(seed),
+                    _g(t['threshold']),
+                    str(c.get('noise', 0)),
+                    str(c.get('crop', 0)),
+                    str(c.get('none', 0)),
+                    str(total),
+                ]
+            )
             if config.me_threshold is not None and t['threshold'] != config.me_threshold:
-                notes.append(f"- {entry['pair']} seed {seed}: the table was made with T = {_g(t['threshold'])}, "
-                             f'params.yaml now says T = {config.me_threshold:g} (stale table?).')
+                notes.append(
+                    f'- {entry["pair"]} seed {seed}: the table was made with T = {_g(t["threshold"])}, '
+                    f'params.yaml now says T = {config.me_threshold:g} (stale table?).'
+                )
     if not rows:
         return ['No ME decision table found.']
-    lines = [f'Per training image: r(I) < T: Gaussian noise (or nothing, by a seeded draw); r(I) ≥ T: edge crop. '
-             f'T in params.yaml: {_g(config.me_threshold)}.', '']
-    return lines + _table(['Pair', 'Seed', 'T', 'noise', 'crop', 'none', 'images'], rows) + \
-        ([''] + notes if notes else [])
+    lines = [
+        f'Per training image: r(I) < T: Gaussian noise (or nothing, by a seeded draw); r(I) ≥ T: edge crop. '
+        f'T in params.yaml: {_g(config.me_threshold)}.',
+        '',
+    ]
+    return (
+        lines + _table(['Pair', 'Seed', 'T', 'noise', 'crop', 'none', 'images'], rows) + ([''] + notes if notes else [])
+    )
 
 
 def _g(x) -> str:
@@ -650,14 +741,14 @@ def log_paths(logs_dir: str | Path, record: Mapping[str, Any]) -> list[Path]:
     logs_dir = Path(logs_dir)
     kind = record['kind']
     if kind == 'teacher':
-        return [logs_dir / 'teachers' / record['pair'] / f"{record['role']}.csv"]
-    base = logs_dir / 'students' / record['student'] / f"seed{record['seed']}"
+        return [logs_dir / 'teachers' / record['pair'] / f'{record["role"]}.csv']
+    base = logs_dir / 'students' / record['student'] / f'seed{record["seed"]}'
     if kind == 'baseline':
         return [base / 'baseline.csv']
     stem = base / record['pair'] / record['method']
-    final = stem.with_name(f"{record['method']}.csv")
+    final = stem.with_name(f'{record["method"]}.csv')
     if kind == 'sal2':
-        return [stem.with_name(f"{record['method']}.stage1.csv"), final]
+        return [stem.with_name(f'{record["method"]}.stage1.csv'), final]
     return [final]
 
 
@@ -679,8 +770,9 @@ def read_loss_log(path: str | Path) -> list[tuple[int, float, float]]:
     for line, row in enumerate(reader, start=2):
         try:
             total = float(row['loss'])
-            distill = sum(float(v) for k, v in row.items()
-                          if k and k.startswith('loss_distill_') and v not in ('', None))
+            distill = sum(
+                float(v) for k, v in row.items() if k and k.startswith('loss_distill_') and v not in ('', None)
+            )
             out.append((int(float(row['iter'])), total, total - distill))
         except (TypeError, ValueError):
             raise DfmsdError(f'{path}:{line}: not a number in {row}') from None
@@ -691,7 +783,7 @@ def loss_curve(row: Row, logs_dir: str | Path) -> tuple[dict | None, list[str]]:
     """The row's loss, mean over its seeds at each logged iteration (SAL stages end to end)."""
     by_iter: dict[int, list[tuple[float, float]]] = defaultdict(list)
     notes, boundaries = [], set()
-    for seed, run in sorted(row.runs.items(), key=_seed_order):
+    for _seed, run in sorted(row.runs.items(), key=_seed_order):
         points: dict[int, tuple[float, float]] = {}
         paths = log_paths(logs_dir, run.record)
         for i, path in enumerate(paths):
@@ -707,10 +799,12 @@ def loss_curve(row: Row, logs_dir: str | Path) -> tuple[dict | None, list[str]]:
     if not by_iter:
         return None, notes
     iters = sorted(by_iter)
-    return {'iters': iters,
-            'loss': [sum(v[0] for v in by_iter[i]) / len(by_iter[i]) for i in iters],
-            'det_loss': [sum(v[1] for v in by_iter[i]) / len(by_iter[i]) for i in iters],
-            'boundaries': sorted(boundaries)}, notes
+    return {
+        'iters': iters,
+        'loss': [sum(v[0] for v in by_iter[i]) / len(by_iter[i]) for i in iters],
+        'det_loss': [sum(v[1] for v in by_iter[i]) / len(by_iter[i]) for i in iters],
+        'boundaries': sorted(boundaries),
+    }, notes
 
 
 # ---------------------------------------------------------------- machine-readable outputs
@@ -750,20 +844,47 @@ def results_csv(groups: list[Group], config: ReportConfig) -> str:
     header = ['group', 'student', 'pair', 'row', 'label', 'kind', 'method_group', 'ablation_of', 'split', 'n']
     for m in REPORTED_METRICS:
         header += [f'{m}_mean', f'{m}_std']
-    header += ['mAP_ci_low', 'mAP_ci_high', 'gain', 'gain_ci_low', 'gain_ci_high', 'gain_p', 'gain_n',
-               'verdict_vs_baseline', *(f'{k}_mean' for k in COST_KEYS)]
+    header += [
+        'mAP_ci_low',
+        'mAP_ci_high',
+        'gain',
+        'gain_ci_low',
+        'gain_ci_high',
+        'gain_p',
+        'gain_n',
+        'verdict_vs_baseline',
+        *(f'{k}_mean' for k in COST_KEYS),
+    ]
     lines = []
     for g in groups:
         for r in g.rows:
             ci = r.stats['mAP']['ci'] or (None, None)
             gain = r.gain or {}
             gci = gain.get('ci') or (None, None)
-            line = [g.key, g.student, g.pair, r.name, r.label, r.kind, r.method.group if r.method else '',
-                    (r.method.ablation_of or '') if r.method else '', config.split, r.n]
+            line = [
+                g.key,
+                g.student,
+                g.pair,
+                r.name,
+                r.label,
+                r.kind,
+                r.method.group if r.method else '',
+                (r.method.ablation_of or '') if r.method else '',
+                config.split,
+                r.n,
+            ]
             for m in REPORTED_METRICS:
                 line += [r.stats[m]['mean'], r.stats[m]['std']]
-            line += [ci[0], ci[1], gain.get('mean_diff'), gci[0], gci[1], gain.get('p_value'), gain.get('n'),
-                     gain.get('verdict', '')] + [r.cost[k] for k in COST_KEYS]
+            line += [
+                ci[0],
+                ci[1],
+                gain.get('mean_diff'),
+                gci[0],
+                gci[1],
+                gain.get('p_value'),
+                gain.get('n'),
+                gain.get('verdict', ''),
+            ] + [r.cost[k] for k in COST_KEYS]
             lines.append(line)
     return _csv(header, lines)
 
@@ -782,10 +903,21 @@ def runs_csv(groups: list[Group]) -> str:
                 seen.add(run.source)
                 rec = run.record
                 strides = rec.get('strides')
-                line = [rec.get('student', ''), rec.get('pair', ''), r.name, r.label, rec['kind'],
-                        r.method.group if r.method else '', seed, run.source]
-                line += [rec[split][m] if isinstance(rec.get(split), dict) else None
-                         for split in SPLITS for m in REPORTED_METRICS]
+                line = [
+                    rec.get('student', ''),
+                    rec.get('pair', ''),
+                    r.name,
+                    r.label,
+                    rec['kind'],
+                    r.method.group if r.method else '',
+                    seed,
+                    run.source,
+                ]
+                line += [
+                    rec[split][m] if isinstance(rec.get(split), dict) else None
+                    for split in SPLITS
+                    for m in REPORTED_METRICS
+                ]
                 line += [rec.get(k) for k in (*COST_KEYS, *RUN_KEYS)]
                 line.append(' '.join(map(str, strides)) if isinstance(strides, list) else '')
                 lines.append(line)
@@ -849,35 +981,47 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
     cl = confidence_label(config.confidence)
     seeds = ', '.join(map(str, config.seeds))
     tests = sum(1 for g in groups for v in g.verdicts if v['result']['ci'] is not None)
-    md = ['# Results', '',
-          f'Split reported: **{config.split}** (COCO box metrics, percent). The val split is for tuning only; '
-          f'the tables report {config.split}.' if config.split == 'test' else
-          f'Split reported: **{config.split}** (COCO box metrics, percent). Note: val is the tuning split; '
-          f'these numbers are not held-out test results.',
-          '',
-          f'Seeds: {len(config.seeds)} ({seeds}); each sets the student initialisation, data order and random '
-          f'draws, and every method runs with every seed. Student rows: mean ± std over seeds (ddof = 1); '
-          f'{cl} CI: t interval of the mean. Gain and Δ: mean paired difference over the seeds both rows have '
-          f'(same seed), with its {cl} t interval. Teachers are single runs (no CI). Cost: means over seeds of '
-          f"the row's final run record: Iters = the schedule's final iteration (the row's budget; SAL: both "
-          f'stages), Images seen = original training images, Teacher images = images through the teacher '
-          f'(originals + ME views). Ablations (rows with `ablation_of`) are in the ablation tables.']
+    md = [
+        '# Results',
+        '',
+        f'Split reported: **{config.split}** (COCO box metrics, percent). The val split is for tuning only; '
+        f'the tables report {config.split}.'
+        if config.split == 'test'
+        else f'Split reported: **{config.split}** (COCO box metrics, percent). Note: val is the tuning split; '
+        f'these numbers are not held-out test results.',
+        '',
+        f'Seeds: {len(config.seeds)} ({seeds}); each sets the student initialisation, data order and random '
+        f'draws, and every method runs with every seed. Student rows: mean ± std over seeds (ddof = 1); '
+        f'{cl} CI: t interval of the mean. Gain and Δ: mean paired difference over the seeds both rows have '
+        f'(same seed), with its {cl} t interval. Teachers are single runs (no CI). Cost: means over seeds of '
+        f"the row's final run record: Iters = the schedule's final iteration (the row's budget; SAL: both "
+        f'stages), Images seen = original training images, Teacher images = images through the teacher '
+        f'(originals + ME views). Ablations (rows with `ablation_of`) are in the ablation tables.',
+    ]
     for g in groups:
         md += ['', f'## {g.student} / {g.pair}', '', '### Main table', ''] + main_table(g, config)
         md += ablation_tables(g, config)
     md += teacher_sequence_tables(groups, config)
-    md += ['', '## Verdicts', '',
-           f'Each verdict reads the {cl} CI of a paired mAP difference ({config.split}): **better** if it lies '
-           f'entirely above 0, **worse** if entirely below 0, else *{"not distinguishable at " + cl}*. '
-           f"{len(config.seeds)} seed{'s' if len(config.seeds) != 1 else ''} per row; {tests} paired t-test"
-           f"{'s' if tests != 1 else ''} below, each at {cl}, with **no correction for multiple comparisons**."
-           + (' A comparison with fewer than two common seeds is not tested: its difference is one run pair '
-              'and establishes nothing.' if any(v['result']['ci'] is None for g in groups for v in g.verdicts)
-              else '')]
+    md += [
+        '',
+        '## Verdicts',
+        '',
+        f'Each verdict reads the {cl} CI of a paired mAP difference ({config.split}): **better** if it lies '
+        f'entirely above 0, **worse** if entirely below 0, else *{"not distinguishable at " + cl}*. '
+        f'{len(config.seeds)} seed{"s" if len(config.seeds) != 1 else ""} per row; {tests} paired t-test'
+        f'{"s" if tests != 1 else ""} below, each at {cl}, with **no correction for multiple comparisons**.'
+        + (
+            ' A comparison with fewer than two common seeds is not tested: its difference is one run pair '
+            'and establishes nothing.'
+            if any(v['result']['ci'] is None for g in groups for v in g.verdicts)
+            else ''
+        ),
+    ]
     for g in groups:
         md += ['', f'### {g.student} / {g.pair}', '']
-        md += [verdict_line(v, config) for v in g.verdicts] or ['No comparison: the baseline or every method is '
-                                                               'unmeasured.']
+        md += [verdict_line(v, config) for v in g.verdicts] or [
+            'No comparison: the baseline or every method is unmeasured.'
+        ]
     md += ['', '## Distilled FPN strides', ''] + _strides_lines(groups)
     md += ['', '## Masking enhancement decisions', ''] + me_lines(me, config)
     if notes:
@@ -886,8 +1030,9 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
 
 
 # ---------------------------------------------------------------- entry point
-def build_report(params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir: str | Path,
-                 me_dir: str | Path) -> dict[str, Any]:
+def build_report(
+    params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir: str | Path, me_dir: str | Path
+) -> dict[str, Any]:
     """Everything the report writes, in memory: ``{'config', 'groups', 'me', 'notes', 'curves'}``."""
     config = report_config(params)
     runs, notes = load_runs(metrics_dir, config)
@@ -904,7 +1049,7 @@ def build_report(params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir
             curve, log_notes = loss_curve(r, logs_dir)
             notes += log_notes
             if curve is not None:
-                curves.append((rid, curve, r.label if not several else f"{rid.rsplit('/', 1)[0]}: {r.label}"))
+                curves.append((rid, curve, r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}'))
     return {'config': config, 'groups': groups, 'me': load_me(me_dir, config), 'notes': notes, 'curves': curves}
 
 
@@ -914,25 +1059,52 @@ def _figure_data(report: dict) -> dict[str, Any]:
     for g in groups:
         rows = [r for r in g.rows if r.n]
         base = g.baseline
-        maps.append({'title': g.key, 'baseline': base.stats['mAP']['mean'] if base.n else None,
-                     'rows': [{'label': r.label, 'kind': r.fig_kind, 'mean': r.stats['mAP']['mean'],
-                               'ci': r.stats['mAP']['ci'], 'points': list(r.values(config.split).values())}
-                              for r in rows]})
+        maps.append(
+            {
+                'title': g.key,
+                'baseline': base.stats['mAP']['mean'] if base.n else None,
+                'rows': [
+                    {
+                        'label': r.label,
+                        'kind': r.fig_kind,
+                        'mean': r.stats['mAP']['mean'],
+                        'ci': r.stats['mAP']['ci'],
+                        'points': list(r.values(config.split).values()),
+                    }
+                    for r in rows
+                ],
+            }
+        )
         items = []
         for r in rows:
             if r.is_method and r.gain and r.gain['n']:
-                items.append({'label': r.label, 'reference': base.label, 'mean': r.gain['mean_diff'],
-                              'ci': r.gain['ci'], 'kind': 'method'})
+                items.append(
+                    {
+                        'label': r.label,
+                        'reference': base.label,
+                        'mean': r.gain['mean_diff'],
+                        'ci': r.gain['ci'],
+                        'kind': 'method',
+                    }
+                )
         for r in rows:
             if r.kind == 'ablation' and r.vs_full and r.vs_full['n']:
-                items.append({'label': r.label, 'reference': g.row(r.method.ablation_of).label,
-                              'mean': r.vs_full['mean_diff'], 'ci': r.vs_full['ci'], 'kind': 'ablation'})
+                items.append(
+                    {
+                        'label': r.label,
+                        'reference': g.row(r.method.ablation_of).label,
+                        'mean': r.vs_full['mean_diff'],
+                        'ci': r.vs_full['ci'],
+                        'kind': 'ablation',
+                    }
+                )
         diffs.append({'title': f'{g.key}: paired by seed', 'items': items})
     return {'maps': maps, 'diffs': diffs}
 
 
-def write_report(params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir: str | Path,
-                 me_dir: str | Path, out_dir: str | Path) -> list[Path]:
+def write_report(
+    params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir: str | Path, me_dir: str | Path, out_dir: str | Path
+) -> list[Path]:
     """Build the report and write it under ``out_dir``; returns the files written.
 
     ``results.md``, ``results.csv``, ``runs.csv``, ``summary.json``, ``plots/{map,loss}.csv`` and
@@ -956,11 +1128,12 @@ def write_report(params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir
     cl = confidence_label(config.confidence)
     with atomic_directory(out / 'figures') as tmp:
         figures.map_per_row(data['maps'], tmp / 'map_per_row.png', split=config.split, confidence_label=cl)
-        figures.paired_differences(data['diffs'], tmp / 'paired_differences.png', split=config.split,
-                                   confidence_label=cl)
-        figures.training_loss([{'label': label, **c} for _, c, label in report['curves']],
-                              tmp / 'training_loss.png')
+        figures.paired_differences(
+            data['diffs'], tmp / 'paired_differences.png', split=config.split, confidence_label=cl
+        )
+        figures.training_loss([{'label': label, **c} for _, c, label in report['curves']], tmp / 'training_loss.png')
         figures.me_area_ratio(report['me'], tmp / 'me_area_ratio.png')
-    written += [out / 'figures' / f'{n}.png' for n in ('map_per_row', 'paired_differences', 'training_loss',
-                                                         'me_area_ratio')]
+    written += [
+        out / 'figures' / f'{n}.png' for n in ('map_per_row', 'paired_differences', 'training_loss', 'me_area_ratio')
+    ]
     return written

@@ -7,12 +7,16 @@ sigmoid_focal_loss forward and backward (against mmdet's pure-PyTorch focal loss
 on the CPU), RoIAlign forward and backward (against mmcv's CPU kernel). Also which ops raise
 under torch.use_deterministic_algorithms(True), as mmengine sets for `randomness.deterministic`
 (the project's training configs), with and without CUBLAS_WORKSPACE_CONFIG. Exits 1 on a mismatch.
+
+Status (docs/gpu.md): its one device run stopped at a SIGSEGV in mmcv's get_compiler_version,
+which it no longer calls; the comparisons below have not run on a GPU yet.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -29,17 +33,25 @@ def random_boxes(n: int, gen: torch.Generator, size: float = 800.0) -> torch.Ten
 
 
 def main() -> int:
-    from mmcv.ops import RoIAlign, batched_nms, get_compiling_cuda_version, nms, sigmoid_focal_loss
+    import mmcv
+    from mmcv.ops import RoIAlign, batched_nms, nms, sigmoid_focal_loss
     from mmdet.models.losses.focal_loss import py_sigmoid_focal_loss
 
     assert torch.cuda.is_available(), 'no GPU'
+    # Not mmcv.ops.get_compiler_version / get_compiling_cuda_version: with the CUDA build of
+    # mmcv 2.1.0 against torch 2.11+cu130 (gcc 13.3, nvcc 13.0) both crashed the interpreter
+    # (SIGSEGV, docs/gpu.md); the ops themselves ran.
+    ext = next(Path(mmcv.__file__).parent.glob('_ext*.so'))
     print(
-        'mmcv compiled with CUDA',
-        get_compiling_cuda_version(),
+        'mmcv',
+        mmcv.__version__,
+        '| _ext links libc10_cuda:',
+        b'libc10_cuda.so' in ext.read_bytes(),
         '| torch',
         torch.__version__,
         '| GPU',
         torch.cuda.get_device_name(0),
+        flush=True,
     )
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), 'little'))
     bad = []

@@ -39,12 +39,14 @@ TEACHERS = {
 }
 DMKD = dict(type='DMKDLoss', loss_weight=2.0e-5, tau=0.5, lambda_s=0.5, lambda_c=0.5)
 PKD = dict(type='PKDLoss', loss_weight=6.0)
+# DFMSD's stage term: DMKD as a per-element mean (Eq. 7), alpha 28.6; beta 14.3 (presets/coco.yaml)
+STAGE = dict(DMKD, loss_weight=28.6, reduction='mean')
 METHODS = {  # presets/coco.yaml's COCO-scale weights
     'mgd': (dict(feature=dict(type='MGDLoss', loss_weight=2.0e-5, lambda_mgd=0.65)), 0.0),
     'dmkd': (dict(feature=DMKD), 0.0),
     'pkd': (dict(feature=PKD), 0.0),
-    'dfmsd': (dict(stage=DMKD, sfa=PKD), 0.0),  # SAL stage without ME (stage 1)
-    'dfmsd_me': (dict(stage=DMKD, sfa=PKD), 13.0),  # the ME stage, a view for every image
+    'dfmsd': (dict(stage=STAGE, sfa=PKD), 0.0),  # SAL stage 1 (no ME)
+    'dfmsd_me': (dict(stage=STAGE, sfa=PKD), 14.3),  # the ME stage, a view for every image
 }
 
 
@@ -142,9 +144,6 @@ def main() -> int:
     parser.add_argument('--size', default='1333x800', help='input width x height')
     args = parser.parse_args()
 
-    import os
-
-    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # what the project sets (engine/runner.py)
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
 

@@ -19,6 +19,12 @@ cd "$(dirname "$0")/../.."
 WAIT=${1:-560}
 G=/tmp/gpu
 mkdir -p $G/done $G/out
+# The worker runs from its own copy: a later call re-sends the working tree (and carried
+# paths) and replaces them, which pulled the files from under the first worker here.
+if [ ! -d $G/src ]; then
+  mkdir -p $G/src && cp -a . $G/src/ && rm -rf $G/src/.whl && cp -aL .whl $G/src/.whl
+fi
+cd $G/src
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 
 worker() {
@@ -45,25 +51,26 @@ worker() {
     return 1
   fi
   touch $G/done/build
-  python3 scripts/gpu/check_mmcv_ops.py > $G/out/ops.log 2>&1; echo "rc=$?" >> $G/out/ops.log
+  python3 -X faulthandler scripts/gpu/check_mmcv_ops.py > $G/out/ops.log 2>&1; echo "rc=$?" >> $G/out/ops.log
   touch $G/done/ops
 
-  python3 scripts/gpu/default_on_gpu.py --iters 300 --teacher-iters 300 --demo-unfixed \
+  python3 scripts/gpu/default_on_gpu.py --iters 300 --teacher-iters 300 --cublas-check \
     --only baseline mgd dmkd pkd dfmsd --work $G/default --out $G/out/default > $G/out/default.log 2>&1
   echo "rc=$?" >> $G/out/default.log
   touch $G/done/default
 
-  python3 scripts/gpu/coco_size_bench.py --out $G/out/coco_bench.json > $G/out/coco_bench.log 2>&1
+  python3 scripts/gpu/coco_size_bench.py --out $G/out/coco_bench.json ${COCO_METHODS:+--methods $COCO_METHODS} \
+    > $G/out/coco_bench.log 2>&1
   echo "rc=$?" >> $G/out/coco_bench.log
   touch $G/done/coco
 
   python3 scripts/gpu/default_on_gpu.py --iters 300 --amp fp16 --reuse $G/default --skip-eval \
-    --only baseline mgd dmkd pkd dfmsd --work $G/default_amp --out $G/out/default_amp > $G/out/default_amp.log 2>&1
+    --only ${AMP_RUNS:-baseline mgd dmkd pkd dfmsd} --work $G/default_amp --out $G/out/default_amp > $G/out/default_amp.log 2>&1
   echo "rc=$?" >> $G/out/default_amp.log
   touch $G/done/amp
 
   DFMSD_LAUNCH_BACKEND=nccl python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
-    scripts/gpu/default_on_gpu.py --iters 100 --pinned --reuse $G/default --skip-eval --only mgd dfmsd \
+    scripts/gpu/default_on_gpu.py --iters 100 --pinned --reuse $G/default --skip-eval --only ${NCCL_RUNS:-mgd dfmsd} \
     --work $G/default_nccl --out $G/out/default_nccl > $G/out/default_nccl.log 2>&1
   echo "rc=$?" >> $G/out/default_nccl.log
   touch $G/done/nccl all
@@ -71,7 +78,8 @@ worker() {
 
 if [ ! -e $G/worker.pid ] || ! kill -0 "$(cat $G/worker.pid)" 2>/dev/null; then
   if [ ! -e $G/done/all ]; then
-    setsid bash -c "$(declare -f worker); G=$G; export PYTHONUNBUFFERED=1 PYTHONPATH=$PYTHONPATH; worker" \
+    setsid bash -c "$(declare -f worker); G=$G; export PYTHONUNBUFFERED=1 PYTHONPATH=$PYTHONPATH \
+      COCO_METHODS='${COCO_METHODS:-}' AMP_RUNS='${AMP_RUNS:-}' NCCL_RUNS='${NCCL_RUNS:-}'; worker" \
       > $G/out/worker.log 2>&1 < /dev/null &
     echo $! > $G/worker.pid
   fi

@@ -14,6 +14,7 @@ same modules, so the formula exists once.
 
 Notation: f_align = 1x1 conv Cs -> Ct (identity if Cs == Ct).
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -103,7 +104,8 @@ def make_generation(channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(channels, channels, kernel_size=3, padding=1),
         nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1))
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+    )
 
 
 class SEBlock(nn.Module):

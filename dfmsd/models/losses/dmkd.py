@@ -1,5 +1,6 @@
 """Dual attention masking + reconstruction (DMKD, the base DFMSD builds on; method notes §3),
 and AMD's single attention-guided masking with SE channel cues."""
+
 from __future__ import annotations
 
 import torch
@@ -8,12 +9,20 @@ import torch.nn.functional as F
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from .common import (MaskedReconstructionLoss, SEBlock, channel_attention, make_align, make_generation,
-                     sample_attention_mask, spatial_attention)
+from .common import (
+    MaskedReconstructionLoss,
+    SEBlock,
+    channel_attention,
+    make_align,
+    make_generation,
+    sample_attention_mask,
+    spatial_attention,
+)
 
 
-def attention_masks(preds_T: Tensor, tau: float, lambda_s: float, lambda_c: float | None,
-                    generator=None) -> tuple[Tensor, Tensor | None]:
+def attention_masks(
+    preds_T: Tensor, tau: float, lambda_s: float, lambda_c: float | None, generator=None
+) -> tuple[Tensor, Tensor | None]:
     """Teacher-attention-guided keep-masks: spatial N x 1 x H x W and channel N x C x 1 x 1
     (None when lambda_c is None), masked entries drawn without replacement ~ attention."""
     n, c, h, w = preds_T.shape
@@ -39,9 +48,17 @@ class DMKDLoss(MaskedReconstructionLoss):
     logits learnable, initialised equal (0, 0).  G = conv3x3 -> ReLU -> conv3x3 (MGD's).
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 2e-5,
-                 tau: float = 0.5, lambda_s: float = 0.5, lambda_c: float = 0.5, se_ratio: int = 16,
-                 reduction: str = 'sum_over_batch'):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        loss_weight: float = 2e-5,
+        tau: float = 0.5,
+        lambda_s: float = 0.5,
+        lambda_c: float = 0.5,
+        se_ratio: int = 16,
+        reduction: str = 'sum_over_batch',
+    ):
         super().__init__(loss_weight, reduction)
         self.align = make_align(student_channels, teacher_channels)
         self.gen_s = make_generation(teacher_channels)
@@ -70,9 +87,16 @@ class AMDLoss(MaskedReconstructionLoss):
     MGD's reconstruction it builds on (docs/method.md).
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 2e-5,
-                 tau: float = 0.5, lambda_s: float = 0.65, se_ratio: int = 16,
-                 reduction: str = 'sum_over_batch'):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        loss_weight: float = 2e-5,
+        tau: float = 0.5,
+        lambda_s: float = 0.65,
+        se_ratio: int = 16,
+        reduction: str = 'sum_over_batch',
+    ):
         super().__init__(loss_weight, reduction)
         self.align = make_align(student_channels, teacher_channels)
         self.generation = make_generation(teacher_channels)

@@ -1,4 +1,5 @@
 """Focal and Global Distillation, feature part (Yang et al., CVPR 2022), as FGD's code does it."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ from torch import Tensor
 from .common import DistillLoss, channel_attention, make_align, spatial_attention
 
 
-def fgd_masks(boxes: Sequence[Tensor], feat_hw: tuple[int, int], img_shapes: Sequence[tuple[int, int]],
-              device=None) -> tuple[Tensor, Tensor]:
+def fgd_masks(
+    boxes: Sequence[Tensor], feat_hw: tuple[int, int], img_shapes: Sequence[tuple[int, int]], device=None
+) -> tuple[Tensor, Tensor]:
     """FGD's scale-normalised foreground / background masks, each N x 1 x H x W.
 
     As FGD's code (yzd-v/FGD, losses/fgd.py): box coordinates are scaled by
@@ -32,7 +34,7 @@ def fgd_masks(boxes: Sequence[Tensor], feat_hw: tuple[int, int], img_shapes: Seq
             wmin, wmax = math.floor(x1 / img_w * w), math.ceil(x2 / img_w * w)
             hmin, hmax = math.floor(y1 / img_h * h), math.ceil(y2 / img_h * h)
             area = 1.0 / (hmax + 1 - hmin) / (wmax + 1 - wmin)
-            cells = fg[i, 0, max(hmin, 0):hmax + 1, max(wmin, 0):wmax + 1]
+            cells = fg[i, 0, max(hmin, 0) : hmax + 1, max(wmin, 0) : wmax + 1]
             cells.clamp_(min=area)
     bg = (fg == 0).float()
     bg = bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
@@ -50,8 +52,11 @@ class GcBlock(nn.Module):
         hidden = max(1, channels // 2)
         self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
         self.channel_add = nn.Sequential(
-            nn.Conv2d(channels, hidden, kernel_size=1), nn.LayerNorm([hidden, 1, 1]),
-            nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, kernel_size=1))
+            nn.Conv2d(channels, hidden, kernel_size=1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, kernel_size=1),
+        )
         nn.init.kaiming_normal_(self.conv_mask.weight, mode='fan_in', nonlinearity='relu')
         nn.init.zeros_(self.conv_mask.bias)
         nn.init.zeros_(self.channel_add[-1].weight)
@@ -77,9 +82,17 @@ class FGDLoss(DistillLoss):
 
     needs = frozenset({'boxes', 'img_shapes'})
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 1.0,
-                 temp: float = 0.5, alpha_fgd: float = 0.001, beta_fgd: float = 0.0005,
-                 gamma_fgd: float = 0.0005, lambda_fgd: float = 0.000005):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        loss_weight: float = 1.0,
+        temp: float = 0.5,
+        alpha_fgd: float = 0.001,
+        beta_fgd: float = 0.0005,
+        gamma_fgd: float = 0.0005,
+        lambda_fgd: float = 0.000005,
+    ):
         super().__init__()
         self.align = make_align(student_channels, teacher_channels)
         self.gc_s, self.gc_t = GcBlock(teacher_channels), GcBlock(teacher_channels)
@@ -98,5 +111,9 @@ class FGDLoss(DistillLoss):
         loss_bg = (m_bg * sq).sum() / n
         loss_att = ((ca_s - ca_t).abs().sum() + (sa_s - sa_t).abs().sum()) / n
         loss_global = ((self.gc_s(s) - self.gc_t(t)) ** 2).sum() / n
-        return self.loss_weight * (self.alpha_fgd * loss_fg + self.beta_fgd * loss_bg
-                                   + self.gamma_fgd * loss_att + self.lambda_fgd * loss_global)
+        return self.loss_weight * (
+            self.alpha_fgd * loss_fg
+            + self.beta_fgd * loss_bg
+            + self.gamma_fgd * loss_att
+            + self.lambda_fgd * loss_global
+        )

@@ -1,4 +1,5 @@
 """Plain feature distillation (FKD, DFMSD Eq. 1)."""
+
 from __future__ import annotations
 
 from mmdet.registry import MODELS

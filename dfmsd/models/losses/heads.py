@@ -17,6 +17,7 @@ C = ``cls_out_channels``: the classes for sigmoid heads, C + 1 (background last)
 The heads come from the distiller (``student_head``: trainable; ``teacher_head``: frozen,
 eval mode, None for a detector without a dense ``bbox_head``).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,16 +41,20 @@ from .common import DistillLoss, make_align
 def _cls_branches() -> dict:
     """forward_single -> (name of the cls tower or None, name of the final cls conv)."""
     from mmdet.models.dense_heads import AnchorFreeHead, AnchorHead, ATSSHead, FCOSHead, GFLHead, RetinaHead
-    return {RetinaHead.forward_single: ('cls_convs', 'retina_cls'),
-            GFLHead.forward_single: ('cls_convs', 'gfl_cls'),
-            ATSSHead.forward_single: ('cls_convs', 'atss_cls'),
-            FCOSHead.forward_single: ('cls_convs', 'conv_cls'),
-            AnchorFreeHead.forward_single: ('cls_convs', 'conv_cls'),
-            AnchorHead.forward_single: (None, 'conv_cls')}
+
+    return {
+        RetinaHead.forward_single: ('cls_convs', 'retina_cls'),
+        GFLHead.forward_single: ('cls_convs', 'gfl_cls'),
+        ATSSHead.forward_single: ('cls_convs', 'atss_cls'),
+        FCOSHead.forward_single: ('cls_convs', 'conv_cls'),
+        AnchorFreeHead.forward_single: ('cls_convs', 'conv_cls'),
+        AnchorHead.forward_single: (None, 'conv_cls'),
+    }
 
 
 def _known_forwards() -> set:
     from mmdet.models.dense_heads import AnchorFreeHead, AnchorHead, ATSSHead, FCOSHead, GFLHead
+
     return {AnchorHead.forward, AnchorFreeHead.forward, GFLHead.forward, ATSSHead.forward, FCOSHead.forward}
 
 
@@ -59,12 +64,16 @@ SUPPORTED = 'RetinaHead, GFLHead, ATSSHead, FCOSHead, AnchorHead and their subcl
 def checked_head(head: nn.Module | None, role: str, user: str) -> nn.Module:
     """``head`` if its cls branch can run alone, else a DistillError naming its class."""
     if head is None:
-        raise DistillError(f'{user} needs a dense-head {role}: the {role} has no dense bbox_head (a two-stage '
-                           f'detector classifies RoIs, not FPN locations); supported: {SUPPORTED}')
+        raise DistillError(
+            f'{user} needs a dense-head {role}: the {role} has no dense bbox_head (a two-stage '
+            f'detector classifies RoIs, not FPN locations); supported: {SUPPORTED}'
+        )
     cls = type(head)
     if cls.forward_single not in _cls_branches() or cls.forward not in _known_forwards():
-        raise DistillError(f"{user} needs a dense-head {role} with a plain classification branch ({SUPPORTED}); "
-                           f"the {role}'s {cls.__name__} has its own forward")
+        raise DistillError(
+            f'{user} needs a dense-head {role} with a plain classification branch ({SUPPORTED}); '
+            f"the {role}'s {cls.__name__} has its own forward"
+        )
     return head
 
 
@@ -72,9 +81,11 @@ def dense_head(detector: nn.Module, role: str = 'detector') -> nn.Module:
     """The detector's dense head, checked (a two-stage detector raises, naming its class)."""
     head = getattr(detector, 'bbox_head', None)
     if head is None:
-        raise DistillError(f'head-level distillation needs a dense-head teacher/student: the {role} '
-                           f'{type(detector).__name__} has no dense class head (a two-stage detector '
-                           f'classifies RoIs, not FPN locations)')
+        raise DistillError(
+            f'head-level distillation needs a dense-head teacher/student: the {role} '
+            f'{type(detector).__name__} has no dense class head (a two-stage detector '
+            f'classifies RoIs, not FPN locations)'
+        )
     return checked_head(head, role, 'head-level distillation')
 
 
@@ -89,7 +100,7 @@ def split_anchors(cls_score: Tensor, num_classes: int) -> Tensor:
 def head_class_logits(head: nn.Module, x: Tensor, reduce_anchors: bool = True) -> Tensor:
     """One level: N x C x H x W (anchors reduced by max) or N x A x C x H x W."""
     tower, final = _cls_branches()[type(head).forward_single]
-    for layer in (getattr(head, tower) if tower else ()):
+    for layer in getattr(head, tower) if tower else ():
         x = layer(x)
     z = split_anchors(getattr(head, final)(x), head.cls_out_channels)
     return z.amax(dim=1) if reduce_anchors else z
@@ -102,8 +113,9 @@ def dense_class_logits(detector: nn.Module, feats: Sequence[Tensor], reduce_anch
 
 
 # ------------------------------------------------------------------ PCD
-def valid_locations(n: int, hw: tuple[int, int], img_shapes: Sequence | None = None, stride: int | None = None,
-                    device=None) -> Tensor:
+def valid_locations(
+    n: int, hw: tuple[int, int], img_shapes: Sequence | None = None, stride: int | None = None, device=None
+) -> Tensor:
     """N x H x W bool: cells whose top-left pixel lies inside the unpadded image
     (row * stride < img_h and col * stride < img_w); all cells without shapes or stride."""
     h, w = hw
@@ -113,8 +125,8 @@ def valid_locations(n: int, hw: tuple[int, int], img_shapes: Sequence | None = N
     if len(img_shapes) != n:
         raise ValueError(f'img_shapes has {len(img_shapes)} entries for a batch of {n}')
     for i, shape in enumerate(img_shapes):
-        valid[i, math.ceil(shape[0] / stride):] = False
-        valid[i, :, math.ceil(shape[1] / stride):] = False
+        valid[i, math.ceil(shape[0] / stride) :] = False
+        valid[i, :, math.ceil(shape[1] / stride) :] = False
     return valid
 
 
@@ -126,9 +138,9 @@ def class_kd(student: Tensor, teacher: Tensor, temperature: float, sigmoid: bool
     if sigmoid:
         p_t = torch.sigmoid(t)
         kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-        return temperature ** 2 * kl.sum(dim=-1)
+        return temperature**2 * kl.sum(dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
-    return temperature ** 2 * (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=-1))).sum(dim=-1)
+    return temperature**2 * (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=-1))).sum(dim=-1)
 
 
 def pcd_num_active_groups(progress: float | None, num_groups: int, num_stages: int) -> int:
@@ -167,8 +179,15 @@ class PCDLoss(DistillLoss):
 
     needs = frozenset({'student_head_out', 'student_head', 'teacher_head', 'progress', 'img_shapes', 'stride'})
 
-    def __init__(self, student_channels: int | None = None, teacher_channels: int | None = None,
-                 loss_weight: float = 1.0, temperature: float = 1.0, num_groups: int = 3, num_stages: int = 5):
+    def __init__(
+        self,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
+        loss_weight: float = 1.0,
+        temperature: float = 1.0,
+        num_groups: int = 3,
+        num_stages: int = 5,
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f'temperature must be > 0, got {temperature}')
@@ -184,12 +203,20 @@ class PCDLoss(DistillLoss):
         k = min(len(groups), pcd_num_active_groups(progress, self.num_groups, self.num_stages))
         return torch.cat(groups[:k]).sort().values
 
-    def logit_loss(self, student_logits: Tensor, teacher_logits: Tensor, sigmoid: bool,
-                   progress: float | None = None, img_shapes=None, stride: int | None = None) -> Tensor:
+    def logit_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        sigmoid: bool,
+        progress: float | None = None,
+        img_shapes=None,
+        stride: int | None = None,
+    ) -> Tensor:
         """L from N x C x H x W logits."""
         if student_logits.shape != teacher_logits.shape:
-            raise ValueError(f'student logits {tuple(student_logits.shape)} and teacher logits '
-                             f'{tuple(teacher_logits.shape)} differ')
+            raise ValueError(
+                f'student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ'
+            )
         n, _, h, w = student_logits.shape
         valid = valid_locations(n, (h, w), img_shapes, stride, student_logits.device)
         s = student_logits.permute(0, 2, 3, 1)[valid]  # M x C
@@ -198,15 +225,26 @@ class PCDLoss(DistillLoss):
         terms = class_kd(s[:, active], t[:, active], self.temperature, sigmoid)
         return self.loss_weight * (terms.mean() if terms.numel() else student_logits.sum() * 0.0)
 
-    def forward(self, preds_S: Tensor, preds_T: Tensor, *, student_head_out, student_head, teacher_head,
-                progress: float | None = None, img_shapes=None, stride: int | None = None) -> Tensor:
+    def forward(
+        self,
+        preds_S: Tensor,
+        preds_T: Tensor,
+        *,
+        student_head_out,
+        student_head,
+        teacher_head,
+        progress: float | None = None,
+        img_shapes=None,
+        stride: int | None = None,
+    ) -> Tensor:
         teacher = checked_head(teacher_head, 'teacher', 'PCDLoss')
         student = checked_head(student_head, 'student', 'PCDLoss')
         if (student.cls_out_channels, student.use_sigmoid_cls) != (teacher.cls_out_channels, teacher.use_sigmoid_cls):
             raise DistillError(
                 f'PCDLoss needs the same classes on both heads: student {type(student).__name__} has '
                 f'{student.cls_out_channels} cls outputs (sigmoid {student.use_sigmoid_cls}), teacher '
-                f'{type(teacher).__name__} {teacher.cls_out_channels} (sigmoid {teacher.use_sigmoid_cls})')
+                f'{type(teacher).__name__} {teacher.cls_out_channels} (sigmoid {teacher.use_sigmoid_cls})'
+            )
         s = split_anchors(student_head_out[0], student.cls_out_channels).amax(dim=1)
         with torch.no_grad():
             t = head_class_logits(teacher, preds_T.detach())
@@ -217,6 +255,7 @@ class PCDLoss(DistillLoss):
 def crosskd_teacher_kind(head: nn.Module | None) -> str:
     """'retina' or 'gfl' (the teacher heads CrossKD's code and our presets cover), else DistillError."""
     from mmdet.models.dense_heads import GFLHead, RetinaHead
+
     cls = type(head)
     if head is not None and cls.forward is RetinaHead.forward and cls.forward_single is RetinaHead.forward_single:
         return 'retina'
@@ -242,19 +281,32 @@ def crosskd_targets(head: nn.Module, featmap_sizes: Sequence, level_indices: Seq
     at least one per image, as mmdet's SamplingResult counts them).
     """
     from mmdet.models.utils import unpack_gt_instances
+
     if getattr(head, 'assigner', None) is None:
-        raise DistillError(f'CrossKDLoss: the teacher {type(head).__name__} has no assigner (its config has no '
-                           f'train_cfg); the KD targets come from its label assignment')
+        raise DistillError(
+            f'CrossKDLoss: the teacher {type(head).__name__} has no assigner (its config has no '
+            f'train_cfg); the KD targets come from its label assignment'
+        )
     gen = head.prior_generator
     gts, gts_ignore, metas = unpack_gt_instances(samples)
-    anchors = [gen.single_level_grid_priors(tuple(size), level_idx=i, device=device)
-               for size, i in zip(featmap_sizes, level_indices)]
+    anchors = [
+        gen.single_level_grid_priors(tuple(size), level_idx=i, device=device)
+        for size, i in zip(featmap_sizes, level_indices)
+    ]
     flags = []
     for meta in metas:  # as AnchorGenerator.valid_flags, for the chosen levels
         pad_h, pad_w = meta['pad_shape'][:2]
-        flags.append([gen.single_level_valid_flags(
-            (h, w), (min(math.ceil(pad_h / gen.strides[i][1]), h), min(math.ceil(pad_w / gen.strides[i][0]), w)),
-            gen.num_base_anchors[i], device=device) for (h, w), i in zip(featmap_sizes, level_indices)])
+        flags.append(
+            [
+                gen.single_level_valid_flags(
+                    (h, w),
+                    (min(math.ceil(pad_h / gen.strides[i][1]), h), min(math.ceil(pad_w / gen.strides[i][0]), w)),
+                    gen.num_base_anchors[i],
+                    device=device,
+                )
+                for (h, w), i in zip(featmap_sizes, level_indices)
+            ]
+        )
     out = head.get_targets([list(anchors) for _ in metas], flags, gts, metas, gts_ignore)
     if crosskd_teacher_kind(head) == 'gfl':
         anchors_list, _, label_weights, _, _, avg_factor = out
@@ -370,16 +422,26 @@ class CrossKDLoss(DistillLoss):
     per_level = False
     needs = frozenset({'student_head', 'teacher_head', 'samples', 'strides'})
 
-    def __init__(self, student_channels: int | Sequence[int], teacher_channels: int | Sequence[int],
-                 loss_weight: float = 1.0, reused_idx: int | None = None, loss_cls_weight: float = 1.0,
-                 loss_reg_weight: float | None = None, loss_bbox_weight: float = 2.0, beta: float = 1.0,
-                 student_feat_channels: int | None = None, teacher_feat_channels: int | None = None,
-                 hold_activated: bool = True):
+    def __init__(
+        self,
+        student_channels: int | Sequence[int],
+        teacher_channels: int | Sequence[int],
+        loss_weight: float = 1.0,
+        reused_idx: int | None = None,
+        loss_cls_weight: float = 1.0,
+        loss_reg_weight: float | None = None,
+        loss_bbox_weight: float = 2.0,
+        beta: float = 1.0,
+        student_feat_channels: int | None = None,
+        teacher_feat_channels: int | None = None,
+        hold_activated: bool = True,
+    ):
         super().__init__()
         cs, ct = ({c} if isinstance(c, int) else set(c) for c in (student_channels, teacher_channels))
         if len(cs) != 1 or len(ct) != 1:
-            raise DistillError(f'CrossKDLoss needs one FPN width per model, got student {sorted(cs)}, '
-                               f'teacher {sorted(ct)}')
+            raise DistillError(
+                f'CrossKDLoss needs one FPN width per model, got student {sorted(cs)}, teacher {sorted(ct)}'
+            )
         self.widths = (student_feat_channels or cs.pop(), teacher_feat_channels or ct.pop())
         self.align_cls, self.align_reg = make_align(*self.widths), make_align(*self.widths)
         if reused_idx is not None and reused_idx < 0:
@@ -387,33 +449,41 @@ class CrossKDLoss(DistillLoss):
         self.loss_weight, self.reused_idx, self.beta = loss_weight, reused_idx, beta
         self.hold_activated = hold_activated
         self.loss_cls_weight, self.loss_reg_weight, self.loss_bbox_weight = (
-            loss_cls_weight, loss_reg_weight, loss_bbox_weight)
+            loss_cls_weight,
+            loss_reg_weight,
+            loss_bbox_weight,
+        )
 
     def resolve_idx(self, student_head: nn.Module, teacher_head: nn.Module) -> int:
         n_t = len(teacher_head.cls_convs)
         idx = n_t if self.reused_idx is None else self.reused_idx
         if not 0 <= idx <= n_t:
-            raise DistillError(f'CrossKDLoss: reused_idx {idx} is outside 0..{n_t}, the teacher '
-                               f'{type(teacher_head).__name__} has {n_t} tower convs')
+            raise DistillError(
+                f'CrossKDLoss: reused_idx {idx} is outside 0..{n_t}, the teacher '
+                f'{type(teacher_head).__name__} has {n_t} tower convs'
+            )
         towers = [getattr(student_head, name, None) for name in ('cls_convs', 'reg_convs')]
         if any(t is None or len(t) < idx or not all(isinstance(c, ConvModule) for c in t) for t in towers):
-            raise DistillError(f'CrossKDLoss: the student {type(student_head).__name__} needs cls_convs and '
-                               f'reg_convs of at least reused_idx = {idx} ConvModules')
+            raise DistillError(
+                f'CrossKDLoss: the student {type(student_head).__name__} needs cls_convs and '
+                f'reg_convs of at least reused_idx = {idx} ConvModules'
+            )
         return idx
 
-    def cross_level(self, s: Tensor, t: Tensor, student_head: nn.Module, teacher_head: nn.Module,
-                    idx: int, level: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def cross_level(
+        self, s: Tensor, t: Tensor, student_head: nn.Module, teacher_head: nn.Module, idx: int, level: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(reused cls, reused reg, teacher cls, teacher reg) of one level, in the teacher head's format."""
         s_cls, s_reg, _, _ = _towers(student_head, s, idx, self.hold_activated, stop=idx)
         with torch.no_grad():
-            t_cls_held, t_reg_held, t_cls_feat, t_reg_feat = _towers(teacher_head, t.detach(), idx,
-                                                                     self.hold_activated)
+            t_cls_held, t_reg_held, t_cls_feat, t_reg_feat = _towers(teacher_head, t.detach(), idx, self.hold_activated)
             tea_cls, tea_reg = _final(teacher_head, t_cls_feat, t_reg_feat, level)
         if (s_cls.shape[1], t_cls_held.shape[1]) != self.widths:
             raise DistillError(
                 f'CrossKDLoss: the held features have {s_cls.shape[1]} (student) and {t_cls_held.shape[1]} '
                 f'(teacher) channels at reused_idx {idx}, the align expects {self.widths}; set '
-                f'student_feat_channels / teacher_feat_channels')
+                f'student_feat_channels / teacher_feat_channels'
+            )
         x_cls = align_scale(self.align_cls(s_cls), t_cls_held)
         x_reg = align_scale(self.align_reg(s_reg), t_reg_held)
         if idx:
@@ -424,15 +494,25 @@ class CrossKDLoss(DistillLoss):
             x_reg = conv(x_reg)
         return (*_final(teacher_head, x_cls, x_reg, level), tea_cls, tea_reg)
 
-    def forward(self, preds_S: Sequence[Tensor], preds_T: Sequence[Tensor], *, student_head, teacher_head,
-                samples, strides: Sequence[int]) -> dict[str, Tensor]:
+    def forward(
+        self,
+        preds_S: Sequence[Tensor],
+        preds_T: Sequence[Tensor],
+        *,
+        student_head,
+        teacher_head,
+        samples,
+        strides: Sequence[int],
+    ) -> dict[str, Tensor]:
         kind = crosskd_teacher_kind(teacher_head)
         idx = self.resolve_idx(student_head, teacher_head)
         levels = head_level_indices(teacher_head, strides)
-        outs = [self.cross_level(s, t, student_head, teacher_head, idx, lvl)
-                for s, t, lvl in zip(preds_S, preds_T, levels)]
+        outs = [
+            self.cross_level(s, t, student_head, teacher_head, idx, lvl) for s, t, lvl in zip(preds_S, preds_T, levels)
+        ]
         anchors, label_weights, avg_factor = crosskd_targets(
-            teacher_head, [t.shape[-2:] for t in preds_T], levels, samples, preds_T[0].device)
+            teacher_head, [t.shape[-2:] for t in preds_T], levels, samples, preds_T[0].device
+        )
         n_cls = teacher_head.cls_out_channels
         reg_weight = self.loss_reg_weight if self.loss_reg_weight is not None else {'retina': 1.0, 'gfl': 3.0}[kind]
         cls = reg = bbox = weight_sum = 0.0
@@ -447,16 +527,24 @@ class CrossKDLoss(DistillLoss):
             bins = teacher_head.reg_max + 1
             reg = reg + distribution_kl_sum(_flat(r_reg, bins), _flat(t_reg, bins), w.repeat_interleave(4)) / 4.0
             centers = teacher_head.anchor_center(a) / teacher_head.prior_generator.strides[lvl][0]
-            bbox = bbox + giou_sum(*(teacher_head.bbox_coder.decode(centers, teacher_head.integral(_flat(x, 4 * bins)))
-                                     for x in (r_reg, t_reg)), w)
+            bbox = bbox + giou_sum(
+                *(
+                    teacher_head.bbox_coder.decode(centers, teacher_head.integral(_flat(x, 4 * bins)))
+                    for x in (r_reg, t_reg)
+                ),
+                w,
+            )
             weight_sum = weight_sum + w.sum()
         k = self.loss_weight
         if kind == 'retina':
             return dict(cls=k * self.loss_cls_weight * cls / avg_factor, reg=k * reg_weight * reg / avg_factor)
         avg_factor = reduce_mean(torch.tensor(avg_factor, device=t_flat.device)).item()
         weight_sum = weight_sum.clamp(min=1e-12)
-        return dict(cls=k * self.loss_cls_weight * cls / avg_factor, reg=k * reg_weight * reg / weight_sum,
-                    bbox=k * self.loss_bbox_weight * bbox / weight_sum)
+        return dict(
+            cls=k * self.loss_cls_weight * cls / avg_factor,
+            reg=k * reg_weight * reg / weight_sum,
+            bbox=k * self.loss_bbox_weight * bbox / weight_sum,
+        )
 
 
 # ------------------------------------------------------------------ MAR relation
@@ -480,8 +568,9 @@ def cls_tower(head: nn.Module | None, x: Tensor, role: str) -> Tensor:
     """The head's classification tower (``cls_convs``, with activations) on x."""
     head = checked_head(head, role, 'MARRelationLoss')
     if _cls_branches()[type(head).forward_single][0] is None:
-        raise DistillError(f"MARRelationLoss needs a cls tower (cls_convs); the {role}'s "
-                           f"{type(head).__name__} has none")
+        raise DistillError(
+            f"MARRelationLoss needs a cls tower (cls_convs); the {role}'s {type(head).__name__} has none"
+        )
     for layer in head.cls_convs:
         x = layer(x)
     return x
@@ -503,8 +592,13 @@ class MARRelationLoss(DistillLoss):
 
     needs = frozenset({'student_head', 'teacher_head'})
 
-    def __init__(self, student_channels: int | None = None, teacher_channels: int | None = None,
-                 loss_weight: float = 1.0, max_pixels: int = 256):
+    def __init__(
+        self,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
+        loss_weight: float = 1.0,
+        max_pixels: int = 256,
+    ):
         super().__init__()
         if max_pixels < 1:
             raise ValueError(f'max_pixels must be >= 1, got {max_pixels}')

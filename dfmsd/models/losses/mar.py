@@ -3,6 +3,7 @@
 The relation term (pixel relations on the classification head) is MARRelationLoss in
 ``heads.py``; a MAR row uses both.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,16 @@ def box_cells(box: Sequence[float], stride: int, hw: tuple[int, int]) -> tuple[i
     return (r0, r1, c0, c1) if r1 > r0 and c1 > c0 else None
 
 
-def mar_mask(boxes: Sequence[Tensor], feat_hw: tuple[int, int], stride: int, inside: float = 1.0,
-             near: float = 0.5, background: float = 0.1, near_ratio: float = 0.5, device=None) -> Tensor:
+def mar_mask(
+    boxes: Sequence[Tensor],
+    feat_hw: tuple[int, int],
+    stride: int,
+    inside: float = 1.0,
+    near: float = 0.5,
+    background: float = 0.1,
+    near_ratio: float = 0.5,
+    device=None,
+) -> Tensor:
     """Multi-value mask N x 1 x H x W: ``inside`` on cells of any box; ``near`` on cells of any
     box grown by near_ratio * (box w, box h) on every side that are in no box; else
     ``background``. A region covers every cell it overlaps (``box_cells``)."""
@@ -55,8 +64,16 @@ class MARLoss(DistillLoss):
 
     needs = frozenset({'boxes', 'stride'})
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 1.0,
-                 inside: float = 1.0, near: float = 0.5, background: float = 0.1, near_ratio: float = 0.5):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        loss_weight: float = 1.0,
+        inside: float = 1.0,
+        near: float = 0.5,
+        background: float = 0.1,
+        near_ratio: float = 0.5,
+    ):
         super().__init__()
         self.align = make_align(student_channels, teacher_channels)
         self.loss_weight = loss_weight

@@ -1,4 +1,5 @@
 """Masked Generative Distillation (Yang et al., ECCV 2022), MGD's own semantics."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,14 @@ class MGDLoss(MaskedReconstructionLoss):
     loss_weight = MGD's alpha_mgd (2e-5 for RetinaNet); lambda_mgd default 0.65.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 2e-5,
-                 lambda_mgd: float = 0.65, reduction: str = 'sum_over_batch'):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        loss_weight: float = 2e-5,
+        lambda_mgd: float = 0.65,
+        reduction: str = 'sum_over_batch',
+    ):
         super().__init__(loss_weight, reduction)
         self.align = make_align(student_channels, teacher_channels)
         self.generation = make_generation(teacher_channels)

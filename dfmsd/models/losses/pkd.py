@@ -1,4 +1,5 @@
 """Pearson-correlation feature alignment (PKD, Cao et al. 2022) = DFMSD's SFA (Eq. 5)."""
+
 from __future__ import annotations
 
 from mmdet.registry import MODELS
@@ -15,8 +16,7 @@ class PKDLoss(DistillLoss):
     as mmrazor's PKDLoss. Invariant to a positive scale and a per-channel shift of S and T.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 1.0,
-                 eps: float = 1e-6):
+    def __init__(self, student_channels: int, teacher_channels: int, loss_weight: float = 1.0, eps: float = 1e-6):
         super().__init__()
         self.align = make_align(student_channels, teacher_channels)
         self.loss_weight, self.eps = loss_weight, eps
