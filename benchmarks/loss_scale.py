@@ -36,7 +36,7 @@ def main() -> None:
     import dfmsd.models  # noqa: F401
     from dfmsd.core.params import load_params, validate
     from dfmsd.core.presets import preset_params
-    from dfmsd.data.coco import area_ratio, load_json, split_files
+    from dfmsd.data.coco import ground_truth_ratios, load_json, split_files
     from dfmsd.data.me import decision_table
     from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
 
@@ -59,21 +59,8 @@ def main() -> None:
     val.train_dataloader.dataset.update(
         ann_file=params.data.splits['val'].ann, data_prefix=dict(img=params.data.splits['val'].img)
     )
-    coco = load_json(split_files(params.data, 'val')[0])
-    boxes = defaultdict(list)
-    for ann in coco['annotations']:
-        boxes[ann['image_id']].append(ann['bbox'])
-    ratios = {im['id']: area_ratio(boxes[im['id']], im['width'], im['height']) for im in coco['images']}
-    me = params.me
-    table = decision_table(
-        ratios,
-        threshold=me.threshold,
-        noise_prob=me.noise_prob,
-        noise_sigma=me.noise_sigma,
-        crop_min=me.crop_min,
-        crop_max=me.crop_max,
-        seed=0,
-    )
+    ratios = ground_truth_ratios(load_json(split_files(params.data, 'val')[0]))
+    table = decision_table(ratios, params.me, seed=0)
     table_path = Path('/tmp/dfmsd_loss_scale_me.json')
     import json
 

@@ -66,24 +66,10 @@ def main() -> None:
     import json
     import tempfile
 
-    from dfmsd.data.coco import area_ratio, load_json, split_files
+    from dfmsd.data.coco import ground_truth_ratios, load_json, split_files
 
-    coco = load_json(split_files(params.data, 'train')[0])
-    by_image = {im['id']: [] for im in coco['images']}
-    for ann in coco['annotations']:
-        by_image[ann['image_id']].append(ann['bbox'])
-    sizes = {im['id']: (im['width'], im['height']) for im in coco['images']}
-    ratios = {i: area_ratio(b, *sizes[i]) for i, b in by_image.items()}
-    me = params.me
-    table = decision_table(
-        ratios,
-        threshold=me.threshold,
-        noise_prob=me.noise_prob,
-        noise_sigma=me.noise_sigma,
-        crop_min=me.crop_min,
-        crop_max=me.crop_max,
-        seed=0,
-    )
+    ratios = ground_truth_ratios(load_json(split_files(params.data, 'train')[0]))
+    table = decision_table(ratios, params.me, seed=0)
     table_file = tempfile.NamedTemporaryFile('w', suffix='.json', delete=False)
     json.dump(table, table_file)
     table_file.close()

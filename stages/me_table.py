@@ -20,15 +20,7 @@ def main() -> None:
 
     me = section(ME, stage_params()['me'], 'me')
     ratios = {int(k): float(v) for k, v in read_json(args.ratios)['area_ratios'].items()}
-    table = decision_table(
-        ratios,
-        threshold=me.threshold,
-        noise_prob=me.noise_prob,
-        noise_sigma=me.noise_sigma,
-        crop_min=me.crop_min,
-        crop_max=me.crop_max,
-        seed=args.seed,
-    )
+    table = decision_table(ratios, me, seed=args.seed)
     write_json(args.out, table, indent=None)
     print(f'[me_table] seed {args.seed}: {table["counts"]}')
 

@@ -23,7 +23,7 @@ from support import REPO
 import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform)
 from dfmsd.core.errors import CheckpointError
 from dfmsd.core.io import write_json
-from dfmsd.core.params import Data, Detector, Train, load_params
+from dfmsd.core.params import ME, Data, Detector, Train, load_params
 from dfmsd.data.coco import load_json
 from dfmsd.data.me import OPS, decision_table, write_views
 from dfmsd.engine.checkpoint import (
@@ -89,9 +89,8 @@ def me_table(data: Data, path: Path, *, noise_prob: float, seed: int = 3) -> tup
     'small' (noise with probability noise_prob)."""
     ids = [im['id'] for im in load_json(Path(data.root) / data.splits['train'].ann)['images']]
     ratios = {i: 0.9 if i % 3 == 0 else 0.1 for i in ids}
-    table = decision_table(
-        ratios, threshold=0.5, noise_prob=noise_prob, noise_sigma=25.0, crop_min=0.1, crop_max=0.3, seed=seed
-    )
+    settings = ME(threshold=0.5, noise_prob=noise_prob, noise_sigma=25.0, crop_min=0.1, crop_max=0.3)
+    table = decision_table(ratios, settings, seed=seed)
     write_json(path, table)
     return path, table
 

@@ -1,25 +1,34 @@
-"""Multi-process training through torchrun + mmengine's `pytorch` launcher, on the CPU.
+"""Training, teacher boxes and evaluation split across processes (torchrun + mmengine's
+``pytorch`` launcher), on the CPU with 2 gloo processes, against the 1-process run.
 
-2 processes, gloo backend, tiny dataset: the plain stage commands relaunch themselves,
-rank 0 alone exports, and the export is the same format as a single-process one.
+The stage scripts run as DVC runs them (``DVC_STAGE`` set, params from ``dvc.api.params_show``)
+in a copy of the project whose params.yaml says ``launch: {nproc_per_node: 2, backend: gloo}``;
+``DFMSD_LAUNCH_NPROC_PER_NODE=1`` makes the 1-process reference runs. One stage goes through
+``dvc repro --single-item`` itself. Each process uses one torch/OpenMP thread.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import copy_project
+from support import REPO, copy_project, env, preset_params
 
-VENV_BIN = str(Path(sys.executable).parent)
-ITERS = 4
+ITERS = 4  # every training run
+STUDENT, PAIR, SEED = 'retinanet', 'tiny', 0
+INIT = f'models/students/{STUDENT}/seed{SEED}/init'
+WEAK = f'models/teachers/{PAIR}/weak'
+ME_TABLE = f'data/me/{PAIR}/seed{SEED}.json'
+#: variables of an enclosing torchrun or launch override, which would change what a stage does
+INHERITED = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'DFMSD_PHASE')
 
 
 def free_port() -> int:
@@ -28,185 +37,331 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage(root: Path, *args: str, timeout: int = 300, **env_overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f'{VENV_BIN}:{os.environ["PATH"]}', OMP_NUM_THREADS='1', DVC_NO_ANALYTICS='1')
-    for key in [k for k in env if k.startswith('DFMSD_LAUNCH_') or k in ('LOCAL_RANK', 'RANK', 'WORLD_SIZE')]:
-        del env[key]
-    env.update(env_overrides)
-    res = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f'{args} exited {res.returncode}:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}'
-    return res
+def stage(root: Path, name: str, *cmd: str, procs: int | None = None, timeout: int = 300):
+    """``cmd`` run as DVC stage ``name`` (a stage script, or ``-m dvc ...``); ``procs`` overrides
+    params.yaml's launch.nproc_per_node. Every torchrun gets a fresh master port."""
+    extra = dict(DVC_STAGE=name, OMP_NUM_THREADS='1', DFMSD_LAUNCH_MASTER_PORT=str(free_port()))
+    if procs is not None:
+        extra['DFMSD_LAUNCH_NPROC_PER_NODE'] = str(procs)
+    variables = env(PYTHONPATH=str(root), **extra)
+    for key in [k for k in variables if k in INHERITED or (k.startswith('DFMSD_LAUNCH_') and k not in extra)]:
+        del variables[key]
+    start = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, *cmd], cwd=root, env=variables, capture_output=True, text=True, timeout=timeout
+    )
+    print(f'{name} ({procs or "params"} processes): {time.monotonic() - start:.1f} s')
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f'{name}: {cmd} exited {res.returncode}:\n{out[-6000:]}'
+    return out
 
 
-def edit_params(root: Path, fn) -> None:
-    params = yaml.safe_load((root / 'params.yaml').read_text())
-    fn(params)
-    (root / 'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+def assert_two_ranks(out: str) -> None:
+    assert 'torch.distributed.run --nproc_per_node 2 --nnodes 1 --node_rank 0' in out, out[-3000:]
+    for rank in (0, 1):
+        assert f'[launch] rank {rank}/2 ' in out, out[-3000:]
+
+
+def assert_one_process(out: str) -> None:
+    assert '[launch]' not in out, out[-3000:]
 
 
 @pytest.fixture(scope='module')
-def project(tmp_path_factory, tiny_dataset):
-    """Smoke preset, tiny data; the student init, a teacher and a reference student trained
-    in one process; then `launch: {nproc_per_node: 2, backend: gloo}`."""
-    root = copy_project(tmp_path_factory.mktemp('dist') / 'p')
-    subprocess.run([sys.executable, '-m', 'dfmsd.presets', 'smoke'], cwd=root, check=True, capture_output=True)
-    shutil.copytree(tiny_dataset, root / 'data/synthetic')
-
-    def budgets(p):
-        p['teachers']['teacher_strong']['iters'] = ITERS
-        p['student']['iters'] = ITERS
-        p['distill']['runs']['mgd']['iters'] = ITERS
-        p['distill']['runs']['dfmsd_stage1']['iters'] = ITERS
-        p['distill']['me_runs']['dfmsd_stage2']['iters'] = ITERS
-        p['train']['checkpoint_interval'] = 2
-
-    edit_params(root, budgets)
-    stage(root, 'stages/student_init.py')
-    single = stage(root, 'stages/train.py', 'teacher_strong')
-    assert '[launch]' not in single.stdout  # one process: no relaunch, no launcher
-    stage(root, 'stages/train.py', 'student')
-    (root / 'models/student.pth').rename(root / 'reference_student.pth')  # a single-process export
-    edit_params(root, lambda p: p.update(launch={'nproc_per_node': 2, 'backend': 'gloo', 'master_port': free_port()}))
+def project(tmp_path_factory):
+    """Smoke preset on fewer images (odd val/test counts: the last 2-process batch is padded),
+    ``launch: 2 gloo processes``. Made in one process: the data, the weak teacher (a Faster
+    R-CNN: its untrained heads already score many boxes), the student init, and a reference
+    baseline export (models/reference)."""
+    params = preset_params('smoke')
+    for split, images in (('train', 16), ('val', 7), ('test', 5)):
+        params['data']['splits'][split]['images'] = images
+    params['seeds'] = [SEED]
+    params['train'].update(batch_size=2, iters=ITERS, checkpoint_interval=2)
+    for role in ('weak', 'strong'):
+        params['pairs'][PAIR][role]['iters'] = ITERS
+    params['launch'] = {'nproc_per_node': 2, 'nnodes': 1, 'backend': 'gloo', 'master_port': free_port()}
+    root = copy_project(tmp_path_factory.mktemp('dist') / 'project', params=params)
+    stage(root, 'data', 'stages/data.py', '--root', 'data/synthetic')
+    out = stage(
+        root, f'teacher@{PAIR}-weak', 'stages/teacher.py', '--pair', PAIR, '--role', 'weak',
+        '--out', WEAK, '--log', f'logs/teachers/{PAIR}/weak.csv', procs=1,
+    )  # fmt: skip
+    assert_one_process(out)
+    stage(root, f'student_init@{STUDENT}-{SEED}', 'stages/student_init.py', *student_args('init', init=False))
+    baseline(root, 'models/reference', procs=1)
     return root
 
 
-def output(res: subprocess.CompletedProcess) -> str:
-    return res.stdout + res.stderr
+def student_args(run: str, *, init: bool = True) -> list[str]:
+    args = ['--student', STUDENT, '--seed', str(SEED)]
+    if init:
+        args += ['--init', INIT, '--log', f'logs/{run}.csv']
+    return [*args, '--out', run if run.startswith('models/') else f'models/students/{STUDENT}/seed{SEED}/{run}']
 
 
-def assert_two_ranks(res: subprocess.CompletedProcess) -> None:
-    out = output(res)
-    assert 'torch.distributed.run --nproc_per_node 2 --nnodes 1 --node_rank 0' in res.stdout, out[-3000:]
-    for rank in (0, 1):
-        assert f'[launch] rank {rank}/2 ' in out, out[-3000:]
-    # mmengine's environment line (ConciseRunner: "world size 2"; stock: "GPU number: 2")
-    assert 'world size 2' in out or 'GPU number: 2' in out, out[-3000:]
+def baseline(root: Path, out: str, *, procs: int | None = None) -> str:
+    return stage(root, f'baseline@{STUDENT}-{SEED}', 'stages/baseline.py', *student_args(out), procs=procs)
 
 
-def assert_plain_export(root: Path, name: str) -> None:
-    ckpt = torch.load(root / f'models/{name}.pth', weights_only=True)
-    assert set(ckpt) == {'state_dict', 'meta'}
-    state = ckpt['state_dict']
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    reference = torch.load(root / 'reference_student.pth', weights_only=True)
-    assert set(ckpt['meta']) == set(reference['meta'])
-    reference = reference['state_dict']
-    assert list(state) == list(reference)  # no 'module.' (DDP) or 'student.' (distiller) prefix
-    assert all(state[k].shape == reference[k].shape and state[k].dtype == reference[k].dtype for k in state)
-    assert ckpt['meta']['iters'] == ITERS and ckpt['meta']['name'] == name
-    exported_cfg = (root / f'models/{name}.py').read_text()
-    assert 'launcher' not in exported_cfg and 'model_wrapper_cfg' not in exported_cfg
-    assert len((root / f'logs/{name}.csv').read_text().splitlines()) >= 2
+def evaluate(root: Path, model: str, tag: str, *, procs: int | None = None, name: str | None = None) -> str:
+    return stage(
+        root, name or f'evaluate_teacher@{PAIR}-weak', 'stages/evaluate.py', '--model', model,
+        '--predictions', f'predictions/{tag}', '--metrics', f'metrics/{tag}.json', procs=procs,
+    )  # fmt: skip
+
+
+def detections(path: Path) -> set[tuple]:
+    """A COCO results file as a set of (image, category, box to 0.01 px, score to 1e-4)."""
+    return {
+        (d['image_id'], d['category_id'], tuple(round(v, 2) for v in d['bbox']), round(d['score'], 4))
+        for d in json.loads(path.read_text())
+    }
+
+
+@pytest.fixture(scope='module')
+def boxes(project):
+    """teacher_boxes of the weak teacher with 1 process (boxes_one) and 2 (the DVC output),
+    and the seed's ME table from the latter."""
+    one, two = f'data/me/{PAIR}/boxes_one', f'data/me/{PAIR}/boxes'
+    name = f'teacher_boxes@{PAIR}'
+    assert_one_process(stage(project, name, 'stages/teacher_boxes.py', '--teacher', WEAK, '--out', one, procs=1))
+    assert_two_ranks(stage(project, name, 'stages/teacher_boxes.py', '--teacher', WEAK, '--out', two))
+    stage(
+        project, f'me_table@{PAIR}-{SEED}', 'stages/me_table.py',
+        '--ratios', f'{two}/area_ratios.json', '--seed', str(SEED), '--out', ME_TABLE,
+    )  # fmt: skip
+    return project / one, project / two
+
+
+def test_teacher_boxes_of_two_processes_equal_one(boxes):
+    one, two = boxes
+    assert (two / 'area_ratios.json').read_bytes() == (one / 'area_ratios.json').read_bytes()
+    ratios = json.loads((two / 'area_ratios.json').read_text())['area_ratios']
+    assert len(ratios) == 16 and any(r > 0 for r in ratios.values())  # every training image, boxes found
+    predicted = detections(two / 'predictions.bbox.json')
+    assert predicted and predicted == detections(one / 'predictions.bbox.json')
+
+
+def test_predictions_and_metrics_of_two_processes_equal_one(project):
+    assert_one_process(evaluate(project, WEAK, 'one', procs=1))
+    assert_two_ranks(evaluate(project, WEAK, 'two'))
+    identical = {}
+    for split in ('val', 'test'):
+        one, two = (project / f'predictions/{tag}/{split}.bbox.json' for tag in ('one', 'two'))
+        predicted = detections(two)
+        assert predicted and predicted == detections(one)
+        images = json.loads((project / f'data/synthetic/annotations/instances_{split}.json').read_text())['images']
+        assert {d[0] for d in predicted} <= {im['id'] for im in images}
+        identical[split] = one.read_bytes() == two.read_bytes()
+    print(f'2-process predictions byte-identical to 1-process: {identical}')
+    assert all(identical.values()), identical
+    one, two = (json.loads((project / f'metrics/{tag}.json').read_text()) for tag in ('one', 'two'))
+    assert one == two and one['test']['mAP'] >= 0
+
+
+def assert_plain_export(root: Path, run: str, reference: str = 'models/reference') -> None:
+    """``run`` exported as a 1-process run exports: plain weights with the same keys, shapes
+    and meta keys, a stock config without launcher or DDP wrapper, a loss log; written by
+    rank 0 alone, and no work dir left behind."""
+    ckpt = torch.load(root / run / 'model.pth', weights_only=True)
+    ref = torch.load(root / reference / 'model.pth', weights_only=True)
+    assert set(ckpt) == set(ref) == {'state_dict', 'meta'}
+    assert set(ckpt['meta']) == set(ref['meta']) and ckpt['meta']['iters'] == ITERS
+    state, ref = ckpt['state_dict'], ref['state_dict']
+    assert list(state) == list(ref)  # no 'module.' (DDP) or 'student.' (distiller) prefix
+    assert all(state[k].shape == ref[k].shape and state[k].dtype == ref[k].dtype for k in state)
+    assert {p.name for p in (root / run).iterdir()} >= {'model.pth', 'model.py', 'train.py', 'run.json'}
+    for config in ('model.py', 'train.py'):
+        text = (root / run / config).read_text()
+        assert 'launcher' not in text and 'model_wrapper_cfg' not in text, config
+    record = json.loads((root / run / 'run.json').read_text())
+    assert record['iters'] == ITERS and record['batch_size'] == 2
     assert not list(root.glob('work_dirs/*'))  # finished: nothing resumable left, on any rank
-    assert not [p for p in root.rglob('*rank1*') if '.git' not in p.parts]
 
 
-def test_baseline_student_on_two_processes(project):
-    res = stage(project, 'stages/train.py', 'student')
-    assert_two_ranks(res)
-    assert 'find_unused_parameters=False' in output(res)
-    assert_plain_export(project, 'student')
-    ev = stage(project, 'stages/evaluate.py', 'student')
-    assert (project / 'metrics/student.json').is_file(), ev.stdout[-2000:]
+def test_baseline_trains_on_two_processes_through_dvc_and_exports_the_one_process_format(project):
+    name = f'baseline@{STUDENT}-{SEED}'
+    out = stage(project, name, '-m', 'dvc', 'repro', '--single-item', name)
+    assert_two_ranks(out)
+    assert 'world size 2' in out and 'find_unused_parameters=False' in out
+    run = f'models/students/{STUDENT}/seed{SEED}/baseline'
+    assert_plain_export(project, run)
+    csv = (project / f'logs/students/{STUDENT}/seed{SEED}/baseline.csv').read_text().splitlines()
+    assert csv[0].startswith('iter,lr,loss') and len(csv) >= 2
+    evaluate(project, run, 'baseline', name=f'evaluate_baseline@{STUDENT}-{SEED}')
+    metrics = json.loads((project / 'metrics/baseline.json').read_text())
+    assert metrics['kind'] == 'baseline' and set(metrics['test']) >= {'mAP'}
 
 
-def test_distillation_on_two_processes(project):
-    res = stage(project, 'stages/distill.py', 'mgd')
-    assert_two_ranks(res)
-    assert_plain_export(project, 'mgd')
-    stage(project, 'stages/evaluate.py', 'mgd')
-    metrics = (project / 'metrics/mgd.json').read_text()
-    assert '"mAP"' in metrics
+def test_me_distillation_on_two_processes(project, boxes):
+    """distill_me: ME views in the training pipeline, so a rank's batch may have none: DDP
+    runs with find_unused_parameters. (The weak teacher stands in for the strong one.)"""
+    method = 'dfmsd_no_sal'
+    run = f'models/students/{STUDENT}/seed{SEED}/{PAIR}/{method}'
+    out = stage(
+        project, f'distill_me@{STUDENT}-{PAIR}-{method}-{SEED}', 'stages/distill.py', '--kind', 'distill_me',
+        '--student', STUDENT, '--pair', PAIR, '--method', method, '--seed', str(SEED), '--teacher', WEAK,
+        '--init', INIT, '--me-table', ME_TABLE, '--out', run, '--log', f'logs/{method}.csv',
+    )  # fmt: skip
+    assert_two_ranks(out)
+    assert 'world size 2' in out and 'find_unused_parameters=True' in out
+    assert_plain_export(project, run)
+    record = json.loads((project / run / 'run.json').read_text())
+    assert record['uses_me'] and record['views_seen'] > 0
+    assert record['images_seen'] == ITERS * 2 * 2  # the global batch: batch_size x 2 processes
+    assert 'loss_distill_aug_s8' in (project / f'logs/{method}.csv').read_text().splitlines()[0]
+    evaluate(project, run, method, name=f'evaluate_me@{STUDENT}-{PAIR}-{method}-{SEED}')
+    assert 'mAP' in json.loads((project / f'metrics/{method}.json').read_text())['test']
 
 
-def test_me_distillation_on_two_processes(project):
-    """SAL stage 2 with ME: original + augmented images in one ConcatDataset, so a rank's
-    batch may lack one kind; DDP runs with find_unused_parameters."""
-    edit_params(
-        project,
-        lambda p: (
-            p['teacher_boxes'].update(teacher='teacher_strong'),
-            p['distill']['runs']['dfmsd_stage1'].update(teacher='teacher_strong'),
-        ),
+# ---------------------------------------------------------------- the ME transform
+def me_views(loader) -> dict[int, bytes]:
+    views = {}
+    for batch in loader:
+        for sample in batch['data_samples']:
+            view = sample.metainfo.get('me_view')
+            if view is not None:
+                assert sample.img_id not in views
+                views[sample.img_id] = view.tobytes() + str(view.shape).encode()
+    return views
+
+
+def test_me_views_are_the_same_bytes_whatever_the_order_workers_or_rank(tiny_dataset, tmp_path):
+    """The training dataloader of an ME config (dfmsd.engine.configs.with_me_views): each
+    image's view, read in order, in reverse, through 0 or 2 workers, or split between 2
+    ranks by a DistributedSampler, with the global RNGs in other states, is the same bytes."""
+    from mmdet.registry import DATASETS
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    import dfmsd.models  # noqa: F401  (registers MaskingEnhancement)
+    from dfmsd.core.io import write_json
+    from dfmsd.core.params import ME, Data, Detector, Train
+    from dfmsd.data.coco import ground_truth_ratios, load_json
+    from dfmsd.data.me import decision_table
+    from dfmsd.engine.configs import training_config, with_me_views
+
+    init_default_scope('mmdet')
+    data = Data(
+        root=str(tiny_dataset),
+        generate=False,
+        image_size=64,
+        splits={s: dict(ann=f'annotations/instances_{s}.json', img=f'{s}/') for s in ('train', 'val', 'test')},
     )
-    one = dict(DFMSD_LAUNCH_NPROC_PER_NODE='1')  # the inputs are made in one process
-    stage(project, 'stages/teacher_boxes.py', **one)
-    stage(project, 'stages/distill.py', 'dfmsd_stage1', **one)
-    stage(project, 'stages/augment.py', **one)
-    res = stage(project, 'stages/distill.py', 'dfmsd_stage2', '--me')
-    assert_two_ranks(res)
-    assert 'find_unused_parameters=True' in output(res)
-    assert_plain_export(project, 'dfmsd_stage2')
-    assert 'loss_distill_aug_s8' in (project / 'logs/dfmsd_stage2.csv').read_text().splitlines()[0]
+    ratios = ground_truth_ratios(load_json(tiny_dataset / 'annotations/instances_train.json'))
+    table = decision_table(ratios, ME(threshold=float(np.median(list(ratios.values()))), noise_prob=0.5), seed=3)
+    assert table['counts']['noise'] and table['counts']['crop'] and table['counts']['none'], table['counts']
+    write_json(tmp_path / 'me.json', table)
+    spec = Detector(config=str(REPO / 'configs/small/retinanet.py'), depth=18, width=8, fpn_channels=16)
+    cfg = training_config(spec, data, Train(batch_size=3, iters=2), 2, SEED, f'students.{STUDENT}')
+    with_me_views(cfg, str(tmp_path / 'me.json'))
 
+    def training_loader(workers: int, seed: int):
+        loader = dict(cfg.train_dataloader, num_workers=workers, persistent_workers=False)
+        return Runner.build_dataloader(loader, seed=seed)
 
-def test_launch_settings_and_command(monkeypatch):
-    from dfmsd.launch import launch_settings, torchrun_command, world_size
-    from dfmsd.params import ParamsError
-
-    assert world_size({}) == 1
-    params = {'launch': {'nproc_per_node': 8, 'nnodes': 2, 'node_rank': 0, 'master_addr': '10.0.0.1'}}
-    monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '1')
-    assert launch_settings(params)['node_rank'] == 1
-    assert world_size(params) == 16
-    cmd = torchrun_command(params, ['stages/distill.py', 'mgd'])
-    assert cmd[1:3] == ['-m', 'torch.distributed.run']
-    assert cmd[3:] == [
-        '--nproc_per_node',
-        '8',
-        '--nnodes',
-        '2',
-        '--node_rank',
-        '1',
-        '--master_addr',
-        '10.0.0.1',
-        '--master_port',
-        '29500',
-        'stages/distill.py',
-        'mgd',
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    reference = me_views(training_loader(0, SEED))
+    with_view = {int(k) for k, op in table['ops'].items() if op != 'none'}
+    assert set(reference) == with_view & {dataset.get_data_info(i)['img_id'] for i in range(len(dataset))}
+    np.random.seed(123)
+    torch.manual_seed(123)
+    reverse = me_views([pseudo_collate([dataset[i]]) for i in reversed(range(len(dataset)))])
+    assert reverse == reference
+    assert me_views(training_loader(2, seed=7)) == reference  # 2 worker processes, another order
+    ranks = [  # rank 0 in this process, rank 1 through 2 workers
+        me_views(DataLoader(dataset, 2, sampler=DistributedSampler(dataset, 2, rank, seed=5), **loader))
+        for rank, loader in enumerate([dict(collate_fn=pseudo_collate), dict(collate_fn=pseudo_collate, num_workers=2)])
     ]
-    monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '2')
+    assert set(ranks[0]) | set(ranks[1]) == set(reference)
+    for views in ranks:
+        assert views and all(reference[image] == view for image, view in views.items())
+
+
+# ---------------------------------------------------------------- launcher units
+@pytest.mark.fast
+def test_launch_settings_and_torchrun_command(monkeypatch):
+    from dfmsd.core.errors import ParamsError
+    from dfmsd.core.params import Launch
+    from dfmsd.engine.launch import launch_settings, torchrun_command, world_size
+
+    for key in [k for k in os.environ if k.startswith('DFMSD_LAUNCH_')]:
+        monkeypatch.delenv(key)
+    assert world_size(launch_settings(None)) == 1
+    given = {'nproc_per_node': 8, 'nnodes': 2, 'node_rank': 0, 'master_addr': '10.0.0.1'}
+    monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '1')
+    launch = launch_settings(given)
+    assert launch.node_rank == 1 and world_size(launch) == 16
+    assert launch_settings(Launch(**given)).node_rank == 1
+    cmd = torchrun_command(launch, ['stages/distill.py', '--kind', 'distill'])
+    assert cmd[1:] == [
+        '-m', 'torch.distributed.run', '--nproc_per_node', '8', '--nnodes', '2', '--node_rank', '1',
+        '--master_addr', '10.0.0.1', '--master_port', '29500', '--', 'stages/distill.py', '--kind', 'distill',
+    ]  # fmt: skip
+    monkeypatch.setenv('DFMSD_LAUNCH_NODE_RANK', '-1')
     with pytest.raises(ParamsError, match='node_rank'):
-        launch_settings(params)
+        launch_settings(given)
+    monkeypatch.delenv('DFMSD_LAUNCH_NODE_RANK')
     with pytest.raises(ParamsError, match='launch.gpus'):
-        launch_settings({'launch': {'gpus': 2}})
+        launch_settings({'gpus': 2})
+
+
+@pytest.mark.fast
+def test_maybe_relaunch_execs_torchrun_only_for_several_processes_outside_a_worker(monkeypatch):
+    from dfmsd.core.params import Launch
+    from dfmsd.engine import launch as launch_module
+
+    calls = []
+    monkeypatch.setattr(launch_module.os, 'execv', lambda path, argv: calls.append(argv))
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    launch_module.maybe_relaunch(Launch(nproc_per_node=1), ['stages/evaluate.py'])
+    assert calls == []
+    launch_module.maybe_relaunch(Launch(nproc_per_node=2, backend='gloo'), ['stages/evaluate.py', '--model', 'm'])
+    assert calls and calls[0][:3] == [sys.executable, '-m', 'torch.distributed.run']
+    assert calls[0][-3:] == ['stages/evaluate.py', '--model', 'm']
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    launch_module.maybe_relaunch(Launch(nproc_per_node=2, backend='gloo'), ['stages/evaluate.py'])
+    assert len(calls) == 1  # a torchrun worker runs the stage itself
 
 
 def test_apply_launcher_only_in_workers(monkeypatch):
     import torch.distributed as dist
     from mmengine.config import Config
 
-    from dfmsd.launch import apply_launcher, single_process_config
-    from dfmsd.params import ParamsError
+    from dfmsd.core.errors import ParamsError
+    from dfmsd.core.params import Launch
+    from dfmsd.engine.launch import apply_launcher, single_process_config
 
     me_cfg = dict(
         model=dict(type='StageDistiller', aug_loss_weight=1.0),
-        train_dataloader=dict(dataset=dict(type='ConcatDataset')),
+        train_dataloader=dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile'), dict(type='MaskingEnhancement')])),
         env_cfg=dict(cudnn_benchmark=False),
     )
+    gloo = Launch(nproc_per_node=2, backend='gloo')
     cfg = Config(me_cfg)
     monkeypatch.delenv('LOCAL_RANK', raising=False)
-    assert not apply_launcher(cfg, {'launch': {'nproc_per_node': 2, 'backend': 'gloo'}})
+    assert not apply_launcher(cfg, gloo)
     assert 'launcher' not in cfg and 'model_wrapper_cfg' not in cfg
 
-    # a one-process "worker": the CPU path starts the gloo process group itself
-    for key, value in dict(
-        LOCAL_RANK='0', RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port())
-    ).items():
+    # a one-process "worker": on a CPU, apply_launcher starts the gloo process group itself
+    worker = dict(LOCAL_RANK='0', RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    for key, value in worker.items():
         monkeypatch.setenv(key, value)
     backend = 'nccl' if torch.cuda.is_available() else 'gloo'
     try:
-        assert apply_launcher(cfg, {'launch': {'nproc_per_node': 2, 'backend': backend}})
+        assert apply_launcher(cfg, Launch(nproc_per_node=2, backend=backend))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     assert cfg.launcher == 'pytorch' and cfg.env_cfg == dict(cudnn_benchmark=False, dist_cfg=dict(backend=backend))
     assert cfg.model_wrapper_cfg.type == 'MMDistributedDataParallel'
-    assert cfg.model_wrapper_cfg.find_unused_parameters is True  # ME: some batches lack a kind
-    assert me_cfg['env_cfg'] == dict(cudnn_benchmark=False)  # shared dicts are not modified
+    assert cfg.model_wrapper_cfg.find_unused_parameters is True  # ME: some batches have no view
+    assert me_cfg['env_cfg'] == dict(cudnn_benchmark=False)  # the given dicts are not modified
     plain = single_process_config(cfg)
     assert 'launcher' not in plain and 'model_wrapper_cfg' not in plain and cfg.launcher == 'pytorch'
     if not torch.cuda.is_available():
         assert cfg.model_wrapper_cfg.device_ids is None
         with pytest.raises(ParamsError, match='nccl'):
-            apply_launcher(Config(me_cfg), {'launch': {'nproc_per_node': 2}})
+            apply_launcher(Config(me_cfg), Launch(nproc_per_node=2, backend='nccl'))

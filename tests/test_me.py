@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dfmsd.core.io import write_json
-from dfmsd.data.coco import area_ratio, load_rgb
+from dfmsd.core.params import ME
+from dfmsd.data.coco import ground_truth_ratios, load_rgb
 from dfmsd.data.me import decide, decision_table, enhance, load_table, write_views
 
 T = 0.5
@@ -94,7 +95,7 @@ def test_another_seed_changes_the_draws():
 @pytest.mark.fast
 def test_decision_table_counts_and_settings():
     ratios = ratios_around(T, 120)
-    table = decision_table(ratios, threshold=T, noise_prob=0.5, noise_sigma=20.0, seed=4, **CROP)
+    table = decision_table(ratios, ME(threshold=T, noise_prob=0.5, noise_sigma=20.0, **CROP), seed=4)
     ops = decide(ratios, threshold=T, noise_prob=0.5, seed=4)
     assert table['ops'] == {str(i): op for i, op in ops.items()}
     assert table['counts'] == {
@@ -109,7 +110,7 @@ def test_decision_table_counts_and_settings():
 
 @pytest.mark.fast
 def test_decision_table_lists_every_op_even_when_unused(tmp_path):
-    table = decision_table({1: 0.9, 2: 2.0}, threshold=T, noise_prob=0.5, noise_sigma=20.0, seed=0, **CROP)
+    table = decision_table({1: 0.9, 2: 2.0}, ME(threshold=T, noise_prob=0.5, noise_sigma=20.0, **CROP), seed=0)
     assert table['counts'] == {'noise': 0, 'crop': 2, 'none': 0}
     write_json(tmp_path / 't.json', table)
     ops, settings = load_table(tmp_path / 't.json')
@@ -210,18 +211,11 @@ def test_enhance_refuses_ops_without_a_view(op):
 # ---------------------------------------------------------------- write_views
 
 
-def gt_ratios(coco: dict) -> dict[int, float]:
-    boxes: dict[int, list] = {img['id']: [] for img in coco['images']}
-    for ann in coco['annotations']:
-        boxes[ann['image_id']].append(ann['bbox'])
-    return {img['id']: area_ratio(boxes[img['id']], img['width'], img['height']) for img in coco['images']}
-
-
 @pytest.fixture
 def train_views(tiny_dataset, tmp_path):
     """(coco, image dir, table file, ops) for the tiny dataset's train split, r(I) from its boxes."""
     coco = json.loads((tiny_dataset / 'annotations/instances_train.json').read_text())
-    table = decision_table(gt_ratios(coco), threshold=T, noise_prob=0.5, noise_sigma=25.0, seed=2, **CROP)
+    table = decision_table(ground_truth_ratios(coco), ME(threshold=T, noise_prob=0.5, noise_sigma=25.0, **CROP), seed=2)
     write_json(tmp_path / 'seed2.json', table)
     ops, _ = load_table(tmp_path / 'seed2.json')
     assert set(ops.values()) == {'noise', 'crop', 'none'}  # the split exercises every op

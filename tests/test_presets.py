@@ -83,10 +83,10 @@ def test_extends_merges_a_chain_in_order(tmp_path):
         presets,
         base={'seeds': [0, 1], 'train': {'iters': 30, 'batch_size': 2}},
         middle={'extends': 'base', 'train': {'iters': 20}, 'me': {'threshold': 0.4}},
-        top={'extends': 'middle', 'train': {'checkpoint_interval': 5}, 'seeds': [7, 8]},
+        top={'extends': 'middle', 'train': {'checkpoint_interval': 5}, 'seeds': [0, 7]},
     )
     merged = preset_params('top', REPO / 'params.yaml', presets)
-    assert merged['seeds'] == [7, 8]
+    assert merged['seeds'] == [0, 7]
     assert merged['train'] == read_yaml(REPO / 'params.yaml')['train'] | {
         'iters': 20,
         'batch_size': 2,
@@ -104,9 +104,9 @@ def test_replace_in_a_chain_reaches_params_yaml(tmp_path):
     student = {'config': 'configs/small/fcos.py', 'depth': 18, 'width': 8, 'fpn_channels': 16}
     write_presets(
         presets,
-        base={'students': {'_replace': True, 'fcos': student}},
+        base={'students': {'_replace': True, 'fcos': student}, 'figures': {'student': 'fcos'}},
         adds={'extends': 'base', 'students': {'gfl': dict(student, config='configs/small/gfl.py')}},
-        swaps={'extends': 'base', 'students': {'_replace': True, 'atss': student}},
+        swaps={'extends': 'base', 'students': {'_replace': True, 'atss': student}, 'figures': {'student': 'atss'}},
     )
     assert set(read_yaml(REPO / 'params.yaml')['students']) - {'fcos', 'gfl', 'atss'}
     assert set(preset_params('base', REPO / 'params.yaml', presets)['students']) == {'fcos'}

@@ -32,7 +32,7 @@ from support import REPO, env
 import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform, hooks, loop)
 from dfmsd.core.errors import TrainingDiverged
 from dfmsd.core.io import read_json, write_json
-from dfmsd.core.params import Data, Detector, Distill, Launch, Method, Runtime, SALMethod, Train
+from dfmsd.core.params import ME, Data, Detector, Distill, Launch, Method, Runtime, SALMethod, Train
 from dfmsd.data.coco import dataset_classes, load_json
 from dfmsd.data.me import decision_table
 from dfmsd.engine.checkpoint import export_plain_checkpoint, latest_verified_checkpoint, load_verified, load_weights
@@ -104,15 +104,8 @@ def world(_tiny_dataset_master, tmp_path_factory) -> World:
     data = tiny_data(shutil.copytree(_tiny_dataset_master, root / 'synthetic'))
     ids = [im['id'] for im in load_json(root / 'synthetic' / data.splits['train'].ann)['images']]
     # made-up r(I): every third image 'large' (crop), the others 'small' (noise or nothing)
-    table = decision_table(
-        {i: 0.9 if i % 3 == 0 else 0.1 for i in ids},
-        threshold=0.5,
-        noise_prob=0.5,
-        noise_sigma=25.0,
-        crop_min=0.1,
-        crop_max=0.3,
-        seed=3,
-    )
+    settings = ME(threshold=0.5, noise_prob=0.5, noise_sigma=25.0, crop_min=0.1, crop_max=0.3)
+    table = decision_table({i: 0.9 if i % 3 == 0 else 0.1 for i in ids}, settings, seed=3)
     assert all(table['counts'][op] for op in ('noise', 'crop', 'none')), table['counts']
     write_json(root / 'me.json', table)
     init_student(STUDENT, data, 0, root / 'init', 'students.retinanet')
@@ -321,6 +314,19 @@ def test_sal_run_records_add_up_over_both_stages(sal):
         assert stage2['teacher_images'] == stage1['teacher_images'] + (iters - boundary) * batch + stage2['views_seen']
         assert stage2['strides'] == [8, 16, 32] and stage2['uses_me'] and not stage1['uses_me']
     assert not (sal.carry.dir / 'state.pth').exists() and (sal.sal1 / 'state.pth').is_file()
+
+
+def test_sal_stage1_rerun_writes_the_same_bytes(sal, world, tmp_path, monkeypatch):
+    """Stage 1's outputs, the resumable training state included, are a DVC-cached output: a
+    rerun elsewhere, at another time, must write the same bytes (no clock, eta or paths)."""
+    monkeypatch.chdir(tmp_path)
+    again = distill(world, monkeypatch, 'sal1@dfmsd', kind='sal1', method=DFMSD, teacher=world.weak)
+    files = sorted(p.name for p in sal.sal1.iterdir())
+    assert 'state.pth' in files and files == sorted(p.name for p in again.iterdir())
+    differ = [name for name in files if (sal.sal1 / name).read_bytes() != (again / name).read_bytes()]
+    assert not differ, differ
+    meta = load_verified(again / 'state.pth')['meta']
+    assert 'time' not in meta and meta['iter'] == sal.boundary
 
 
 def test_me_in_the_last_stage_adds_views_to_every_original(sal, world):

@@ -39,7 +39,9 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
                 path = Path(os.fsdecode(args[0])).resolve()
             except (OSError, ValueError):
                 return
-            if path.is_relative_to(root):
+            # a name opened relative to a directory descriptor (shutil.rmtree's dir_fd) resolves
+            # against the cwd to a path that does not exist: not a read of the repository
+            if path.is_relative_to(root) and path.exists():
                 opened.add(path.relative_to(root).as_posix())
 
     sys.addaudithook(hook)
@@ -48,7 +50,8 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
         modules = set()
         for module in list(sys.modules.values()):
             file = getattr(module, '__file__', None)
-            if file and Path(file).resolve().is_relative_to(root):
+            # only real files: torch's `torch.ops`/`torch.classes` name a bare '_ops.py'
+            if file and os.path.isabs(file) and Path(file).resolve().is_relative_to(root):
                 modules.add(Path(file).resolve().relative_to(root).as_posix())
         record = {'stage': _stage_label(), 'argv': sys.argv, 'opened': sorted(opened), 'modules': sorted(modules)}
         Path(out_dir).mkdir(parents=True, exist_ok=True)

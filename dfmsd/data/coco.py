@@ -64,6 +64,14 @@ def area_ratio(boxes_xywh, width: int, height: int) -> float:
     return float((boxes[:, 2] * boxes[:, 3]).sum() / (width * height))
 
 
+def ground_truth_ratios(coco: dict) -> dict[int, float]:
+    """r(I) of every image of a COCO dict from its annotated boxes."""
+    boxes: dict[int, list] = {img['id']: [] for img in coco['images']}
+    for ann in coco['annotations']:
+        boxes[ann['image_id']].append(ann['bbox'])
+    return {img['id']: area_ratio(boxes[img['id']], img['width'], img['height']) for img in coco['images']}
+
+
 def load_json(ann_file: str | Path) -> dict:
     ann_file = Path(ann_file)
     if not ann_file.is_file():

@@ -45,26 +45,14 @@ def decide(area_ratios: dict[int, float], *, threshold: float, noise_prob: float
     return ops
 
 
-def decision_table(
-    area_ratios: dict[int, float],
-    *,
-    threshold: float,
-    noise_prob: float,
-    noise_sigma: float,
-    crop_min: float,
-    crop_max: float,
-    seed: int,
-) -> dict:
-    """The JSON the ``me_table`` stage writes: settings, counts and one op per image."""
-    ops = decide(area_ratios, threshold=threshold, noise_prob=noise_prob, seed=seed)
+def decision_table(area_ratios: dict[int, float], settings, *, seed: int) -> dict:
+    """The JSON the ``me_table`` stage writes: the settings (params ``me``: threshold, noise_prob,
+    noise_sigma, crop_min, crop_max), counts, and one op per image."""
+    ops = decide(area_ratios, threshold=settings.threshold, noise_prob=settings.noise_prob, seed=seed)
     counts = Counter(ops.values())
     return {
         'seed': seed,
-        'threshold': threshold,
-        'noise_prob': noise_prob,
-        'noise_sigma': noise_sigma,
-        'crop_min': crop_min,
-        'crop_max': crop_max,
+        **{k: getattr(settings, k) for k in ('threshold', 'noise_prob', 'noise_sigma', 'crop_min', 'crop_max')},
         'counts': {op: counts.get(op, 0) for op in OPS},
         'ops': {str(k): v for k, v in ops.items()},
     }

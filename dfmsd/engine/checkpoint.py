@@ -106,6 +106,29 @@ def export_plain_checkpoint(
 
 
 # ---- training states -------------------------------------------------------------
+#: What an mmengine checkpoint records about the clock and the machine, not the training:
+#: dropped from a state kept as a stage output, so that a rerun writes the same bytes.
+_CLOCK_META = ('time', 'experiment_name')
+_CLOCK_RUNTIME = ('eta', 'last_ckpt', 'keep_ckpt_ids', 'experiment_name')
+_CLOCK_SCALARS = ('train/time', 'train/data_time')
+
+
+def save_portable_state(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Save a training state for resuming elsewhere (SAL's stage 2) without its timestamps,
+    timings and absolute paths; ``Runner.resume`` needs none of them."""
+    out = dict(checkpoint, meta={k: v for k, v in checkpoint['meta'].items() if k not in _CLOCK_META})
+    hub = checkpoint.get('message_hub')
+    if hub is not None:
+        out['message_hub'] = dict(
+            hub,
+            runtime_info={k: v for k, v in hub['runtime_info'].items() if k not in _CLOCK_RUNTIME},
+            log_scalars={k: v for k, v in hub['log_scalars'].items() if k not in _CLOCK_SCALARS},
+        )
+    path = save_weights(out, path)
+    record_hash(path)
+    return path
+
+
 def sidecar(path: str | Path) -> Path:
     return Path(f'{path}.sha256')
 

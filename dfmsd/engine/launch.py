@@ -63,6 +63,7 @@ def torchrun_command(launch: Launch, argv: list[str] | None = None) -> list[str]
         launch.master_addr,
         '--master_port',
         str(launch.master_port),
+        '--',  # the stage's own options after it: argparse would take `--log` for torchrun's `--log-dir`
         *argv,
     ]
 

@@ -46,6 +46,7 @@ from dfmsd.engine.checkpoint import (
     load_verified,
     record_hash,
     register_verified_checkpoints,
+    save_portable_state,
 )
 from dfmsd.engine.launch import single_process_config
 
@@ -95,6 +96,8 @@ def run_training(
 
     ``resume_from``: a previous SAL stage's state, continued when the work dir has nothing newer.
     """
+    from mmengine.dist import barrier, is_main_process
+
     from dfmsd.engine.runner import build_runner
 
     torch.set_num_threads(threads)
@@ -126,9 +129,11 @@ def run_training(
     runner = build_runner(cfg)
     runner.train()
     final = work_dir / f'iter_{stop}.pth'
-    if not is_verified(final):  # a SAL stage stops before the schedule's last iteration
+    barrier()  # rank 0 writes checkpoints: every rank waits for its last one before looking
+    if is_main_process() and not is_verified(final):  # a SAL stage stops before the last iteration
         runner.save_checkpoint(str(work_dir), final.name)
         record_hash(final)
+    barrier()
     return work_dir, final
 
 
@@ -198,8 +203,7 @@ def export(
     if any(k.startswith('losses.') for k in state):  # the distiller's learnt loss modules (DMKD's G, SE...)
         export_plain_checkpoint(state, out_dir / 'losses.pth', prefix='losses.')
     if keep_state:
-        shutil.copyfile(final, out_dir / 'state.pth')
-        record_hash(out_dir / 'state.pth')
+        save_portable_state(checkpoint, out_dir / 'state.pth')
     write_json(out_dir / 'run.json', record)
     write_loss_csv(work_dir, loss_csv, start_iter)
     return record

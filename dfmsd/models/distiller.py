@@ -35,6 +35,7 @@ from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.model import BaseDataPreprocessor
+from torch import distributed as dist
 from torch import nn
 
 from dfmsd.core.errors import DistillError
@@ -350,10 +351,18 @@ class StageDistiller(BaseDetector):
         views = views_batch(samples) if self.aug_loss_weight else None
         if views is not None:
             losses.update(self._aug_losses(views, it))
-        self.images_seen += len(samples)
-        self.views_seen += 0 if views is None else len(views['inputs'])
-        self.teacher_images += len(samples) + (0 if views is None else len(views['inputs']))
+        self._count(len(samples), 0 if views is None else len(views['inputs']))
         return losses
+
+    def _count(self, images: int, views: int) -> None:
+        """Add this step's images and views over all processes: DDP broadcasts rank 0's buffers
+        at every forward, so each rank adds the global step, not its own share."""
+        step = torch.tensor([images, views], dtype=torch.int64, device=self.images_seen.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(step)
+        self.images_seen += step[0]
+        self.views_seen += step[1]
+        self.teacher_images += step[0] + step[1]
 
     @staticmethod
     def _resized(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -323,16 +323,7 @@ def main() -> int:
                 out=box_dir,
             )
             ratios = {int(k): float(v) for k, v in read_json(box_dir / 'area_ratios.json')['area_ratios'].items()}
-            me = p.me
-            table = decision_table(
-                ratios,
-                threshold=me.threshold,
-                noise_prob=me.noise_prob,
-                noise_sigma=me.noise_sigma,
-                crop_min=me.crop_min,
-                crop_max=me.crop_max,
-                seed=seed,
-            )
+            table = decision_table(ratios, p.me, seed=seed)
             write_json(me_table, table, indent=None)
             summary['me_counts'] = table['counts']
 

@@ -69,7 +69,7 @@ worker() {
   echo "rc=$?" >> $G/out/default_amp.log
   touch $G/done/amp
 
-  DFMSD_LAUNCH_BACKEND=nccl python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
+  DFMSD_LAUNCH_BACKEND=nccl python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 -- \
     scripts/gpu/default_on_gpu.py --iters 100 --pinned --reuse $G/default --skip-eval --only ${NCCL_RUNS:-mgd dfmsd} \
     --work $G/default_nccl --out $G/out/default_nccl > $G/out/default_nccl.log 2>&1
   echo "rc=$?" >> $G/out/default_nccl.log
