@@ -40,8 +40,8 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
             except (OSError, ValueError):
                 return
             # a name opened relative to a directory descriptor (shutil.rmtree's dir_fd) resolves
-            # against the cwd to a path that does not exist: not a read of the repository
-            if path.is_relative_to(root) and path.exists():
+            # against the cwd, to nothing or to an unrelated directory: only files are reads
+            if path.is_relative_to(root) and path.is_file():
                 opened.add(path.relative_to(root).as_posix())
 
     sys.addaudithook(hook)

@@ -106,16 +106,17 @@ def export_plain_checkpoint(
 
 
 # ---- training states -------------------------------------------------------------
-#: What an mmengine checkpoint records about the clock and the machine, not the training:
+#: What an mmengine checkpoint records about the clock, the machine and the checkout, not the
+#: training (mmengine_version carries the git hash of the working directory's repository):
 #: dropped from a state kept as a stage output, so that a rerun writes the same bytes.
-_CLOCK_META = ('time', 'experiment_name')
-_CLOCK_RUNTIME = ('eta', 'last_ckpt', 'keep_ckpt_ids', 'experiment_name')
+_CLOCK_META = ('time', 'experiment_name', 'mmengine_version')
+_CLOCK_RUNTIME = ('eta', 'last_ckpt', 'keep_ckpt_ids', 'experiment_name', 'mmengine_version')
 _CLOCK_SCALARS = ('train/time', 'train/data_time')
 
 
 def save_portable_state(checkpoint: dict[str, Any], path: str | Path) -> Path:
     """Save a training state for resuming elsewhere (SAL's stage 2) without its timestamps,
-    timings and absolute paths; ``Runner.resume`` needs none of them."""
+    timings, absolute paths and git hash; ``Runner.resume`` needs none of them."""
     out = dict(checkpoint, meta={k: v for k, v in checkpoint['meta'].items() if k not in _CLOCK_META})
     hub = checkpoint.get('message_hub')
     if hub is not None:
