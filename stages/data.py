@@ -16,17 +16,9 @@ def main() -> None:
 
     data = section(Data, stage_params()['data'], 'data')
     if data.generate:
-        from dfmsd.data.synthetic import generate_dataset
+        from dfmsd.data.synthetic import generate_from_params
 
-        splits = {name: (s.ann, s.img, s.images) for name, s in data.splits.items()}
-        generate_dataset(
-            args.root,
-            splits,
-            image_size=data.image_size,
-            seed=data.seed,
-            small_image_fraction=data.synthetic.small_image_fraction,
-            max_objects=data.synthetic.max_objects,
-        )
+        generate_from_params(data, args.root)
     for split in data.splits:
         ann, img = split_files(data, split)
         coco = validate_coco(ann, img)

@@ -424,3 +424,16 @@ def generate_dataset(
             write_json(root / ann, coco, indent=None)
             summary[split] = summarise_coco(coco)
     return summary
+
+
+def generate_from_params(data, root: str | None = None) -> dict:
+    """The dataset that params ``data`` (a ``dfmsd.core.params.Data``) describes, under
+    ``root`` (default ``data.root``): what the ``data`` stage generates."""
+    return generate_dataset(
+        root or data.root,
+        {name: (s.ann, s.img, s.images) for name, s in data.splits.items()},
+        image_size=data.image_size,
+        seed=data.seed,
+        small_image_fraction=data.synthetic.small_image_fraction,
+        max_objects=data.synthetic.max_objects,
+    )

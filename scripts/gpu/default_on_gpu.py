@@ -251,17 +251,9 @@ def main() -> int:
 
         def make_data():
             from dfmsd.data.coco import split_files, validate_coco
-            from dfmsd.data.synthetic import generate_dataset
+            from dfmsd.data.synthetic import generate_from_params
 
-            splits = {name: (s.ann, s.img, s.images) for name, s in data.splits.items()}
-            generate_dataset(
-                data.root,
-                splits,
-                image_size=data.image_size,
-                seed=data.seed,
-                small_image_fraction=data.synthetic.small_image_fraction,
-                max_objects=data.synthetic.max_objects,
-            )
+            generate_from_params(data)
             for split in data.splits:
                 validate_coco(*split_files(data, split))
 
