@@ -9,20 +9,27 @@ from dfmsd.core import cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--root', required=True, help='dataset root (params data.root)')
+    parser.add_argument(
+        '--manifest', required=True, help="the splits' content digests, which the other stages depend on"
+    )
     args = parser.parse_args()
 
+    from dfmsd.core.io import write_json
     from dfmsd.core.params import Data, section, stage_params
-    from dfmsd.data.coco import split_files, validate_coco
+    from dfmsd.data.coco import split_files, split_manifest, validate_coco
 
     data = section(Data, stage_params()['data'], 'data')
     if data.generate:
         from dfmsd.data.synthetic import generate_from_params
 
         generate_from_params(data, args.root)
+    manifest = {}
     for split in data.splits:
         ann, img = split_files(data, split)
         coco = validate_coco(ann, img)
         print(f'[data] {split}: {ann} valid ({len(coco["images"])} images, {len(coco["annotations"])} boxes)')
+        manifest[split] = split_manifest(ann, img, coco)
+    write_json(args.manifest, manifest)
 
 
 if __name__ == '__main__':

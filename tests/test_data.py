@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,25 @@ def test_split_files_from_a_dict_and_from_validated_params():
     assert split_files(Data.model_validate(data), 'val') == expected
     with pytest.raises(KeyError):
         split_files(data, 'holdout')
+
+
+@pytest.mark.fast
+def test_split_manifest_follows_the_content_of_the_annotation_and_every_image(tiny_dataset, tmp_path):
+    """The other stages depend on these digests instead of the dataset directory, so any edit
+    that changes what a stage would read must change them, and a byte-identical copy must not."""
+    ann, img = tiny_dataset / 'annotations/instances_val.json', tiny_dataset / 'val'
+    manifest = coco_mod.split_manifest(ann, img, validate_coco(ann, img))
+    assert manifest['images'] == 8
+    copy = Path(shutil.copytree(tiny_dataset, tmp_path / 'copy'))
+    copy_ann, copy_img = copy / 'annotations/instances_val.json', copy / 'val'
+    assert coco_mod.split_manifest(copy_ann, copy_img, validate_coco(copy_ann, copy_img)) == manifest
+
+    first = sorted(copy_img.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b'\0')  # one byte more in one image
+    edited = coco_mod.split_manifest(copy_ann, copy_img, validate_coco(copy_ann, copy_img, check_images=False))
+    assert edited['images_sha256'] != manifest['images_sha256'] and edited['ann_sha256'] == manifest['ann_sha256']
+
+    coco = json.loads(ann.read_text())
+    coco['annotations'][0]['bbox'][0] += 1
+    copy_ann.write_text(json.dumps(coco))
+    assert coco_mod.split_manifest(copy_ann, img, coco)['ann_sha256'] != manifest['ann_sha256']
