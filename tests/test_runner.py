@@ -113,6 +113,12 @@ def test_one_job_trains_one_stage_at_a_time(one_job):
     assert overlap(small, large) < 0, (small, large)
 
 
+def test_stages_that_more_of_the_pipeline_waits_for_start_first(one_job):
+    order = demo.commands_run(one_job['root'])
+    assert order[0] == 'prepare'  # everything but `lonely` waits for it
+    assert order.index('lonely') > max(order.index(s) for s in demo.TRAINING)  # nothing waits for `lonely`
+
+
 def test_results_are_identical_bytes_with_one_and_two_jobs(two_jobs, one_job):
     assert two_jobs['outputs'].keys() == one_job['outputs'].keys()
     assert {'models/small.txt', 'models/large.txt', 'reports/results.md', 'dvc.lock'} <= two_jobs['outputs'].keys()
