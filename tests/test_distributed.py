@@ -81,7 +81,7 @@ def project(tmp_path_factory):
         params['pairs'][PAIR][role]['iters'] = ITERS
     params['launch'] = {'nproc_per_node': 2, 'nnodes': 1, 'backend': 'gloo', 'master_port': free_port()}
     root = copy_project(tmp_path_factory.mktemp('dist') / 'project', params=params)
-    stage(root, 'data', 'stages/data.py', '--root', 'data/synthetic')
+    stage(root, 'data', 'stages/data.py', '--root', 'data/synthetic', '--manifest', 'data/dataset.json')
     out = stage(
         root, f'teacher@{PAIR}-weak', 'stages/teacher.py', '--pair', PAIR, '--role', 'weak',
         '--out', WEAK, '--log', f'logs/teachers/{PAIR}/weak.csv', procs=1,
