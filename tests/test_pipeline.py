@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import copy_project, preset_params, run
+from support import REPO, copy_project, preset_params, run
 
 from dfmsd.core.runs import work_dir_label
 
 #: files DVC itself reads while a stage asks for its params (dvc.api.params_show), besides
 #: .dvc/, .git/ and every .gitignore; work_dirs/<stage>-* is the stage's own scratch (checkpoints)
 DVC_OWN = ('dvc.yaml', 'dvc.lock', 'params.yaml', '.dvcignore')
-#: what the stages that read the dataset depend on (dvc.yaml's `dataset`), written by `data`
-DATASET_MANIFEST = 'data/dataset.json'
+#: what the stages that read the dataset depend on (dvc.yaml's `dataset` var), written by `data`
+DATASET_MANIFEST = next(v['dataset'] for v in yaml.safe_load((REPO / 'dvc.yaml').read_text())['vars'] if 'dataset' in v)
 
 
 @pytest.fixture(scope='module')

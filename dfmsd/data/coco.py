@@ -32,8 +32,8 @@ def split_files(data: Any, split: str) -> tuple[Path, Path]:
 
 
 def split_manifest(ann_file: str | Path, img_dir: str | Path, coco: dict) -> dict[str, Any]:
-    """One split's identity by content: the annotation file's md5 and one md5 over its images
-    (names and bytes, in file-name order). The stages that read a dataset depend on the manifest
+    """One split's identity by content: the annotation file's sha256 and one sha256 over its
+    images (names and bytes, in file-name order). The stages that read a dataset depend on the manifest
     of these (stage `data`), not on the dataset directory: DVC then hashes one small file per
     stage instead of walking every image (1.4k here, 118k for COCO) once per stage, and the
     `data` stage, whose output is the whole root, rewrites the manifest after any edit there."""
