@@ -1,6 +1,6 @@
 """Each method's distillation step against its cost floor, measured in one run.
 
-    python benchmarks/step_time.py [--preset NAME] [--rounds 7] [--steps 3]
+    python benchmarks/step_time.py [--preset NAME] [--rounds 7] [--steps 3] [--profile METHOD]
 
 Method: process CPU time (not wall clock: other load moves wall times by 3x here), with
 ``runtime.threads`` torch threads, random weights (the cost of a step does not depend on
@@ -13,7 +13,8 @@ views, also the student's backbone + neck forward and backward and the teacher's
 the views. ``losses`` times the method's own loss modules alone (forward + backward on
 stored features): what the method adds by construction (DMKD's two generation blocks, ...).
 ``overhead`` = step - floor - losses is what neither the floor nor the method explains:
-the distiller's own work.
+the distiller's own work. ``--profile METHOD`` then runs torch.profiler over that method's
+step and over the floor's parts, and prints where the step's extra CPU time goes, per op.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument('--preset')
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument(
+        '--profile', metavar='METHOD', help='also print the per-op excess of this method over its floor'
+    )
     args = parser.parse_args()
 
     import torch
@@ -53,6 +57,9 @@ def main() -> None:
 
     init_default_scope('mmdet')
     params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
+    known = [name for group in ('methods', 'me_methods', 'sal_methods') for name in getattr(params, group)]
+    if args.profile and args.profile not in known:
+        parser.error(f'--profile {args.profile}: not a method of these params ({", ".join(known)})')
     torch.set_num_threads(params.runtime.threads)
     torch.manual_seed(0)
     pair_name, pair = next(iter(params.pairs.items()))
@@ -159,6 +166,38 @@ def main() -> None:
         f = me_floor if uses_me else floor
         step, own = med[name], med[f'{name} losses']
         print(f'{name:16s} {step:7.3f} {f:7.3f} {step / f:6.2f} {own:7.3f} {(step - f - own) / f:+8.1%}')
+    if args.profile:
+        floor_parts = ['student step', 'teacher forward']
+        if rows[args.profile]:
+            floor_parts += ['student on views', 'teacher on views']
+        print_excess_by_op(
+            args.profile, variants[args.profile], [variants[k] for k in floor_parts], args.rounds * args.steps
+        )
+
+
+def self_cpu_ms_by_op(fns, steps: int) -> dict[str, float]:
+    """torch.profiler's self CPU time per op name, per step, summed over ``fns``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            for fn in fns:
+                fn()
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+
+
+def print_excess_by_op(name: str, step, floor_fns, steps: int, top: int = 15) -> None:
+    method = self_cpu_ms_by_op([step], steps)
+    floor = self_cpu_ms_by_op(floor_fns, steps)
+    excess = {op: method.get(op, 0.0) - floor.get(op, 0.0) for op in method.keys() | floor.keys()}
+    total_m, total_f = sum(method.values()), sum(floor.values())
+    print(
+        f'\n{name} under torch.profiler, {steps} steps: self CPU ms per step {total_m:.1f} vs floor {total_f:.1f} '
+        f'(excess {total_m - total_f:+.1f}); the {top} ops with the largest excess:'
+    )
+    print(f'{"op":44s} {name:>9s} {"floor":>9s} {"excess":>9s}')
+    for op in sorted(excess, key=lambda k: -abs(excess[k]))[:top]:
+        print(f'{op[:44]:44s} {method.get(op, 0.0):9.2f} {floor.get(op, 0.0):9.2f} {excess[op]:+9.2f}')
 
 
 def losses_only(distiller, batch, views):
