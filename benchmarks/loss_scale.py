@@ -34,7 +34,7 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.core.params import load_params, validate
+    from dfmsd.core.params import METHOD_GROUPS, load_params, validate
     from dfmsd.core.presets import preset_params
     from dfmsd.data.coco import ground_truth_ratios, load_json, split_files
     from dfmsd.data.me import decision_table
@@ -70,7 +70,7 @@ def main() -> None:
     bs = params.train.batch_size
     batches = [pseudo_collate([ds[(b * bs + i) % len(ds)] for i in range(bs)]) for b in range(args.batches)]
     print(f'{args.batches} val batches of {bs}; strong teacher {teacher_dir}; student {init}')
-    for group in ('methods', 'me_methods', 'sal_methods'):
+    for group in METHOD_GROUPS:
         for name, method in getattr(params, group).items():
             uses_me = group != 'methods' and method.aug_loss_weight > 0
             torch.manual_seed(0)

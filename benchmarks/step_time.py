@@ -49,7 +49,7 @@ def main() -> None:
     from mmengine.registry import init_default_scope
 
     import dfmsd.models  # noqa: F401
-    from dfmsd.core.params import load_params, validate
+    from dfmsd.core.params import METHOD_GROUPS, load_params, validate
     from dfmsd.core.presets import preset_params
     from dfmsd.data.me import decision_table
     from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
@@ -57,7 +57,7 @@ def main() -> None:
 
     init_default_scope('mmdet')
     params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
-    known = [name for group in ('methods', 'me_methods', 'sal_methods') for name in getattr(params, group)]
+    known = [name for group in METHOD_GROUPS for name in getattr(params, group)]
     if args.profile and args.profile not in known:
         parser.error(f'--profile {args.profile}: not a method of these params ({", ".join(known)})')
     torch.set_num_threads(params.runtime.threads)
@@ -126,7 +126,7 @@ def main() -> None:
         variants['student on views'] = student_views_step
         variants['teacher on views'] = teacher_forward(views)
     rows = {}
-    for group in ('methods', 'me_methods', 'sal_methods'):
+    for group in METHOD_GROUPS:
         for name, method in getattr(params, group).items():
             uses_me = group == 'me_methods' or (group == 'sal_methods' and 2 in method.me_stages)
             distiller = MODELS.build(
