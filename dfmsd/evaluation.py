@@ -40,7 +40,7 @@ def predict_splits(
     """``model_dir``'s COCO detections on each split, as ``out_dir/<split>.bbox.json`` (rank 0)."""
     import torch
     from mmengine.config import Config
-    from mmengine.dist import is_main_process
+    from mmengine.dist import barrier, is_main_process
     from mmengine.runner import TestLoop
 
     import dfmsd.models  # noqa: F401
@@ -77,10 +77,16 @@ def predict_splits(
             format_only=True,
             outfile_prefix=prefix,
         )
-        TestLoop(runner, loader, evaluator).run()
+        loop = TestLoop(runner, loader, evaluator)
+        # The ranks' parts meet in the work dir, not in ./.dist_test (CocoMetric has no such argument)
+        for metric in loop.evaluator.metrics:
+            metric.collect_dir = str(out_dir / 'runner' / 'collect')
+        loop.run()
         if is_main_process():
             os.replace(f'{prefix}.bbox.json', out_dir / f'{split}.bbox.json')
-    shutil.rmtree(out_dir / 'runner', ignore_errors=True)
+    barrier()  # every rank writes its test-epoch log under out_dir: all are done before rank 0 removes it
+    if is_main_process():
+        shutil.rmtree(out_dir / 'runner', ignore_errors=True)
 
 
 def coco_metrics(ann_file: str | Path, results_json: str | Path) -> dict[str, float]:

@@ -27,6 +27,7 @@ STUDENT, PAIR, SEED = 'retinanet', 'tiny', 0
 INIT = f'models/students/{STUDENT}/seed{SEED}/init'
 WEAK = f'models/teachers/{PAIR}/weak'
 ME_TABLE = f'data/me/{PAIR}/seed{SEED}.json'
+LATE_RANK_1 = Path(__file__).parent / 'late_rank_1'  # a sitecustomize.py
 #: variables of an enclosing torchrun or launch override, which would change what a stage does
 INHERITED = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'DFMSD_PHASE')
 
@@ -37,13 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage(root: Path, name: str, *cmd: str, procs: int | None = None, timeout: int = 300):
+def stage(root: Path, name: str, *cmd: str, procs: int | None = None, timeout: int = 300, late_rank_1: bool = False):
     """``cmd`` run as DVC stage ``name`` (a stage script, or ``-m dvc ...``); ``procs`` overrides
-    params.yaml's launch.nproc_per_node. Every torchrun gets a fresh master port."""
+    params.yaml's launch.nproc_per_node. Every torchrun gets a fresh master port. ``late_rank_1``:
+    rank 1 ends each test epoch 2 s after rank 0 (tests/late_rank_1/sitecustomize.py)."""
     extra = dict(DVC_STAGE=name, OMP_NUM_THREADS='1', DFMSD_LAUNCH_MASTER_PORT=str(free_port()))
     if procs is not None:
         extra['DFMSD_LAUNCH_NPROC_PER_NODE'] = str(procs)
-    variables = env(PYTHONPATH=str(root), **extra)
+    path = [str(LATE_RANK_1)] if late_rank_1 else []
+    variables = env(PYTHONPATH=os.pathsep.join([*path, str(root)]), **extra)
     for key in [k for k in variables if k in INHERITED or (k.startswith('DFMSD_LAUNCH_') and k not in extra)]:
         del variables[key]
     start = time.monotonic()
@@ -140,6 +143,19 @@ def test_teacher_boxes_of_two_processes_equal_one(boxes):
     assert len(ratios) == 16 and any(r > 0 for r in ratios.values())  # every training image, boxes found
     predicted = detections(two / 'predictions.bbox.json')
     assert predicted and predicted == detections(one / 'predictions.bbox.json')
+
+
+def test_no_work_dir_is_left_when_rank_1_finishes_predicting_last(project, boxes):
+    """Every rank writes its test-epoch log into the prediction work dir (mmengine's LoggerHook):
+    rank 0 removes that dir only once rank 1 is done with it. Rank 1 is made the late one here."""
+    assert not list(project.glob('work_dirs/*'))
+    name = f'teacher_boxes@{PAIR}'
+    out = f'data/me/{PAIR}/boxes_late'
+    log = stage(project, name, 'stages/teacher_boxes.py', '--teacher', WEAK, '--out', out, late_rank_1=True)
+    assert_two_ranks(log)
+    assert '[late_rank_1] rank 1 ends its test epoch 2 s late' in log, log[-3000:]
+    assert (project / out / 'area_ratios.json').read_bytes() == (boxes[1] / 'area_ratios.json').read_bytes()
+    assert not list(project.glob('work_dirs/*')) and not (project / '.dist_test').exists()
 
 
 def test_predictions_and_metrics_of_two_processes_equal_one(project):
