@@ -3,9 +3,9 @@
 mmengine's ``DVCLiveVisBackend`` runs ``dvc init -f --no-scm`` in the working directory when
 git has no user identity (a fresh CI clone), saves a DVC experiment at the end of every run,
 adds its metrics to dvc.yaml and logs every file of the work dir as an artifact. Inside a
-DVC stage all four are wrong: this backend keeps DVCLive's files (``metrics.json``,
-X and does nothing else, so that a long run
-can be watched live (``dvc plots show work_dirs/<run>/dvclive/plots/metrics``).
+DVC stage all four are wrong: this backend keeps DVCLive's own files (``metrics.json`` and
+``plots/metrics/*.tsv``) and does nothing else, so that a long run can be watched live
+(``dvc plots show work_dirs/<run>/<timestamp>/vis_data/plots/metrics``).
 
 The committed loss log stays ``logs/<run>.csv``, collected from mmengine's own scalars:
 DVCLive appends the iterations a resumed run repeats, so its files are not byte-identical
