@@ -32,6 +32,7 @@ def main() -> None:
     from mmdet.registry import DATASETS, MODELS
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import init_default_scope
+    from mmengine.runner import set_random_seed
 
     import dfmsd.models  # noqa: F401
     from dfmsd.core.params import METHOD_GROUPS, load_params, validate
@@ -66,6 +67,7 @@ def main() -> None:
 
     table_path.write_text(json.dumps(table))
     with_me_views(val, str(table_path))
+    set_random_seed(0)  # the training pipeline's random flips and crops: the same batches every run
     ds = DATASETS.build(val.train_dataloader.dataset)
     bs = params.train.batch_size
     batches = [pseudo_collate([ds[(b * bs + i) % len(ds)] for i in range(bs)]) for b in range(args.batches)]
