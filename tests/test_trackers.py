@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 
 def test_dvclive_tracker_writes_its_plots_where_readme_says_and_nothing_else(tmp_path, monkeypatch):
     """Loss curves under ``<work dir>/<timestamp>/vis_data/plots/metrics`` (README's
