@@ -21,6 +21,12 @@ MMCV_VERSION=${MMCV_VERSION:-2.1.0}
 mode=${1:?usage: build_mmcv.sh key|build PYTHON [OUT_DIR [SDIST]]}
 PY=${2:?usage: build_mmcv.sh key|build PYTHON [OUT_DIR [SDIST]]}
 
+# An absolute path for a path argument, without resolving links: the build runs its Python
+# from inside the unpacked sdist, where a relative `.venv/bin/python` does not exist, and a
+# venv's python must stay the link it is (resolved, it would lose the venv).
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+case $PY in */*) PY=$(absolute "$PY") ;; esac  # a bare name (python3) is looked up on the PATH
+
 # "<cuda|cpu> <torch CUDA version, e.g. 130, or -> <archs, e.g. 8.0;9.0, or ->"
 detect() {
   FORCE_CUDA=${FORCE_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} "$PY" - <<'EOF'
@@ -70,8 +76,8 @@ if [ "$mode" = key ]; then
 fi
 [ "$mode" = build ] || { echo "unknown mode $mode (key|build)" >&2; exit 2; }
 
-OUT=${3:?usage: build_mmcv.sh build PYTHON OUT_DIR [SDIST]}
-SDIST=${4:-}
+OUT=$(absolute "${3:?usage: build_mmcv.sh build PYTHON OUT_DIR [SDIST]}")
+SDIST=${4:+$(absolute "$4")}
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 if [ -z "$SDIST" ]; then
