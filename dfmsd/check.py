@@ -4,34 +4,94 @@
     python -m dfmsd.check [params.yaml] [--preset NAME] [--shallow]
 
 The schema (dfmsd.core.params) checks types, ranges and cross-references; this module adds
-what needs mmdet: config files exist, loss types are registered and take the given
-arguments. Every problem is one ``error [params]: <key path>: ...`` line, exit status 2.
+what needs mmdet or the disk: config files exist, zoo names resolve, loss types are registered
+and take the given arguments, a local teacher's checkpoint is there, has its sha256 and loads,
+and a dataset in place (``data.generate: false``) has valid, non-empty annotation files.
+Every problem is one ``error [params]: <file>: <key path>: ...`` line, exit status 2; nothing
+is written. ``--shallow``: the schema only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 
-from dfmsd.core.errors import ParamsError
-from dfmsd.core.params import DEFAULT_PARAMS, METHOD_GROUPS, ROLES, Params, ZooTeacher, load_params, validate
+from dfmsd.core.errors import DfmsdError, ParamsError
+from dfmsd.core.params import (
+    DEFAULT_PARAMS,
+    METHOD_GROUPS,
+    ROLES,
+    SPLITS,
+    Data,
+    LocalTeacher,
+    Params,
+    ZooTeacher,
+    load_params,
+    validate,
+)
+from dfmsd.core.presets import WORKTREES
 
 
-def check_buildable(params: Params, source: str = 'params.yaml') -> None:
-    """What the schema cannot see without mmdet: config files and loss types/arguments."""
+def check_buildable(params: Params, source: str = 'params.yaml', inputs: Path | None = Path('.')) -> None:
+    """What the schema cannot see without mmdet or the disk: config files, zoo names, loss
+    types/arguments, and the user's own files (local teacher checkpoints; a dataset in place),
+    read relative to ``inputs`` (None: not checked)."""
+    for pair_name, pair in params.pairs.items():
+        for role in ROLES:
+            _check_teacher(getattr(pair, role), f'pairs.{pair_name}.{role}', source, inputs)
+    from dfmsd.engine.configs import resolve_config
+
+    for name, student in params.students.items():
+        resolve_config(student.config, f'students.{name}.config')
+    _check_losses(params, source)
+    if inputs is not None and not params.data.generate:
+        _check_dataset(params.data, source, inputs)
+
+
+@contextlib.contextmanager
+def _named(source: str):
+    """The checks below name a key; their errors also name the params file (or preset) it is in."""
+    try:
+        yield
+    except DfmsdError as err:
+        raise ParamsError(f'{source}: {err}') from None
+
+
+def _check_teacher(teacher, where: str, source: str, inputs: Path | None) -> None:
+    from dfmsd.engine.checkpoint import load_verified
+    from dfmsd.engine.configs import resolve_config
+    from dfmsd.engine.zoo import find_teacher_model
+
+    if isinstance(teacher, ZooTeacher):
+        with _named(source):
+            find_teacher_model(teacher.zoo, f'{where}.zoo')
+        return
+    resolve_config(teacher.config, f'{where}.config')
+    if isinstance(teacher, LocalTeacher) and inputs is not None:
+        with _named(source):  # exists, has its hash, unpickles: what the teacher stage will do
+            load_verified(inputs / teacher.checkpoint, map_location='cpu', sha256=teacher.sha256, key=where)
+
+
+def _check_dataset(data: Data, source: str, inputs: Path) -> None:
+    """A dataset in place: each split's annotation file, without its images (the data stage
+    decodes every image; this stays cheap)."""
+    from dfmsd.data.coco import split_files, validate_split
+
+    for split in SPLITS:
+        ann, img = split_files(data, split)
+        with _named(f'{source}: data.splits.{split}.ann'):
+            validate_split(split, inputs / ann, inputs / img, check_images=False)
+
+
+def _check_losses(params: Params, source: str) -> None:
+    """Loss types are registered and take the given arguments; an ME loss has its reconstruction."""
     import inspect
 
     from mmdet.registry import MODELS
 
-    from dfmsd.engine.configs import resolve_config
     from dfmsd.models import losses  # noqa: F401  (registers them)
 
-    for pair_name, pair in params.pairs.items():
-        for role in ROLES:
-            teacher = getattr(pair, role)
-            if not isinstance(teacher, ZooTeacher):
-                resolve_config(teacher.config, f'pairs.{pair_name}.{role}.config')
-    for name, student in params.students.items():
-        resolve_config(student.config, f'students.{name}.config')
     for group in METHOD_GROUPS:
         for name, method in getattr(params, group).items():
             for loss_name, loss in method.losses.items():
@@ -64,6 +124,14 @@ def check_buildable(params: Params, source: str = 'params.yaml') -> None:
                     )
 
 
+def inputs_dir(preset: str | None) -> Path | None:
+    """Where the pipeline reads the files params name: here, or a preset's worktree; None while
+    flows.presets has not made that worktree yet (then nothing of the user's can be in it)."""
+    if not preset:
+        return Path('.')
+    return WORKTREES / preset if (WORKTREES / preset).is_dir() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -72,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--preset', help='check params with presets/<name>.yaml merged over them')
     parser.add_argument('--shallow', action='store_true', help='schema only (no mmdet import)')
     args = parser.parse_args(argv)
-    from dfmsd.core.errors import EXIT_CODE, DfmsdError
+    from dfmsd.core.errors import EXIT_CODE
 
     try:
         if args.preset:
@@ -83,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             source = args.params
             params = load_params(args.params)
+        inputs = inputs_dir(args.preset)
         if not args.shallow:
-            check_buildable(params, source)
+            check_buildable(params, source, inputs)
     except DfmsdError as err:
         for line in str(err).splitlines():  # one prefixed line per problem
             print(f'error [params]: {line}', file=sys.stderr)
@@ -94,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         f'[params] {source}: valid ({len(params.seeds)} seeds, {len(params.pairs)} pair(s), '
         f'{len(params.students)} student(s), {methods} method(s))'
     )
+    if not args.shallow and inputs is None:
+        print(f'[params] files not checked: the preset reads them in {WORKTREES / args.preset}/, not made yet')
     return 0
 
 

@@ -16,7 +16,7 @@ def main() -> None:
 
     from dfmsd.core.io import write_json
     from dfmsd.core.params import Data, section, stage_params
-    from dfmsd.data.coco import split_files, split_manifest, validate_coco
+    from dfmsd.data.coco import split_files, split_manifest, validate_split
 
     data = section(Data, stage_params()['data'], 'data')
     if data.generate:
@@ -26,7 +26,7 @@ def main() -> None:
     manifest = {}
     for split in data.splits:
         ann, img = split_files(data, split)
-        coco = validate_coco(ann, img)
+        coco = validate_split(split, ann, img)
         print(f'[data] {split}: {ann} valid ({len(coco["images"])} images, {len(coco["annotations"])} boxes)')
         manifest[split] = split_manifest(ann, img, coco)
     write_json(args.manifest, manifest)

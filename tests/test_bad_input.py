@@ -7,8 +7,11 @@ the project's exit code (2), no traceback, and no output written, lost or left p
   error reached through `dvc repro` by hand loses them, and docs/reviewing.md's recipe
   (`dvc checkout <stage>`, `git checkout -- <logs>`) brings them back;
 * a damaged teacher checkpoint, under `dvc repro`;
+* a user's own teacher (an unknown zoo name; a local checkpoint missing, with another hash, or
+  not loadable): `make check` names the key, and so does the teacher stage run by hand;
 * a bad dataset (`data.generate: false`), under `python -m flows.runner`: the data stage
-  fails naming the file and no training stage runs.
+  fails naming the file and no training stage runs; an empty train split is caught by
+  `make check` already.
 
 The stages that need a trained teacher get a stand-in: plain weights recorded as the weak
 teacher's output with `dvc commit`, so that nothing here trains.
@@ -143,6 +146,33 @@ PARAM_CASES = [
         ['students.retinanet.config', 'configs/small/retinanet_v2.py does not exist'],
         id='unknown-config-path',
     ),
+    pytest.param(
+        _set('pairs.tiny.strong', {'zoo': 'nonsense'}),
+        [],
+        ['params.yaml: pairs.tiny.strong.zoo', "unknown mmdet model zoo entry 'nonsense'"],
+        id='unknown-zoo-teacher',
+    ),
+    pytest.param(
+        _set('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_cooc'}),
+        [],
+        ['params.yaml: pairs.tiny.strong.zoo', "'gfl_r50_fpn_1x_cooc'", 'close matches: ', 'gfl_r50_fpn_1x_coco'],
+        id='misspelt-zoo-teacher',
+    ),
+    pytest.param(
+        _set(
+            'pairs.tiny.weak', {'config': 'configs/small/faster_rcnn.py', 'checkpoint': 'mine.pth', 'sha256': 'a' * 64}
+        ),
+        [],
+        ['params.yaml: pairs.tiny.weak.checkpoint', 'mine.pth does not exist', 'your own file'],
+        id='missing-local-checkpoint',
+    ),
+    pytest.param(
+        _set('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_coco', 'sha256': 0}),  # YAML: sha256: 000...0
+        [],
+        ['params.yaml: pairs.tiny.strong.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
+        id='unquoted-digit-sha256',
+        marks=pytest.mark.fast,
+    ),
 ]
 
 
@@ -155,8 +185,53 @@ def test_make_check_names_the_key_and_writes_nothing(project_master, tmp_path, e
     res = make(root, 'check', *make_vars)
     line = assert_clean_error(res, *needles)
     assert line.startswith('error [params]: ')
+    assert 'dvc repro' not in line  # a params error is fixed in params (or the user's files), not by a rerun
     assert 'Error 2' in res.stderr  # make: the check itself exited with 2
     assert snapshot(root) == before
+
+
+def assert_check_fails(root: Path, *needles: str, make_vars: tuple[str, ...] = ()) -> str:
+    """`make check` exits with 2 on one line holding every needle, and writes nothing."""
+    before = snapshot(root)
+    res = make(root, 'check', *make_vars)
+    line = assert_clean_error(res, 'error [params]: ', *needles)
+    assert 'Error 2' in res.stderr
+    assert snapshot(root) == before
+    return line
+
+
+@pytest.mark.fast
+def test_a_preset_extending_a_missing_one_names_the_file_that_says_so(project_master, tmp_path):
+    root = shutil.copytree(project_master, tmp_path / 'project', symlinks=True)
+    (root / 'presets/mine.yaml').write_text('extends: smoek\nseeds: [0]\n')
+    assert_check_fails(
+        root, "presets/mine.yaml: extends: no preset 'smoek'", 'known: ', 'smoke', make_vars=('PRESET=mine',)
+    )
+
+
+GARBAGE = bytes(range(256)) * 16
+
+
+def local_teacher(root: Path, content: bytes, sha256: str | None = None, role: str = 'strong') -> None:
+    """The pair's ``role`` teacher becomes a local checkpoint ``mine.pth`` holding ``content``."""
+    (root / 'mine.pth').write_bytes(content)
+    entry = {'config': 'configs/small/gfl.py', 'checkpoint': 'mine.pth'}
+    edit_params(root, _set(f'pairs.tiny.{role}', {**entry, 'sha256': sha256 or hashlib.sha256(content).hexdigest()}))
+
+
+def test_make_check_refuses_a_local_checkpoint_that_does_not_load(project_master, tmp_path):
+    root = shutil.copytree(project_master, tmp_path / 'project', symlinks=True)
+    local_teacher(root, GARBAGE)  # its true sha256: the hash cannot tell, only loading can
+    line = assert_check_fails(root, 'params.yaml: pairs.tiny.strong.checkpoint', 'mine.pth', 'cannot be loaded')
+    assert 'pairs.tiny.strong.sha256' in line and 'dvc ' not in line
+
+
+def test_make_check_refuses_a_local_checkpoint_with_another_hash(project_master, tmp_path):
+    root = shutil.copytree(project_master, tmp_path / 'project', symlinks=True)
+    local_teacher(root, GARBAGE, sha256='b' * 64)
+    actual = hashlib.sha256(GARBAGE).hexdigest()
+    line = assert_check_fails(root, 'params.yaml: pairs.tiny.strong.sha256', 'mine.pth', actual, 'b' * 64)
+    assert "set pairs.tiny.strong.sha256: '" in line and 'replace the file' in line and 'dvc ' not in line
 
 
 # ---------------------------------------------------------------- a project with outputs
@@ -268,3 +343,61 @@ def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
     assert '[runner] data: failed' in res.stdout
     assert '[runner] teacher@tiny-weak: not run' in res.stdout and "Running stage 'teacher@" not in res.stdout
     assert snapshot(built) == before  # the dataset (persist), the teacher, dvc.lock: as they were
+
+
+@pytest.mark.parametrize(
+    'edit, needles',
+    [
+        (_set('pairs.tiny.strong', {'zoo': 'nonsense'}), ['pairs.tiny.strong.zoo', "entry 'nonsense'"]),
+        (
+            _set('pairs.tiny.strong.checkpoint', 'absent.pth'),
+            ['pairs.tiny.strong.checkpoint', 'absent.pth', 'own file'],
+        ),
+        (_set('pairs.tiny.strong.sha256', 'b' * 64), ['pairs.tiny.strong.sha256', 'mine.pth', 'b' * 64]),
+        (None, ['pairs.tiny.strong.checkpoint', 'mine.pth', 'cannot be loaded']),  # garbage with its true hash
+    ],
+    ids=['unknown-zoo-teacher', 'missing-local-checkpoint', 'local-checkpoint-with-another-hash', 'garbage-checkpoint'],
+)
+def test_the_teacher_stage_run_by_hand_names_the_key_of_a_bad_teacher(built, edit, needles):
+    """`dvc repro` without `make check` first: the stage stops on the same errors, one line each."""
+    local_teacher(built, GARBAGE)
+    if edit:
+        edit_params(built, edit)
+    before = snapshot(built)
+    res = dvc(built, 'repro', '--single-item', 'teacher@tiny-strong', check=False)
+    line = assert_clean_error(res, 'error [teacher@tiny-strong]: ', *needles, code=255)
+    assert 'dvc repro' not in line and 'exited with 2' in res.stderr
+    assert snapshot(built) == before
+
+
+def _empty_train_split(root: Path) -> None:
+    ann_file = root / 'data/synthetic/annotations/instances_train.json'
+    ann = json.loads(ann_file.read_text())
+    ann_file.write_text(json.dumps({**ann, 'images': [], 'annotations': []}))  # valid COCO, nothing in it
+
+
+def _unannotated_train_split(root: Path) -> None:
+    ann_file = root / 'data/synthetic/annotations/instances_train.json'
+    ann_file.write_text(json.dumps({**json.loads(ann_file.read_text()), 'annotations': []}))
+
+
+@pytest.mark.parametrize(
+    'damage, needle',
+    [(_empty_train_split, 'split train has no images'), (_unannotated_train_split, 'split train has no annotations')],
+    ids=['no-images', 'no-boxes'],
+)
+def test_an_empty_train_split_stops_make_check_and_the_data_stage(built, damage, needle):
+    edit_params(built, _set('data.generate', False))
+    damage(built)
+    ann = 'data/synthetic/annotations/instances_train.json'
+    assert_check_fails(built, 'params.yaml: data.splits.train.ann', ann, needle)
+    before = snapshot(built)
+    res = run(
+        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
+        built,
+        check=False,
+        timeout=300,
+    )
+    assert_clean_error(res, 'error [data]: ', ann, needle, code=1)
+    assert '[runner] data: failed' in res.stdout and "Running stage 'teacher@" not in res.stdout
+    assert snapshot(built) == before  # data/dataset.json (the manifest) as it was

@@ -58,6 +58,14 @@ CASES = {
         setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 'abc'}),
         [f'pairs.{PAIR}.strong.sha256', "got 'abc'"],
     ),
+    'zoo teacher with an unquoted all-digit sha256': (
+        setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 0}),
+        [f'pairs.{PAIR}.strong.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
+    ),
+    'local teacher with an unquoted all-digit sha256': (
+        setter(f'pairs.{PAIR}.weak', {'config': 'c.py', 'checkpoint': 't.pth', 'sha256': 1234}),
+        [f'pairs.{PAIR}.weak.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
+    ),
     'missing split': (lambda p: p['data']['splits'].pop('val'), ['data.splits', 'val']),
     'unknown split': (
         setter('data.splits.holdout', {'ann': 'h.json', 'img': 'h/'}),

@@ -137,7 +137,16 @@ def test_unknown_preset_lists_the_known_ones(tmp_path):
     with pytest.raises(ParamsError) as err:
         preset_params('smok', REPO / 'params.yaml', presets)
     assert "'smok'" in str(err.value) and 'child, coco_table1, smoke' in str(err.value)
-    with pytest.raises(ParamsError, match="'missing'"):
+    with pytest.raises(ParamsError) as err:
+        preset_params('child', REPO / 'params.yaml', presets)
+    assert str(err.value).startswith(f"{presets / 'child.yaml'}: extends: no preset 'missing' (known: child, ")
+
+
+@pytest.mark.fast
+def test_extends_must_name_one_preset(tmp_path):
+    presets = tmp_path / 'presets'
+    write_presets(presets, child={'extends': ['smoke', 'coco']})
+    with pytest.raises(ParamsError, match=r"child\.yaml: extends: give one preset name, got \['smoke', 'coco'\]"):
         preset_params('child', REPO / 'params.yaml', presets)
 
 

@@ -17,6 +17,8 @@ from dfmsd.core.errors import ParamsError
 from dfmsd.core.params import read_yaml, validate
 
 PRESETS_DIR = Path('presets')
+#: flows.presets runs a preset in ``.presets/<name>/``: its relative paths are read there.
+WORKTREES = Path('.presets')
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any], *, keep_replace: bool = False) -> dict[str, Any]:
@@ -41,18 +43,24 @@ def known_presets(presets_dir: str | Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in Path(presets_dir).glob('*.yaml'))
 
 
-def preset_overrides(name: str, presets_dir: str | Path = PRESETS_DIR, _seen: tuple = ()) -> dict[str, Any]:
+def preset_overrides(
+    name: str, presets_dir: str | Path = PRESETS_DIR, _seen: tuple = (), _extended_by: Path | None = None
+) -> dict[str, Any]:
     """presets/<name>.yaml with the presets it extends merged under it."""
     preset_file = Path(presets_dir) / f'{name}.yaml'
     if not preset_file.is_file():
-        raise ParamsError(f"no preset '{name}' (known: {', '.join(known_presets(presets_dir)) or 'none'})")
+        # a name given in a preset file is fixed there, not on the command line: name that file
+        where = f'{_extended_by}: extends: ' if _extended_by else ''
+        raise ParamsError(f"{where}no preset '{name}' (known: {', '.join(known_presets(presets_dir)) or 'none'})")
     if name in _seen:
         raise ParamsError(f'presets extend each other in a loop: {" -> ".join((*_seen, name))}')
     override = read_yaml(preset_file)
     base = override.pop('extends', None)
     if not base:
         return override
-    return deep_merge(preset_overrides(base, presets_dir, (*_seen, name)), override, keep_replace=True)
+    if not isinstance(base, str):
+        raise ParamsError(f'{preset_file}: extends: give one preset name, got {base!r}')
+    return deep_merge(preset_overrides(base, presets_dir, (*_seen, name), preset_file), override, keep_replace=True)
 
 
 def preset_params(

@@ -172,6 +172,17 @@ def validate_coco(ann_file: str | Path, img_dir: str | Path, *, check_images: bo
     return data
 
 
+def validate_split(split: str, ann_file: str | Path, img_dir: str | Path, *, check_images: bool = True) -> dict:
+    """:func:`validate_coco`, and a split the stages can use: at least one image, and for train
+    at least one box (a valid but empty file would otherwise pass, and fail only in training)."""
+    coco = validate_coco(ann_file, img_dir, check_images=check_images)
+    if not coco['images']:
+        raise DatasetError(f'{ann_file}: split {split} has no images (it needs at least one)')
+    if split == 'train' and not coco['annotations']:
+        raise DatasetError(f'{ann_file}: split train has no annotations (no box to learn from)')
+    return coco
+
+
 def _check_image(ann_file: Path, path: Path, entry: dict) -> None:
     where = f'{ann_file}: image {entry["id"]}'
     if not path.is_file():

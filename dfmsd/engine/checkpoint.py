@@ -16,6 +16,7 @@ Safety is never switched off: no message here suggests ``weights_only=False``.
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -149,29 +150,86 @@ def latest_verified_checkpoint(work_dir: str | Path) -> Path | None:
     return next((p for p in reversed(found) if is_verified(p)), None)
 
 
-def load_verified(path: str | Path, map_location=None, *, sha256: str | None = None) -> dict[str, Any]:
+def load_verified(
+    path: str | Path, map_location=None, *, sha256: str | None = None, key: str | None = None
+) -> dict[str, Any]:
     """Full unpickling, only of a file whose SHA-256 matches: ``sha256`` (a full digest or a
     prefix of at least 8 hex digits, e.g. a download's) or else its ``.sha256`` sidecar.
 
     The bytes are read once, and that same buffer is hashed and unpickled, so the file
     cannot change between the check and the load.
+
+    ``key`` is the params entry of a user's own file (``pairs.<pair>.<role>``, a teacher with
+    ``checkpoint`` and ``sha256``): errors then name ``<key>.checkpoint`` or ``<key>.sha256`` and
+    how to fix them, instead of how to rebuild or restore a pipeline output.
     """
     import hashlib
     import io
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path} does not exist (run the stage that makes it: `dvc repro`)')
+        raise CheckpointError(_missing(path, key))
     expected = sha256 or (sidecar(path).read_text().strip() if sidecar(path).is_file() else None)
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if not expected or len(expected) < 8 or not actual.startswith(expected.lower()):
-        raise CheckpointError(
+        raise CheckpointError(_mismatch(path, actual, expected, key))
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)  # hash-verified
+    except _UNPICKLING_ERRORS as err:
+        raise CheckpointError(_not_a_checkpoint(path, err, key)) from None
+
+
+#: What unpickling damaged or foreign bytes raises (the hash only says they are the expected ones).
+_UNPICKLING_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    OSError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+)
+
+
+def _missing(path: Path, key: str | None) -> str:
+    if key is None:
+        return f'{path} does not exist (run the stage that makes it: `dvc repro`)'
+    return (
+        f'{key}.checkpoint: {path} does not exist. It is your own file, not one the pipeline makes: '
+        f'put the checkpoint there, or set {key}.checkpoint to where it is'
+    )
+
+
+def _mismatch(path: Path, actual: str, expected: str | None, key: str | None) -> str:
+    if key is None:
+        return (
             f'refusing to unpickle {path}: its sha256 {actual} does not match the recorded '
             f'{expected or "(none)"}. Rebuild it with `dvc repro`, restore it with '
             f'`dvc checkout`, or delete a damaged download so that it is fetched again'
         )
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)  # hash-verified
+    return (
+        f'{key}.sha256: refusing to unpickle {path}: its sha256 is {actual}, but {key}.sha256 says {expected}. '
+        f"If {path} is the checkpoint you mean, set {key}.sha256: '{actual}'; if not, replace the file "
+        f'with the one {key}.sha256 is the hash of'
+    )
+
+
+def _not_a_checkpoint(path: Path, err: BaseException, key: str | None) -> str:
+    reason = f'{type(err).__name__}: {_load_failure(err)}'
+    if key is None:
+        return (
+            f'{path} cannot be unpickled ({reason}), though its sha256 matches: it was damaged before its hash '
+            f'was recorded. Rebuild it with `dvc repro`, or restore it with `dvc checkout --force {path}`'
+        )
+    return (
+        f'{key}.checkpoint: {path} cannot be loaded as a checkpoint ({reason}), though its sha256 matches '
+        f"{key}.sha256: replace it with the right checkpoint and set {key}.sha256 to that file's hash"
+    )
 
 
 def register_verified_checkpoints() -> None:

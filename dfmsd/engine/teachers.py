@@ -45,14 +45,14 @@ def import_teacher(
     """Verify, unpickle and re-export a downloaded or local teacher (nothing is trained)."""
     if isinstance(spec, ZooTeacher):
         from dfmsd.engine.download import fetch_zoo_teacher
-        from dfmsd.engine.zoo import find_model
+        from dfmsd.engine.zoo import find_teacher_model
 
-        model = find_model(spec.zoo)
+        model = find_teacher_model(spec.zoo, f'{where}.zoo')
         path = fetch_zoo_teacher(spec.zoo, Path('~/.cache/dfmsd/zoo').expanduser(), sha256=spec.sha256)
-        checkpoint = load_verified(path, sha256=spec.sha256 or model.sha256_prefix)
+        checkpoint = load_verified(path, 'cpu', sha256=spec.sha256 or model.sha256_prefix)
         cfg, source = Config.fromfile(model.config), {'zoo': model.name, 'url': model.url}
-    else:
-        checkpoint = load_verified(spec.checkpoint, sha256=spec.sha256)
+    else:  # the user's own file: its errors name its keys, not a stage to rerun
+        checkpoint = load_verified(spec.checkpoint, 'cpu', sha256=spec.sha256, key=where)
         cfg, source = Config.fromfile(resolve_config(spec.config, f'{where}.config')), {'file': spec.checkpoint}
     point_at_dataset(cfg, data)
     out_dir = Path(out)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ['ZooModel', 'find_model', 'list_models', 'mim_dir']
+from dfmsd.core.errors import ParamsError
+
+__all__ = ['ZooModel', 'find_model', 'find_teacher_model', 'list_models', 'mim_dir']
 
 _HASH_SUFFIX = re.compile(r'-([0-9a-f]{8,64})\.pth$')
 # yaml.safe_load semantics (SafeLoader), with libyaml's C implementation when present:
@@ -205,6 +207,15 @@ def find_model(name: str) -> ZooModel:
     hint = f'; close matches: {", ".join(close)}' if close else ''
     amb = f' (ambiguous: {", ".join(sorted(loose))})' if len(loose) > 1 else ''
     raise KeyError(f'unknown mmdet model zoo entry {q!r}{amb} among {len(idx.models)} models{hint}')
+
+
+def find_teacher_model(name: str, key: str) -> ZooModel:
+    """:func:`find_model` for the params entry ``key`` (``pairs.<pair>.<role>.zoo``): a name it
+    cannot resolve is the user's to fix, so a ParamsError naming the key, not a KeyError."""
+    try:
+        return find_model(name)
+    except KeyError as err:
+        raise ParamsError(f'{key}: {err.args[0]}') from None
 
 
 def _suggest(n: str, keys: list[str], k: int = 8) -> list[str]:
