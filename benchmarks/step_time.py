@@ -43,6 +43,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from dfmsd.core import numerics
+
+    numerics.pin()  # the stages' code paths (DFMSD_NUMERICS=native: the libraries' own choice)
     import torch
     from mmdet.registry import DATASETS, MODELS
     from mmengine.dataset import pseudo_collate

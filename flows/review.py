@@ -14,11 +14,14 @@ date, and compare every metrics file with the committed one.
    stages whose outputs DVC does not cache (``data``: the synthetic set regenerates
    byte-identically in seconds); the command lists what ran.
 3. Every ``metrics/**/*.json`` and ``reports/summary.json`` is compared byte for byte with
-   the commit's (``git show HEAD:<path>``).
+   the commit's (``git show HEAD:<path>``). Where the bytes differ (a rebuild on another CPU
+   model or with other library versions), each run's reported mAP is compared in units of its
+   row's seed std, with a stated tolerance and the likely cause (:mod:`flows.tolerance`).
 
-Exit status: 0 reproduced; 1 not reproduced (a metrics file differs, is missing or is new, or
-a stage failed); 2 nothing to pull (no remote, unreachable, pull failed) without
-``--rebuild``, or a set-up problem (not a git + DVC checkout, invalid params).
+Exit status: 0 reproduced (byte for byte, or within the tolerance); 1 not reproduced (a run
+beyond the tolerance, a metrics file missing or new, or a stage failed); 2 nothing to pull (no
+remote, unreachable, pull failed) without ``--rebuild``, or a set-up problem (not a git + DVC
+checkout, invalid params).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dfmsd.core.errors import EXIT_CODE
-from flows import runner
+from dfmsd.core.errors import EXIT_CODE, DfmsdError
+from dfmsd.core.params import read_yaml
+from flows import runner, tolerance
 
 #: What the verdict compares: every metrics file in git.
 METRICS_DIR = 'metrics'
@@ -105,23 +109,51 @@ def describe_difference(old: bytes, new: bytes, limit: int = 3) -> str:
     return shown + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
 
 
-def compare_metrics(root: Path) -> tuple[list[str], list[str]]:
-    """(identical files, one line per file that differs from HEAD)."""
+def compare_metrics(root: Path) -> tuple[list[str], list[str], dict[str, bytes]]:
+    """(identical files, one line per file missing or new, the committed bytes of every file that
+    differs)."""
     committed, present = committed_metrics(root), workspace_metrics(root)
-    same, differ = [], []
+    same, absent, changed = [], [], {}
     for path in sorted(set(committed) | set(present)):
         if path not in present:
-            differ.append(f'{path}: missing (the commit has it)')
+            absent.append(f'{path}: missing (the commit has it)')
         elif path not in committed:
-            differ.append(f'{path}: not in the commit')
+            absent.append(f'{path}: not in the commit')
         else:
             old = git(root, 'show', f'HEAD:{path}', text=False)
-            new = (root / path).read_bytes()
-            if old == new:
+            if old == (root / path).read_bytes():
                 same.append(path)
             else:
-                differ.append(f'{path}: differs ({describe_difference(old, new)})')
-    return same, differ
+                changed[path] = old
+    return same, absent, changed
+
+
+def reported_split(root: Path) -> str:
+    try:
+        return str((read_yaml(root / 'params.yaml').get('report') or {}).get('split') or 'test')
+    except DfmsdError:
+        return 'test'
+
+
+def judge_changes(root: Path, changed: dict[str, bytes]) -> bool:
+    """Say how far each changed run is from the commit (flows.tolerance); True if all are within
+    the tolerance."""
+    runs = [p for p in committed_metrics(root) if p != SUMMARY]
+    committed = {p: changed.get(p) or git(root, 'show', f'HEAD:{p}', text=False) for p in runs}
+    rebuilt = {p: (root / p).read_bytes() for p in changed if p != SUMMARY}
+    split = reported_split(root)
+    differences = tolerance.compare(committed, rebuilt, split)
+    say(
+        f'{len(changed)} metrics files are not byte-identical; each run compared by its {split} '
+        f"{tolerance.METRIC}, in its row's seed std (tolerance {tolerance.TOLERANCE:g} std, flows/tolerance.py):"
+    )
+    for d in differences:
+        detail = '' if d.delta is not None else f' ({describe_difference(changed[d.path], rebuilt[d.path])})'
+        print(f'    {d.line()}{detail}', flush=True)
+    if SUMMARY in changed:
+        old, new = changed[SUMMARY], (root / SUMMARY).read_bytes()
+        print(f'    {SUMMARY}: follows the runs ({describe_difference(old, new)})', flush=True)
+    return all(d.within for d in differences)
 
 
 # ---------------------------------------------------------------- the DVC remote
@@ -376,15 +408,24 @@ def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:
         )
         return 1
 
-    same, differ = compare_metrics(root)
-    if differ:
-        say(f'NOT reproduced: {len(differ)} of {len(same) + len(differ)} metrics files differ from commit {commit}:')
-        for line in differ:
+    same, absent, changed = compare_metrics(root)
+    if absent:
+        say(f'NOT reproduced: {len(absent)} metrics files are missing or new against commit {commit}:')
+        for line in absent:
             print(f'    {line}', flush=True)
         return 1
     how = 'pulled' if pulled else 'rebuilt'
-    say(f'reproduced: {len(same)} metrics files identical to commit {commit} (outputs {how})')
-    return 0
+    if not changed:
+        say(f'reproduced: {len(same)} metrics files identical to commit {commit} (outputs {how})')
+        return 0
+    if judge_changes(root, changed):
+        say(
+            f'reproduced within tolerance, not byte for byte: {len(same)} metrics files identical to commit '
+            f'{commit}, {len(changed)} within the tolerance (outputs {how})'
+        )
+        return 0
+    say(f'NOT reproduced: a run differs from commit {commit} beyond the tolerance, or cannot be judged (above)')
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Fixtures only (shared helpers live in tests/support.py). Nothing here changes the process
-environment for other tests: each test that needs a variable sets it with monkeypatch."""
+environment for other tests (but the numeric code paths below, which every stage pins too):
+each test that needs a variable sets it with monkeypatch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import shutil
 
 import pytest
 from support import copy_project, preset_params
+
+from dfmsd.core import numerics
+
+# The code paths every stage runs with (dfmsd.core.numerics), set before any test's first tensor
+# operation, so that what a test computes in this process is what a stage computes.
+numerics.pin()
 
 
 @pytest.fixture(autouse=True)

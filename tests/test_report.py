@@ -316,20 +316,7 @@ def test_csv_summary_and_plot_data(built):
     group = summary[f'{STUDENT}/{PAIR}']
     assert list(group) == ['teacher_weak', 'teacher_strong', 'baseline', 'mgd', 'dfmsd_no_sal', 'dfmsd', 'dfmsd_me12']
     assert group['teacher_strong'] == {'mAP': 35.0}
-    assert set(group['dfmsd']) == {
-        'mAP',
-        'mAP_ci_low',
-        'mAP_ci_high',
-        'gain',
-        'gain_ci_low',
-        'gain_ci_high',
-        'APs',
-        'APm',
-        'APl',
-    }
-    assert group['dfmsd']['gain'] == round(float(np.mean(np.array(MAP['dfmsd']) - BASE)), 2)
-    assert group['dfmsd']['gain_ci_low'] > 0 and group['dfmsd']['gain_ci_high'] > group['dfmsd']['gain_ci_low']
-    assert 'gain' not in group['baseline']
+    assert group['dfmsd'] == {'mAP': round(float(np.mean(MAP['dfmsd'])), 2)}  # the headline only
 
     points = list(csv.DictReader((out / 'plots' / 'map.csv').open()))
     assert points[0].keys() == {'row', 'seed', 'mAP'}

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dfmsd.core import runs
+from dfmsd.core import numerics, runs
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
 
 
@@ -67,6 +67,7 @@ def run(main: Callable[[], object]) -> None:
     Under ``flows.runner`` (see :mod:`dfmsd.core.runs`), a completed run is recorded in the
     run log, and a stage whose training is not done yet exits with ``runs.NEEDS_TRAINING``.
     """
+    numerics.pin()  # before the first tensor operation: each library reads its setting once
     audit = os.environ.get('DFMSD_AUDIT')
     finish = _start_audit(audit) if audit else None
     stage = _stage_label()

@@ -113,15 +113,26 @@ class TrainedTeacher(Detector):
     iters: PositiveInt
 
 
+def _quoted_hash(cls, value: Any) -> Any:
+    """YAML reads an unquoted hash of only digits as an integer: say so, not 'not a string'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError("a hash of only digits reads as a number in YAML: quote it (sha256: '<64 hex digits>')")
+    return value
+
+
 class ZooTeacher(Strict):
     zoo: str = Field(description="a model name of mmdet's model index")
     sha256: Annotated[str, Field(pattern=r'^[0-9a-f]{64}$')] | None = None
+
+    _quoted = field_validator('sha256', mode='before')(classmethod(_quoted_hash))
 
 
 class LocalTeacher(Strict):
     config: str
     checkpoint: str
     sha256: Annotated[str, Field(pattern=r'^[0-9a-f]{64}$')]
+
+    _quoted = field_validator('sha256', mode='before')(classmethod(_quoted_hash))
 
 
 Teacher = TrainedTeacher | ZooTeacher | LocalTeacher
@@ -268,6 +279,8 @@ class Figures(Strict):
 class Report(Strict):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     split: Literal['val', 'test'] = 'test'
+    preset: str | None = Field(None, description='the preset these params come from (set by flows.presets)')
+    note: str | None = Field(None, description="a sentence at the top of the report (e.g. a preset's purpose)")
 
 
 class Params(Strict):

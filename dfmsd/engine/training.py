@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from mmengine.config import Config
 
-from dfmsd.core import runs
+from dfmsd.core import numerics, runs
 from dfmsd.core.io import write_json, write_text
 from dfmsd.data.coco import dataset_classes
 from dfmsd.engine.checkpoint import (
@@ -189,6 +189,12 @@ def export(
         'teacher_images': counted.get('teacher_images', 0),
         'config_digest': work_dir.name.rsplit('-', 1)[-1],
         'threads': torch.get_num_threads(),
+        # what the floats depend on besides the inputs: another CPU model or code path, other bits
+        'machine': {
+            **numerics.machine(),
+            'torch': torch.__version__,
+            'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+        },
     }
     if 'distilled_strides' in state:  # the FPN levels the distiller used
         record['strides'] = [int(s) for s in state['distilled_strides'].tolist()]

@@ -88,6 +88,8 @@ class ReportConfig:
     students: tuple[str, ...]
     methods: dict[str, MethodSpec]  # params order: methods, me_methods, sal_methods
     me_threshold: float | None
+    preset: str | None = None
+    note: str | None = None
 
 
 def report_config(params: Mapping[str, Any]) -> ReportConfig:
@@ -136,6 +138,8 @@ def report_config(params: Mapping[str, Any]) -> ReportConfig:
         students=names['students'],
         methods=methods,
         me_threshold=threshold,
+        preset=report.preset,
+        note=report.note,
     )
 
 
@@ -929,29 +933,10 @@ def _r2(x: float | None) -> float | None:
 
 
 def summary(groups: list[Group]) -> dict[str, dict]:
-    """The compact DVC metric: per ``<student>/<pair>``, per measured row, mAP (+ CI, gain, APs/m/l)."""
-    out: dict[str, dict] = {}
-    for g in groups:
-        rows: dict[str, dict] = {}
-        for r in g.rows:
-            if not r.n:
-                continue
-            s = r.stats['mAP']
-            if r.kind == 'teacher':
-                rows[r.name] = {'mAP': _r2(s['mean'])}
-                continue
-            # flat keys: `dvc metrics show` and `dvc exp show` do not display lists
-            low, high = s['ci'] if s['ci'] else (None, None)
-            entry = {'mAP': _r2(s['mean']), 'mAP_ci_low': _r2(low), 'mAP_ci_high': _r2(high)}
-            if r.is_method:
-                gain = r.gain or {}
-                low, high = gain['ci'] if gain.get('ci') else (None, None)
-                entry.update(gain=_r2(gain.get('mean_diff')), gain_ci_low=_r2(low), gain_ci_high=_r2(high))
-            for m in ('APs', 'APm', 'APl'):
-                entry[m] = _r2(r.stats[m]['mean'])
-            rows[r.name] = entry
-        out[g.key] = rows
-    return out
+    """The DVC metric, kept to the headline so that `dvc metrics show` and `dvc exp show` stay
+    readable: per ``<student>/<pair>``, per measured row, its mean mAP on the reported split.
+    Intervals, gains and the other metrics are in results.csv."""
+    return {g.key: {r.name: {'mAP': _r2(r.stats['mAP']['mean'])} for r in g.rows if r.n} for g in groups}
 
 
 def map_points_csv(groups: list[Group], config: ReportConfig) -> str:
@@ -981,8 +966,16 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
     cl = confidence_label(config.confidence)
     seeds = ', '.join(map(str, config.seeds))
     tests = sum(1 for g in groups for v in g.verdicts if v['result']['ci'] is not None)
+    source = (
+        f'preset **{config.preset}** (`presets/{config.preset}.yaml` over params.yaml)'
+        if config.preset
+        else '`params.yaml` (the embedded default)'
+    )
     md = [
         '# Results',
+        '',
+        *([f'> {config.note}', ''] if config.note else []),
+        f'Params: {source}.',
         '',
         f'Split reported: **{config.split}** (COCO box metrics, percent). The val split is for tuning only; '
         f'the tables report {config.split}.'
