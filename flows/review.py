@@ -374,8 +374,9 @@ def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:
         say(f'to pull, point DVC at a remote the commit was pushed to (docs/reviewing.md):\n    {how}')
         if not rebuild:
             say(
-                "or rebuild every output from the commit's code and params (byte-identical results; the "
-                'embedded default takes about 25 min on 2 cores):\n'
+                "or rebuild every output from the commit's code and params (byte-identical on the CPU model "
+                'it was built on, else judged by a tolerance; the embedded default takes about 50 min on 2 '
+                'cores):\n'
                 f'    {REBUILD_HINT}'
             )
             return EXIT_CODE

@@ -382,3 +382,23 @@ def test_several_pairs_add_a_teacher_sequence_table_and_missing_seeds_are_noted(
     mgd2 = report['groups'][1].row('mgd')
     assert sorted(mgd2.runs) == [0, 2] and mgd2.gain['n'] == 2  # paired over the seeds both rows have
     assert f'{STUDENT}/r50_gfl101: MGD (mgd) has no metrics for seed(s) 1.' in md
+
+
+def test_the_report_names_the_params_it_comes_from_and_a_presets_note(tmp_path):
+    dirs = make_tree(tmp_path)
+    default = build_report(PARAMS, **dirs)
+    md = results_markdown(default['groups'], default['config'], default['me'], default['notes'])
+    assert 'Params: `params.yaml` (the embedded default).' in md
+    smoke = {**PARAMS, 'report': {**PARAMS.get('report', {}), 'preset': 'smoke', 'note': 'A plumbing check.'}}
+    report = build_report(smoke, **dirs)
+    md = results_markdown(report['groups'], report['config'], report['me'], report['notes'])
+    assert md.startswith('# Results\n\n> A plumbing check.\n\nParams: preset **smoke** (`presets/smoke.yaml`')
+
+
+@pytest.mark.fast
+def test_a_presets_params_name_it_and_the_smoke_preset_says_it_is_a_plumbing_check():
+    from support import preset_params
+
+    params = preset_params('smoke')
+    assert params['report']['preset'] == 'smoke'
+    assert 'Plumbing check' in params['report']['note']

@@ -66,7 +66,9 @@ def preset_overrides(
 def preset_params(
     name: str, params_file: str | Path = 'params.yaml', presets_dir: str | Path = PRESETS_DIR
 ) -> dict[str, Any]:
-    """params.yaml with presets/<name>.yaml (and what it extends) merged over it, validated."""
+    """params.yaml with presets/<name>.yaml (and what it extends) merged over it, validated; its
+    ``report.preset`` names the preset, so that the report says whose numbers it shows."""
     merged = deep_merge(read_yaml(params_file), preset_overrides(name, presets_dir))
+    merged.setdefault('report', {})['preset'] = name
     validate(merged, f'{params_file} + {Path(presets_dir) / name}.yaml')
     return merged
