@@ -29,11 +29,16 @@ DVC's lock (:mod:`dfmsd.core.runs`). The flow only wraps each stage in a Prefect
 
 With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_worktree`,
 as ``make repro PRESET=...``), and the experiment is saved there.
+
+As with ``make repro`` (:mod:`flows.guard`), the flow holds its workspace's lock for the whole
+run (a second run there fails at once, naming the holder), and ``python -m flows.pipeline``
+ends every stage process on SIGINT or SIGTERM and exits with 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import json
 import re
@@ -56,6 +61,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed, Failed, State
 
+from flows import guard
 from flows.progress import parse_train_line
 from flows.runner import DvcRepo, RunnerError, StageResult, run_pipeline, run_stage, summary_table
 
@@ -215,17 +221,16 @@ def _summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
 
 
 def _report_summary_rows(summary: Any) -> list[dict[str, Any]]:
-    """``reports/summary.json`` ({group: {row: {metric: value}}}) as table rows."""
-    rows: list[dict[str, Any]] = []
-    if isinstance(summary, dict) and all(isinstance(v, dict) for v in summary.values()):
-        for group, entries in summary.items():
-            for row, metrics in entries.items():
-                cells = metrics if isinstance(metrics, dict) else {'value': metrics}
-                rows.append({'group': group, 'row': row, **cells})
-    else:
-        rows = [{'row': 'summary', 'value': json.dumps(summary)}]
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return [{c: r.get(c) for c in columns} for r in rows]
+    """``reports/summary.json`` as table rows: ``{row: mAP}``, or ``{group: {row: mAP}}`` for
+    several student/pair groups (dfmsd.report.tables.summary)."""
+    if not isinstance(summary, dict):
+        return [{'row': 'summary', 'mAP': json.dumps(summary)}]
+    groups = summary if all(isinstance(v, dict) for v in summary.values()) else {None: summary}
+    rows = []
+    for group, entries in groups.items():
+        for row, value in entries.items():
+            rows.append({**({'group': group} if group else {}), 'row': row, 'mAP': value})
+    return rows
 
 
 def _publish_reports(root: Path, all_ok: bool, logger) -> list[str]:
@@ -300,11 +305,18 @@ def dvc_pipeline(
         raise ValueError('jobs must be at least 1')
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
-    if preset:
-        from flows.presets import preset_worktree
+    with contextlib.ExitStack() as held:  # the workspace is this run's (flows.guard) until it ends
+        if preset:
+            from flows.presets import preset_run
 
-        root = preset_worktree(root, preset)
-        logger.info("preset '%s': running in its git worktree %s", preset, root)
+            root = held.enter_context(preset_run(root, preset))
+            logger.info("preset '%s': running in its git worktree %s", preset, root)
+        else:
+            held.enter_context(guard.workspace(root))
+        return _run(logger, root, preset, targets, jobs, retries, retry_delay_seconds, force, experiment)
+
+
+def _run(logger, root: Path, preset, targets, jobs, retries, retry_delay_seconds, force, experiment) -> Any:
     repo = shared_repo(root)
     graph = repo.graph(targets or None)
     logger.info('DVC pipeline in %s: %d stage(s), %d at a time', root, graph.number_of_nodes(), jobs)
@@ -413,17 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--force', action='store_true', help='rerun every selected stage')
     parser.add_argument('--no-experiment', action='store_true', help='do not record the run as a DVC experiment')
     args = parser.parse_args(argv)
-    state = dvc_pipeline(
-        repo_dir=args.repo,
-        preset=args.preset,
-        targets=args.target or None,
-        jobs=args.jobs,
-        retries=args.retries,
-        retry_delay_seconds=args.retry_delay,
-        force=args.force,
-        experiment=not args.no_experiment,
-        return_state=True,
-    )
+    from dfmsd.core.errors import EXIT_CODE, DfmsdError
+    from flows.presets import preset_dir
+
+    try:  # the lock is checked here too, for a one-line answer before Prefect starts
+        workspace = preset_dir(args.repo, args.preset) if args.preset else args.repo
+        with guard.on_signals(), guard.workspace(workspace):
+            state = dvc_pipeline(
+                repo_dir=args.repo,
+                preset=args.preset,
+                targets=args.target or None,
+                jobs=args.jobs,
+                retries=args.retries,
+                retry_delay_seconds=args.retry_delay,
+                force=args.force,
+                experiment=not args.no_experiment,
+                return_state=True,
+            )
+    except DfmsdError as err:
+        print(f'error [flow]: {err}', file=sys.stderr, flush=True)
+        return EXIT_CODE
+    except guard.Interrupted as stop:
+        print(f'flow run stopped: {stop}; stage processes ended, a rerun resumes from the last checkpoints')
+        return stop.exit_code
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict):
         print(summary['markdown'])

@@ -19,14 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
-from dfmsd.core.presets import preset_params
+from dfmsd.core.presets import WORKTREES, preset_params
+from flows import guard
 
-WORKTREES = '.presets'
 #: What a preset's own runs write into tracked files; kept when its worktree is refreshed.
 OWN_OUTPUTS = ('dvc.lock', 'metrics', 'logs', 'reports')
 
@@ -50,13 +52,15 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
             for rel in OWN_OUTPUTS:
                 if (tree / rel).exists():
                     (shutil.copytree if (tree / rel).is_dir() else shutil.copy2)(tree / rel, Path(keep) / rel)
-            _git('checkout', '--detach', '--force', head, cwd=tree)
-            _git('reset', '--hard', head, cwd=tree)
-            for rel in OWN_OUTPUTS:
-                if (Path(keep) / rel).exists():
-                    if (tree / rel).is_dir():
-                        shutil.rmtree(tree / rel)
-                    (shutil.copytree if (Path(keep) / rel).is_dir() else shutil.copy2)(Path(keep) / rel, tree / rel)
+            try:
+                _git('checkout', '--detach', '--force', head, cwd=tree)
+                _git('reset', '--hard', head, cwd=tree)
+            finally:  # also when git was stopped half-way: the outputs are the preset's own
+                for rel in OWN_OUTPUTS:
+                    if (Path(keep) / rel).exists():
+                        if (tree / rel).is_dir():
+                            shutil.rmtree(tree / rel)
+                        (shutil.copytree if (Path(keep) / rel).is_dir() else shutil.copy2)(Path(keep) / rel, tree / rel)
     changed = _git('ls-files', '-z', '--modified', '--others', '--exclude-standard', cwd=root).split('\0')
     deleted = set(_git('ls-files', '-z', '--deleted', cwd=root).split('\0'))
     # The workspace's own results (e.g. an uncommitted default run) are not the preset's.
@@ -82,6 +86,25 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
     return tree
 
 
+@contextmanager
+def preset_run(repo_root: str | Path, name: str) -> Iterator[Path]:
+    """The preset's worktree (:func:`preset_worktree`), refreshed and then held for the block:
+    its workspace lock (``.presets/<name>.lock``, :func:`flows.guard.workspace`) is taken
+    before the refresh; raises :class:`flows.guard.WorkspaceBusy` if another run holds it."""
+    with guard.workspace(preset_dir(repo_root, name)):
+        with guard.deferred():  # a signal waits until the worktree's files are all in place
+            tree = preset_worktree(repo_root, name)
+        yield tree
+
+
+def preset_dir(repo_root: str | Path, name: str) -> Path:
+    """``.presets/<name>`` (the workspace :func:`flows.guard.workspace` locks) of a valid preset:
+    a bad name or preset raises before any file is written, the lock file's included."""
+    root = Path(repo_root).resolve()
+    preset_params(name, root / 'params.yaml', root / 'presets')
+    return root / WORKTREES / name
+
+
 def save_experiment(tree: Path, name: str) -> str:
     """Record the worktree's state as a DVC experiment; returns its name."""
     exp = f'{name}-{time.strftime("%Y%m%d-%H%M%S")}'
@@ -102,21 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--target', action='append', default=[])
     args = parser.parse_args(argv)
-    try:
-        tree = preset_worktree(args.repo, args.name)
-    except DfmsdError as err:
-        print(f'error [preset]: {err}', file=sys.stderr)
-        return EXIT_CODE
     from flows import runner
 
-    print(f'[preset] {args.name}: running in {tree}', flush=True)
-    code = runner.main(['--repo', str(tree), '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]])
-    if code == 0 and not args.target:
-        exp = save_experiment(tree, args.name)
-        print(
-            f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
-            f'(dvc exp show)'
-        )
+    try:
+        with guard.on_signals(), preset_run(args.repo, args.name) as tree:
+            print(f'[preset] {args.name}: running in {tree}', flush=True)
+            code = runner.main(['--repo', str(tree), '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]])
+            if code == 0 and not args.target:
+                exp = save_experiment(tree, args.name)
+                print(
+                    f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
+                    f'(dvc exp show)'
+                )
+    except DfmsdError as err:  # a bad preset, or another run holds its worktree
+        print(f'error [preset]: {err}', file=sys.stderr, flush=True)
+        return EXIT_CODE
+    except guard.Interrupted as stop:
+        print(f'[preset] {args.name}: {stop}; a rerun resumes from the last checkpoints', flush=True)
+        return stop.exit_code
     return code
 
 

@@ -19,12 +19,18 @@ Only one DVC command runs at a time (a lock in this process), so DVC never waits
 lock. Every outcome comes from machine-readable output: ``dvc status --json``, exit codes,
 and the run log the stage commands append to. Results do not depend on ``jobs``: each
 training process uses the same fixed thread count (params ``runtime.threads``).
+
+One run per workspace (:mod:`flows.guard`): a second runner on the same repository exits at
+once with 2 and names the run that holds it. Every DVC command and training runs in a process
+group of its own; SIGINT or SIGTERM to the runner ends them all (SIGTERM, then SIGKILL) and
+it exits with 130 or 143. A rerun resumes the trainings from their last verified checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +47,8 @@ from pathlib import Path
 import networkx as nx
 
 from dfmsd.core import runs
+from dfmsd.core.errors import EXIT_CODE, DfmsdError
+from flows import guard
 
 #: Lines of output kept for the message of a failed stage.
 TAIL_LINES = 20
@@ -123,7 +131,9 @@ class DvcRepo:
 
 
 def _stream(cmd: list[str], cwd: Path, env: dict, on_line, check: bool, what: str) -> tuple[int, list[str]]:
-    proc = subprocess.Popen(
+    """Run ``cmd`` as a stage process (its own process group, :mod:`flows.guard`), its output
+    line by line to ``on_line``; the process group is ended if this is cut short."""
+    proc = guard.start_stage_process(
         cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     lines: list[str] = []
@@ -138,29 +148,13 @@ def _stream(cmd: list[str], cwd: Path, env: dict, on_line, check: bool, what: st
         code = proc.wait()
     finally:
         if proc.poll() is None:
-            _terminate(proc)
+            guard.end_process_group(proc)
+            proc.wait()
+        guard.forget(proc)
+        proc.stdout.close()
     if check and code != 0:
         raise RunnerError(f'{what} exited with {code}:\n' + '\n'.join(lines[-TAIL_LINES:]))
     return code, lines
-
-
-def _terminate(proc: subprocess.Popen) -> None:
-    """Stop a child and everything it started (SIGTERM, then SIGKILL)."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        p.kill()
-    proc.wait()
 
 
 def run_stage(
@@ -286,7 +280,7 @@ def run_pipeline(
         if on_result:
             on_result(result)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, _ending_stages_on_exit():
         while len(results) < len(order):
             for stage in order:
                 if stage in results or stage in running.values():
@@ -307,6 +301,17 @@ def run_pipeline(
                 settle(future.result())
     normalise_lock(repo)
     return [results[s] for s in order]
+
+
+@contextlib.contextmanager
+def _ending_stages_on_exit():
+    """Whatever cuts the scheduling short (a signal, Prefect's SIGTERM exception, a bug) ends
+    the stage processes first: the pool then waits for its threads, not for their trainings."""
+    try:
+        yield
+    except BaseException:
+        guard.end_all()
+        raise
 
 
 def normalise_lock(repo: DvcRepo) -> None:
@@ -374,14 +379,22 @@ def main(argv: list[str] | None = None) -> int:
             print('\n'.join(f'    {line}' for line in result.output), flush=True)
 
     start = time.monotonic()
-    results = run_pipeline(
-        args.repo,
-        targets=args.target or None,
-        jobs=args.jobs,
-        force=args.force,
-        on_result=report,
-        on_line=lambda stage, line: print(f'  [{stage}] {line}', flush=True),
-    )
+    try:
+        with guard.on_signals(), guard.workspace(args.repo):
+            results = run_pipeline(
+                args.repo,
+                targets=args.target or None,
+                jobs=args.jobs,
+                force=args.force,
+                on_result=report,
+                on_line=lambda stage, line: print(f'  [{stage}] {line}', flush=True),
+            )
+    except DfmsdError as err:  # another run holds the workspace, or it is none
+        print(f'error [runner]: {err}', file=sys.stderr, flush=True)
+        return EXIT_CODE
+    except guard.Interrupted as stop:
+        print(f'[runner] {stop}: stage processes ended; a rerun resumes from the last checkpoints', flush=True)
+        return stop.exit_code
     print(summary_table(results))
     print(f'[runner] {len(results)} stages in {time.monotonic() - start:.1f} s with {args.jobs} job(s)')
     return 0 if all(r.ok for r in results) else 1

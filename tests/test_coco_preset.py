@@ -92,6 +92,7 @@ def test_preset_validates_with_mmdet_and_its_models_resolve(name, monkeypatch, c
 @pytest.mark.parametrize('name', PRESETS)
 def test_preset_keeps_the_common_coco_settings(name):
     coco, p = preset_params('coco'), preset_params(name)
+    assert p['report'].pop('preset') == name and coco['report'].pop('preset') == 'coco'  # each report names its own
     for key in ('data', 'train', 'launch', 'seeds', 'me', 'evaluate', 'report', 'distill', 'runtime'):
         assert p[key] == coco[key], f'{name} changes {key}: common to every COCO preset'
     assert p['figures']['method'] in p['sal_methods'] and p['figures']['pair'] in p['pairs']

@@ -932,11 +932,13 @@ def _r2(x: float | None) -> float | None:
     return None if x is None else round(float(x), 2)
 
 
-def summary(groups: list[Group]) -> dict[str, dict]:
-    """The DVC metric, kept to the headline so that `dvc metrics show` and `dvc exp show` stay
-    readable: per ``<student>/<pair>``, per measured row, its mean mAP on the reported split.
-    Intervals, gains and the other metrics are in results.csv."""
-    return {g.key: {r.name: {'mAP': _r2(r.stats['mAP']['mean'])} for r in g.rows if r.n} for g in groups}
+def summary(groups: list[Group]) -> dict[str, Any]:
+    """The DVC metric, kept to the headline so that `dvc metrics show` fits a terminal: each
+    measured row's mean mAP on the reported split, ``{row: mAP}``; with several student/pair
+    groups, ``{"<student>/<pair>": {row: mAP}}``. Intervals, gains and the other metrics are in
+    results.csv."""
+    by_group = {g.key: {r.name: _r2(r.stats['mAP']['mean']) for r in g.rows if r.n} for g in groups}
+    return next(iter(by_group.values())) if len(by_group) == 1 else by_group
 
 
 def map_points_csv(groups: list[Group], config: ReportConfig) -> str:
