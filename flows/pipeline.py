@@ -222,15 +222,17 @@ def _summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
 
 def _report_summary_rows(summary: Any) -> list[dict[str, Any]]:
     """``reports/summary.json`` as table rows: ``{row: mAP}``, or ``{group: {row: mAP}}`` for
-    several student/pair groups (dfmsd.report.tables.summary)."""
+    several student/pair groups (dfmsd.report.tables.summary); a row may hold several metrics."""
     if not isinstance(summary, dict):
         return [{'row': 'summary', 'mAP': json.dumps(summary)}]
     groups = summary if all(isinstance(v, dict) for v in summary.values()) else {None: summary}
     rows = []
     for group, entries in groups.items():
         for row, value in entries.items():
-            rows.append({**({'group': group} if group else {}), 'row': row, 'mAP': value})
-    return rows
+            cells = value if isinstance(value, dict) else {'mAP': value}
+            rows.append({**({'group': group} if group else {}), 'row': row, **cells})
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{c: r.get(c) for c in columns} for r in rows]
 
 
 def _publish_reports(root: Path, all_ok: bool, logger) -> list[str]:

@@ -1,7 +1,9 @@
 """How a stage command talks to ``flows.runner``, the concurrent stage runner.
 
-``dvc repro`` holds the repository lock for as long as a stage command runs, so two stages
-cannot run at once through DVC. The runner therefore splits a training stage in two:
+The runner splits a training stage in two. It was built on the belief that ``dvc repro``
+holds the repository lock while a stage's command runs; DVC 3.67 does not (it releases it
+around the command), so the runner now also runs its DVC commands at the same time, and this
+split is what is left to remove:
 
 * ``DFMSD_PHASE=commit``: DVC runs the stage as usual (``dvc repro --single-item``). A stage
   whose heavy work is already done (a verified final checkpoint in its work dir) just writes
