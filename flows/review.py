@@ -145,7 +145,8 @@ def judge_changes(root: Path, changed: dict[str, bytes]) -> bool:
     differences = tolerance.compare(committed, rebuilt, split)
     say(
         f'{len(changed)} metrics files are not byte-identical; each run compared by its {split} '
-        f"{tolerance.METRIC}, in its row's seed std (tolerance {tolerance.TOLERANCE:g} std, flows/tolerance.py):"
+        f'{tolerance.METRIC} in seed stds, within tolerance up to {tolerance.band(len(runs)):.1f} pooled stds '
+        f'(flows/tolerance.py):'
     )
     for d in differences:
         detail = '' if d.delta is not None else f' ({describe_difference(changed[d.path], rebuilt[d.path])})'

@@ -1,8 +1,10 @@
-"""flows.tolerance: a rebuilt run against the committed ones, in its row's seed std, with the cause."""
+"""flows.tolerance: a rebuilt run against the committed ones, in seed stds, with the likely cause."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 
@@ -21,33 +23,43 @@ def record(seed: int, mAP: float, machine: dict | None = AMD, method: str = 'mgd
 
 
 def committed() -> dict[str, bytes]:
-    # mgd: 10, 11, 12 -> std 1.0; pkd: 20, 20, 22 -> std 1.1547
+    # mgd: 10, 11, 12 (variance 1); pkd: 20, 20, 22 (variance 4/3); a single-run teacher
     runs = {f'mgd{k}.json': record(k, v) for k, v in enumerate((10.0, 11.0, 12.0))}
     runs |= {f'pkd{k}.json': record(k, v, method='pkd') for k, v in enumerate((20.0, 20.0, 22.0))}
     runs['teacher.json'] = json.dumps({'kind': 'teacher', 'pair': 'p', 'role': 'weak', 'test': {'mAP': 30.0}}).encode()
     return runs
 
 
-def test_a_difference_is_measured_in_its_rows_seed_std_and_judged_against_the_tolerance():
+POOLED = math.sqrt((2 * 1.0 + 2 * 4 / 3) / 4)  # the two rows' variances, by their degrees of freedom
+
+
+def test_the_band_is_a_family_wise_95_percent_band_of_a_float_only_rebuild():
+    # Δ of two draws has std √2 σ; 7 runs compared: Bonferroni over 7 two-sided tests
+    assert tolerance.band(7) == pytest.approx(math.sqrt(2) * statistics.NormalDist().inv_cdf(1 - 0.05 / 14))
+    assert tolerance.band(20) == pytest.approx(4.28, abs=0.01)
+    assert tolerance.band(1) < tolerance.band(20) < tolerance.band(100)
+
+
+def test_a_difference_is_judged_in_pooled_stds_and_shown_in_row_stds_too():
     intel = dict(AMD, cpu='Intel Xeon')
     rebuilt = {
-        'mgd0.json': record(0, 12.5, intel),  # +2.5 in a row of std 1.0: within 3 std
-        'pkd2.json': record(2, 17.0, intel),  # -5.0 in a row of std 1.1547: 4.33 std, beyond
+        'mgd0.json': record(0, 12.5, intel),  # +2.5: 2.5 row std, 2.31 pooled: within
+        'pkd2.json': record(2, 16.0, intel),  # -6.0: 5.2 row std, 5.55 pooled: beyond
         'mgd1.json': committed()['mgd1.json'],  # byte-identical: not listed
+        'teacher.json': json.dumps({'kind': 'teacher', 'pair': 'p', 'role': 'weak', 'test': {'mAP': 31.0}}).encode(),
     }
     diffs = {d.path: d for d in tolerance.compare(committed(), rebuilt, 'test')}
-    assert set(diffs) == {'mgd0.json', 'pkd2.json'}
-    assert diffs['mgd0.json'].delta == pytest.approx(2.5) and diffs['mgd0.json'].stds == pytest.approx(2.5)
-    assert diffs['mgd0.json'].within
-    assert diffs['pkd2.json'].stds == pytest.approx(5.0 / 1.1547, rel=1e-4) and not diffs['pkd2.json'].within
-    assert 'CPU model (AMD EPYC -> Intel Xeon)' in diffs['pkd2.json'].line()
-    assert 'BEYOND the tolerance of 3 std' in diffs['pkd2.json'].line()
-
-
-def test_a_teacher_single_run_is_judged_by_the_mean_std_of_the_student_rows():
-    rebuilt = {'teacher.json': json.dumps({'kind': 'teacher', 'pair': 'p', 'role': 'weak', 'test': {'mAP': 31.0}})}
-    (diff,) = tolerance.compare(committed(), {k: v.encode() for k, v in rebuilt.items()}, 'test')
-    assert diff.stds == pytest.approx(1.0 / ((1.0 + 1.1547005) / 2), rel=1e-6)
+    assert set(diffs) == {'mgd0.json', 'pkd2.json', 'teacher.json'}
+    mgd, pkd, teacher = diffs['mgd0.json'], diffs['pkd2.json'], diffs['teacher.json']
+    assert mgd.pooled_std == pytest.approx(POOLED) and mgd.row_std == pytest.approx(1.0)
+    assert mgd.stds == pytest.approx(2.5 / POOLED) and mgd.within
+    assert '2.5 row std, 2.3 pooled std, within tolerance' in mgd.line()
+    assert pkd.stds == pytest.approx(6.0 / POOLED) and not pkd.within
+    assert (
+        f'BEYOND the tolerance of {tolerance.band(7):.1f}' in pkd.line()
+        and 'CPU model (AMD EPYC -> Intel Xeon)' in pkd.line()
+    )
+    assert teacher.row_std is None and teacher.stds == pytest.approx(1.0 / POOLED) and teacher.within
 
 
 @pytest.mark.parametrize(
@@ -63,3 +75,4 @@ def test_a_teacher_single_run_is_judged_by_the_mean_std_of_the_student_rows():
 def test_the_likely_cause_names_what_differs_between_the_two_machines(old, new, cause):
     (diff,) = tolerance.compare({'mgd0.json': record(0, 10.0, old)}, {'mgd0.json': record(0, 10.4, new)}, 'test')
     assert cause in diff.cause
+    assert 'no seed std to judge it by' in diff.line() and not diff.within  # one run: no std at all
