@@ -324,6 +324,16 @@ def _box_outside(root: Path) -> str:
     return f'annotation {ann["annotations"][0]["id"]}: bbox [{image["width"] - 10.0}, 5.0, 30.0, 20.0] lies outside'
 
 
+def run_up_to_teacher_boxes(root: Path):
+    """``flows.runner`` on the stages up to the teacher boxes, one at a time (data, teachers)."""
+    return run(
+        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
+        root,
+        check=False,
+        timeout=300,
+    )
+
+
 @pytest.mark.parametrize(
     'damage',
     [_truncate_json, _undecodable_image, _box_outside],
@@ -333,12 +343,7 @@ def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
     edit_params(built, _set('data.generate', False))  # a dataset in place: checked, never regenerated
     needle = damage(built)
     before = snapshot(built)
-    res = run(
-        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
-        built,
-        check=False,
-        timeout=300,
-    )
+    res = run_up_to_teacher_boxes(built)
     assert_clean_error(res, 'error [data]: ', needle, code=1)
     assert '[runner] data: failed' in res.stdout
     assert '[runner] teacher@tiny-weak: not run' in res.stdout and "Running stage 'teacher@" not in res.stdout
@@ -392,12 +397,7 @@ def test_an_empty_train_split_stops_make_check_and_the_data_stage(built, damage,
     ann = 'data/synthetic/annotations/instances_train.json'
     assert_check_fails(built, 'params.yaml: data.splits.train.ann', ann, needle)
     before = snapshot(built)
-    res = run(
-        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
-        built,
-        check=False,
-        timeout=300,
-    )
+    res = run_up_to_teacher_boxes(built)
     assert_clean_error(res, 'error [data]: ', ann, needle, code=1)
     assert '[runner] data: failed' in res.stdout and "Running stage 'teacher@" not in res.stdout
     assert snapshot(built) == before  # data/dataset.json (the manifest) as it was
