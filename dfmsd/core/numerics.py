@@ -36,10 +36,16 @@ def mode() -> str:
     return value
 
 
+def pinnable() -> bool:
+    """The settings name x86-64 instruction sets; elsewhere (an Arm laptop) nothing is pinned."""
+    return platform.machine().lower() in ('x86_64', 'amd64')
+
+
 def pin() -> None:
     """Set the pinned code paths in this process's environment (inherited by its children);
-    with ``DFMSD_NUMERICS=native``, clear them so that the libraries choose."""
-    native = mode() == 'native'
+    with ``DFMSD_NUMERICS=native``, or on a CPU that is not x86-64, clear them so that the
+    libraries choose."""
+    native = mode() == 'native' or not pinnable()
     for key, value in PINNED.items():
         if native:
             os.environ.pop(key, None)
@@ -62,4 +68,5 @@ def cpu_model() -> str:
 def machine() -> dict[str, object]:
     """What a run's floats depend on besides its inputs and library versions: the CPU and the
     code-path settings. Goes into every run record (run.json, and so metrics/)."""
-    return {'cpu': cpu_model(), 'numerics': mode(), 'settings': {key: os.environ.get(key, '') for key in PINNED}}
+    numerics = mode() if pinnable() else f'native ({platform.machine()}: nothing to pin)'
+    return {'cpu': cpu_model(), 'numerics': numerics, 'settings': {key: os.environ.get(key, '') for key in PINNED}}
