@@ -2,8 +2,9 @@
 
     python -m flows.runner [--repo .] [--jobs 2] [--target STAGE ...] [--force]
 
-``dvc repro`` runs one stage at a time. This runner keeps DVC's own bookkeeping (outputs
-removed before a run, dvc.lock, cache, run-cache) and trains several stages at once, with the
+``dvc repro`` runs one stage at a time, holding the repository lock while a stage's
+command runs. This runner keeps DVC's own bookkeeping (outputs removed before a run,
+dvc.lock, cache, run-cache) and trains several stages at once outside that lock, with the
 protocol of :mod:`dfmsd.core.runs`:
 
 1. the stage graph comes from ``dvc dag --dot`` (read with networkx/pydot), the order from
@@ -14,12 +15,10 @@ protocol of :mod:`dfmsd.core.runs`:
 3. the runner then runs that command itself (``DFMSD_PHASE=train``), up to ``jobs`` at a
    time, each with ``runtime.threads`` torch threads; then step 2 again, which only exports.
 
-DVC commands run at the same time (``--wait-for-lock``): DVC 3.67 holds its repository lock
-only around its own bookkeeping and releases it while a stage's command runs, so one stage's
-evaluation or export does not hold up another's. Every outcome comes from machine-readable
-output: ``dvc status --json``, exit codes, and the run log the stage commands append to.
-Results do not depend on ``jobs``: each training process uses the same fixed thread count
-(params ``runtime.threads``).
+Only one DVC command runs at a time (a lock in this process), so DVC never waits on its own
+lock. Every outcome comes from machine-readable output: ``dvc status --json``, exit codes,
+and the run log the stage commands append to. Results do not depend on ``jobs``: each
+training process uses the same fixed thread count (params ``runtime.threads``).
 
 One run per workspace (:mod:`flows.guard`): a second runner on the same repository exits at
 once with 2 and names the run that holds it. Every DVC command and training runs in a process
@@ -38,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -83,16 +83,20 @@ def subprocess_env(root: Path, **extra: str) -> dict[str, str]:
 
 
 class DvcRepo:
-    """The DVC commands the runner needs; several may run at once, each waiting for DVC's lock."""
+    """The DVC commands the runner needs, serialised by one lock."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+        self.lock = threading.Lock()
 
     def dvc(
         self, *args: str, env: dict | None = None, check: bool = True, on_line: Callable[[str], None] | None = None
     ) -> tuple[int, list[str]]:
-        cmd = [sys.executable, '-m', 'dvc', '--wait-for-lock', *args]
-        return _stream(cmd, self.root, env or subprocess_env(self.root), on_line, check, what=f'dvc {" ".join(args)}')
+        cmd = [sys.executable, '-m', 'dvc', *args]
+        with self.lock:
+            return _stream(
+                cmd, self.root, env or subprocess_env(self.root), on_line, check, what=f'dvc {" ".join(args)}'
+            )
 
     def graph(self, targets: list[str] | None = None) -> nx.DiGraph:
         """Stages and edges (upstream -> downstream) of ``dvc dag --dot``; with ``targets``,

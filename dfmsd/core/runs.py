@@ -1,9 +1,9 @@
 """How a stage command talks to ``flows.runner``, the concurrent stage runner.
 
 The runner splits a training stage in two. It was built on the belief that ``dvc repro``
-holds the repository lock while a stage's command runs; DVC 3.67 does not (it releases it
-around the command), so the runner now also runs its DVC commands at the same time, and this
-split is what is left to remove:
+holds the repository lock while a stage's command runs; DVC 3.67 releases it around the
+command, but running DVC commands at once lost a stage of the smoke DAG to a race in one
+trial, so the runner still runs one DVC command at a time:
 
 * ``DFMSD_PHASE=commit``: DVC runs the stage as usual (``dvc repro --single-item``). A stage
   whose heavy work is already done (a verified final checkpoint in its work dir) just writes
