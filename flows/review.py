@@ -15,8 +15,9 @@ date, and compare every metrics file with the committed one.
    byte-identically in seconds); the command lists what ran.
 3. Every ``metrics/**/*.json`` and ``reports/summary.json`` is compared byte for byte with
    the commit's (``git show HEAD:<path>``). Where the bytes differ (a rebuild on another CPU
-   model or with other library versions), each run's reported mAP is compared in units of its
-   row's seed std, with a stated tolerance and the likely cause (:mod:`flows.tolerance`).
+   model or with other library versions), each run's reported mAP is compared in seed stds
+   (its row's, and the student rows' pooled one, which the verdict reads) against a stated
+   tolerance, with the likely cause (:mod:`flows.tolerance`).
 
 Exit status: 0 reproduced (byte for byte, or within the tolerance); 1 not reproduced (a run
 beyond the tolerance, a metrics file missing or new, or a stage failed); 2 nothing to pull (no

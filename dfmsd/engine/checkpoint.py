@@ -43,6 +43,22 @@ def allow_mmengine_checkpoints() -> None:
     torch.serialization.add_safe_globals(_numpy_globals() + [HistoryBuffer])
 
 
+#: What loading damaged or foreign bytes raises (a matching hash only says they are the expected bytes).
+UNPICKLING_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    OSError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+)
+
+
 def load_weights(path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
     """A plain checkpoint's dict, or a CheckpointError naming the file and what to do."""
     path = Path(path)
@@ -51,7 +67,7 @@ def load_weights(path: str | Path, what: str = 'checkpoint') -> dict[str, Any]:
     allow_mmengine_checkpoints()
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except UNPICKLING_ERRORS as err:
         reason = _load_failure(err)
         raise CheckpointError(
             f'{what} {path} cannot be loaded as model weights ({type(err).__name__}: {reason}). It is damaged, '
@@ -176,24 +192,8 @@ def load_verified(
         raise CheckpointError(_mismatch(path, actual, expected, key))
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)  # hash-verified
-    except _UNPICKLING_ERRORS as err:
+    except UNPICKLING_ERRORS as err:
         raise CheckpointError(_not_a_checkpoint(path, err, key)) from None
-
-
-#: What unpickling damaged or foreign bytes raises (the hash only says they are the expected ones).
-_UNPICKLING_ERRORS = (
-    pickle.UnpicklingError,
-    EOFError,
-    RuntimeError,
-    ValueError,
-    OSError,
-    AttributeError,
-    ImportError,
-    IndexError,
-    KeyError,
-    TypeError,
-    struct.error,
-)
 
 
 def _missing(path: Path, key: str | None) -> str:
