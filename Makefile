@@ -1,7 +1,8 @@
 # make repro               set up .venv if missing/stale, check params, run the DVC pipeline (embedded default)
 # make repro PRESET=smoke  the same for presets/smoke.yaml, in its own worktree (.presets/smoke); params.yaml untouched
 # make test                the whole test suite (what CI runs);  make test-fast: the unit subset (< 2 min)
-# make flow                the pipeline as a Prefect flow (PRESET=, TARGETS=, JOBS=);  make serve: a Prefect deployment
+# make flow                the same Prefect flow, recorded as a DVC experiment (PRESET=, TARGETS=, JOBS=, SCHEDULER=);
+#                          make serve: a Prefect deployment
 # make ui                  the Prefect UI on 127.0.0.1:4200 (export PREFECT_API_URL=http://127.0.0.1:4200/api)
 # make review              a reviewer's check of the checked-out commit: pull, repro, compare the metrics
 VENV   := .venv
@@ -10,6 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 JOBS   ?= 2
+FLOW_ARGS = --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 .PHONY: setup check repro test test-fast lint flow serve ui review clean-work
 
@@ -23,11 +25,11 @@ else
 	@$(PY) -m dfmsd.check
 endif
 
-repro: check
+repro: check  ## the Prefect flow, ephemeral (no server); SCHEDULER=tcp://host:port: trainings on that Dask cluster
 ifdef PRESET
-	$(PY) -m flows.presets $(PRESET) --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t))
+	$(PY) -m flows.pipeline --preset $(PRESET) $(FLOW_ARGS)
 else
-	$(PY) -m flows.runner --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t))
+	$(PY) -m flows.pipeline --no-experiment $(FLOW_ARGS)
 	dvc metrics show
 endif
 
@@ -40,9 +42,8 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-flow: check  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke
-	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET)) $(foreach t,$(TARGETS),--target $(t)) \
-	  --jobs $(JOBS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
+flow: check  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke SCHEDULER=tcp://host:port
+	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET)) $(FLOW_ARGS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
 
 serve: setup  ## a Prefect deployment: start runs from the UI with a preset and targets as parameters
 	$(PY) -m flows.serve

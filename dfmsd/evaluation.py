@@ -1,10 +1,9 @@
 """COCO-format predictions with mmdet's test loop, and box metrics with pycocotools.
 
-Predictions of a model are computed once per (model weights, model config, split, score
-threshold) into ``work_dirs/<stage>-<key>/`` and then copied to the stage's outputs, so that
-``flows.runner`` can predict several models at once outside DVC's lock (the same two phases
-as training, :mod:`dfmsd.core.runs`). Under torchrun (``launch``), mmengine's test loop
-shards the images and gathers the results on rank 0, which writes the files.
+Predictions of a model are computed into ``work_dirs/<stage>-<key>/`` (key: model weights,
+model config, splits, score threshold), then copied to the stage's outputs and the work dir
+removed. Under torchrun (``launch``), mmengine's test loop shards the images and gathers the
+results on rank 0, which writes the files.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dfmsd.core import runs
 from dfmsd.core.io import read_json, sha256_file, write_json
 from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS
 
@@ -115,8 +113,7 @@ def cached_predictions(
 ) -> Path | None:
     """The work dir holding ``<split>.bbox.json`` for every split, predicting them if needed.
 
-    Returns None on ranks other than 0. Under ``DFMSD_PHASE=commit`` a missing prediction
-    raises NeedsTraining instead of predicting (flows.runner predicts outside DVC's lock).
+    Returns None on ranks other than 0.
     """
     model_dir = Path(model_dir)
     key = hashlib.sha256(
@@ -131,11 +128,11 @@ def cached_predictions(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:12]
-    work = WORK_ROOT / f'{runs.work_dir_label(os.environ.get("DVC_STAGE", "predict"))}-{key}'
+    from dfmsd.engine.training import work_dir_label
+
+    work = WORK_ROOT / f'{work_dir_label(os.environ.get("DVC_STAGE", "predict"))}-{key}'
     if all((work / f'{s}.bbox.json').is_file() for s in splits):
         return work
-    if runs.phase() == 'commit':
-        raise runs.NeedsTraining()
     predict_splits(model_dir, splits, work, data_root=data_root, score_thr=score_thr, threads=threads, launch=launch)
     from mmengine.dist import is_main_process
 
@@ -155,7 +152,7 @@ def evaluate_model(
     work = cached_predictions(
         model_dir, splits, data_root=data.root, score_thr=evaluate.score_thr, threads=runtime.threads, launch=launch
     )
-    if work is None or runs.phase() == 'train':
+    if work is None:
         return None
     record = read_json(Path(model_dir) / 'run.json')
     Path(predictions).mkdir(parents=True, exist_ok=True)
@@ -182,7 +179,7 @@ def teacher_area_ratios(teacher_dir: str | Path, *, data, score_thr: float, runt
         threads=runtime.threads,
         launch=launch,
     )
-    if work is None or runs.phase() == 'train':
+    if work is None:
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,13 @@
 """Orchestration of the project's DVC pipeline (imports only ``dfmsd.core`` of the package).
 
-- :mod:`flows.runner`: the concurrent stage runner (``make repro``): the stage graph from
-  ``dvc dag``, networkx's order, ``dvc status --json``, training outside DVC's lock
-  (:mod:`dfmsd.core.runs`); ``python -m flows.runner``.
-- :mod:`flows.presets`: a preset run in its own git worktree, saved as a DVC experiment
-  (``make repro PRESET=...``); ``python -m flows.presets``.
-- :mod:`flows.pipeline`: the ``dvc-pipeline`` Prefect flow, one task per DVC stage, on top of
-  :mod:`flows.runner` (``make flow``); ``python -m flows.pipeline``.
-- :mod:`flows.serve`: that flow as a Prefect deployment, started from the UI (``make serve``).
+- :mod:`flows.pipeline`: the ``dvc-pipeline`` Prefect flow, one task per DVC stage (``make
+  repro``, ``make flow``); ``python -m flows.pipeline``.
+- :mod:`flows.stages`: the DVC side: the stage graph and what changed, ``dvc repro`` of one stage.
+- :mod:`flows.engine`: the heavy stages on a Dask cluster (local, ``tcp://``, SLURM,
+  Kubernetes: docs/cluster.md); :mod:`flows.reaper` ends a stage's processes with its worker.
+- :mod:`flows.presets`: a preset run in its own git worktree (``make repro PRESET=...``).
+- :mod:`flows.guard`: one run per workspace; SIGINT/SIGTERM end every stage process.
+- :mod:`flows.serve`: the flow as a Prefect deployment, started from the UI (``make serve``).
 - :mod:`flows.progress`: mmengine training log lines as a progress fraction.
-- :mod:`flows.review`: a reviewer's check of the checked-out commit (``make review``).
-
-Nothing is imported here, so that ``import flows.runner`` stays free of Prefect.
+- :mod:`flows.review`, :mod:`flows.tolerance`: a reviewer's check of the checked-out commit (``make review``).
 """

@@ -1,54 +1,52 @@
-"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage.
+"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage (``make repro``, ``make flow``).
 
     python -m flows.pipeline [--repo .] [--preset NAME] [--target STAGE]... [--jobs N]
+                             [--scheduler tcp://HOST:PORT [--no-shared-fs]]
                              [--retries N] [--retry-delay S] [--force] [--no-experiment]
 
-(what ``make flow`` runs; ``make serve`` serves the same flow as a deployment, see
-:mod:`flows.serve`). With ``PREFECT_API_URL`` set (``make ui``), the run, its task runs,
-logs and artifacts show in that server's UI; without it Prefect starts a temporary server.
+``make serve`` serves the same flow as a deployment (:mod:`flows.serve`). With
+``PREFECT_API_URL`` set (``make ui``), the run, its task runs, logs and artifacts show in that
+server's UI; without it Prefect runs ephemerally (no server to start).
 
-The scheduling is :func:`flows.runner.run_pipeline`'s, the same as ``make repro``'s: the stage
-graph from ``dvc dag``, networkx's order, at most ``jobs`` stages at a time, training outside
-DVC's lock (:mod:`dfmsd.core.runs`). The flow only wraps each stage in a Prefect task:
+Prefect alone schedules the DAG, and Dask runs the heavy stages:
 
-* every stage is a task run named after the stage, started once its upstream stages are
-  done (their task runs are its ``wait_for``, so the UI draws the DAG); it runs
-  :func:`flows.runner.run_stage` and streams the stage's output into the task's log, and
-  mmengine ``Iter(train) [i/n]`` lines into a progress artifact ``progress-<stage>``;
-* its state says what happened, from machine-readable output only (``dvc status --json``,
-  exit codes, the run log): Completed named ``Skipped`` (up to date) or ``Restored`` (from
-  DVC's run-cache), Completed (ran), or Failed with the exit code and the last lines of
-  output (retried ``retries`` times). A stage downstream of a failure never runs: its task
-  run ends ``NotReady`` (Prefect's state for a task whose upstream did not complete), while
-  independent branches go on;
-* artifacts of the flow run: ``dvc-pipeline-summary`` (table: stage, outcome, seconds,
-  details), ``report-results`` (``reports/results.md`` of the repository the flow ran in)
-  and ``report-summary`` (``reports/summary.json`` as a table);
-* a run whose stages all succeeded is recorded as a DVC experiment (``dvc exp save``) named
-  ``<preset or "flow">-<flow run name>``, so ``dvc exp show`` lists it.
+* the graph, the changed stages and each stage's ``meta`` come from DVC (:class:`flows.stages.Pipeline`);
+* every stage is a task run named after it, submitted with its upstream stages' futures as
+  ``wait_for`` (the UI draws the DAG), so it starts when they have completed; a Prefect
+  ``ThreadPoolTaskRunner`` runs the tasks;
+* a task runs ``dvc repro --single-item <stage>``: in the workspace for a light stage, on a
+  Dask worker for a stage whose ``meta`` says ``engine: dask`` (:mod:`flows.engine`: a local
+  cluster of ``jobs`` workers, or ``scheduler``'s);
+* its state says what happened: Completed named ``Skipped`` (up to date) or ``Restored``
+  (from DVC's run-cache), Completed (ran), or Failed with the exit code and the last lines of
+  output (retried ``retries`` times). A stage downstream of a failure ends ``NotReady``
+  (Prefect's state for a task whose upstream did not complete); independent branches go on.
+  The stage's output is streamed into the task's log, and mmengine ``Iter(train) [i/n]``
+  lines into a progress artifact ``progress-<stage>``;
+* artifacts of the flow run: ``dvc-pipeline-summary`` (stage, outcome, seconds, worker,
+  details), ``report-results`` (``reports/results.md``) and ``report-summary``
+  (``reports/summary.json`` as a table);
+* with ``experiment``, a run whose stages all succeeded is recorded as a DVC experiment
+  (``dvc exp save``) named ``<preset or "flow">-<flow run name>``.
 
-With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_worktree`,
-as ``make repro PRESET=...``), and the experiment is saved there.
-
-As with ``make repro`` (:mod:`flows.guard`), the flow holds its workspace's lock for the whole
-run (a second run there fails at once, naming the holder), and ``python -m flows.pipeline``
-ends every stage process on SIGINT or SIGTERM and exits with 130 or 143.
+With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_run`).
+The flow holds its workspace's lock for the whole run (:mod:`flows.guard`: a second run there
+fails at once, naming the holder), and ``python -m flows.pipeline`` ends every stage process
+on SIGINT or SIGTERM and exits with 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import contextvars
 import json
 import re
 import subprocess
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -58,12 +56,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import guard
+from flows import engine, guard, stages
 from flows.progress import parse_train_line
-from flows.runner import DvcRepo, RunnerError, StageResult, run_pipeline, run_stage, summary_table
+from flows.stages import PipelineError, StageResult, summary_table
 
 __all__ = [
     'RESTORED',
@@ -90,19 +89,6 @@ REPORT_SUMMARY_KEY = 'report-summary'
 REPORT_MD = Path('reports/results.md')
 REPORT_JSON = Path('reports/summary.json')
 
-_REPOS: dict[Path, DvcRepo] = {}
-_REPOS_LOCK = threading.Lock()
-#: What run_stage said, by task run id: handed to the flow outside Prefect's state data
-#: (Prefect links a result's fields to its task by object identity, which strings share).
-_RESULTS: dict[UUID, StageResult] = {}
-
-
-def shared_repo(root: str | Path) -> DvcRepo:
-    """One :class:`DvcRepo` (one lock serialising DVC commands) per repository and process."""
-    root = Path(root).resolve()
-    with _REPOS_LOCK:
-        return _REPOS.setdefault(root, DvcRepo(root))
-
 
 def slug(text: str) -> str:
     """An artifact key (or experiment name part): lowercase letters, digits and dashes only."""
@@ -110,7 +96,7 @@ def slug(text: str) -> str:
 
 
 class StageFailed(RuntimeError):
-    """A stage failed (:func:`flows.runner.run_stage` said so); its task run ends Failed."""
+    """A stage failed (:func:`flows.stages.repro` said so); its task run ends Failed."""
 
     def __init__(self, result: StageResult):
         self.result = result
@@ -164,10 +150,25 @@ class _Progress:
             update_progress_artifact(artifact_id=self.artifact_id, progress=100.0, description=self._describe('done'))
 
 
+@dataclass
+class Where:
+    """Where a stage task runs its stage: the workspace ``root`` and, for heavy stages, the
+    Dask ``client`` with the ``workspace`` its workers use and the slots a stage asks for."""
+
+    root: Path
+    client: Any = None
+    workspace: engine.Workspace | None = None
+    need: int = 1
+    force: bool = False
+
+
 @task(name='dvc-stage', cache_policy=NO_CACHE, persist_result=False)
-def dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
-    """Bring one DVC stage up to date with :func:`flows.runner.run_stage`; the returned
-    state (or the raised :class:`StageFailed`) says what happened."""
+def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = False) -> State:
+    """Bring one DVC stage up to date; the returned state (or the raised
+    :class:`StageFailed`) says what happened, its data is the :class:`StageResult`."""
+    if not must_run:
+        result = StageResult(stage, 'skipped', message='up to date (dvc status)')
+        return Completed(name=SKIPPED, message=result.message, data=result)
     logger = get_run_logger()
     progress = _Progress(stage)
 
@@ -178,9 +179,16 @@ def dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
         except Exception as exc:  # progress is a nicety; never fail a stage over it
             logger.warning('could not update the progress artifact: %s', exc)
 
-    result = run_stage(shared_repo(repo_dir), stage, force=force, on_line=on_line)
-    logger.info('%s: %s (%.1f s) %s', stage, result.outcome, result.seconds, result.message)
-    _RESULTS[TaskRunContext.get().task_run.id] = result
+    if heavy:
+        result = engine.run_stage(where.client, stage, where.workspace, where.need, force=where.force, on_line=on_line)
+        if result.ok and where.workspace.root is None:  # its outputs are in the remote's run-cache
+            restored = stages.repro(where.root, stage, pull=True, on_line=on_line)
+            result.outcome, result.message = restored.outcome, restored.message
+            if restored.outcome == 'ran':
+                logger.warning('%s: not in the run-cache the worker pushed, so it ran here', stage)
+    else:
+        result = stages.repro(where.root, stage, force=where.force, on_line=on_line)
+    logger.info('%s: %s (%.1f s) %s %s', stage, result.outcome, result.seconds, result.where, result.message)
     if result.outcome == 'failed':
         raise StageFailed(result)
     try:
@@ -188,21 +196,20 @@ def dvc_stage(stage: str, repo_dir: str, force: bool = False) -> State:
     except Exception as exc:
         logger.warning('could not update the progress artifact: %s', exc)
     name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
-    return Completed(name=name, message=result.message)
+    return Completed(name=name, message=result.message, data=result)
 
 
-def _result_of(stage: str, state: State | None, seconds: float) -> StageResult:
-    """The runner's view of a stage task's final state."""
-    found = _RESULTS.pop(state.state_details.task_run_id, None) if state is not None else None
-    if state is not None and state.is_completed():
-        outcome = {SKIPPED: 'skipped', RESTORED: 'restored'}.get(state.name, 'ran')
-        if found is not None:
-            return StageResult(stage, outcome, seconds, found.message, found.output, found.exit_code)
-        return StageResult(stage, outcome, seconds, state.message or '')
-    if found is not None and found.outcome == 'failed':
-        return StageResult(stage, 'failed', seconds, found.message, found.output, found.exit_code)
-    what = f'{state.name}: {state.message}' if state is not None else 'no state'
-    return StageResult(stage, 'failed', seconds, f'the task run ended {what}')
+def _result_of(stage: str, future, seconds: float) -> StageResult:
+    """What a stage task's future says: its StageResult, or why it did not complete."""
+    state = future.state
+    value = future.result(raise_on_failure=False) if state.is_final() else None
+    if isinstance(value, StageResult):
+        return value
+    if isinstance(value, StageFailed):
+        return value.result
+    if state.name == 'NotReady':
+        return StageResult(stage, 'not run', message='upstream failed')
+    return StageResult(stage, 'failed', seconds, f'the task run ended {state.name}: {state.message}')
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -214,6 +221,7 @@ def _summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
             'stage': r.stage,
             'outcome': r.outcome,
             'seconds': round(r.seconds, 1),
+            'worker': r.where,
             'details': ' '.join(r.message.split())[:300],
         }
         for r in results
@@ -258,14 +266,14 @@ def _publish_reports(root: Path, all_ok: bool, logger) -> list[str]:
 # --------------------------------------------------------------------------- experiments
 
 
-def save_experiment(repo: DvcRepo, name: str, stages: list[str] | None = None, message: str | None = None) -> str:
+def save_experiment(root: Path, name: str, targets: list[str] | None = None, message: str | None = None) -> str:
     """``dvc exp save``: the workspace of ``repo`` as DVC experiment ``name`` (replaced if it
-    exists); ``stages`` limits what DVC commits (a run of some targets leaves the others'
+    exists); ``targets`` limits what DVC commits (a run of some targets leaves the others'
     outputs absent). Untracked ``.gitignore`` files DVC wrote and ``reports/`` go with it.
     Returns the experiment's name."""
     untracked = subprocess.run(
         ['git', 'ls-files', '-z', '--others', '--exclude-standard'],
-        cwd=repo.root,
+        cwd=root,
         check=True,
         capture_output=True,
         text=True,
@@ -275,7 +283,9 @@ def save_experiment(repo: DvcRepo, name: str, stages: list[str] | None = None, m
     args += [a for p in include for a in ('--include-untracked', p)]
     if message:
         args += ['--message', message]
-    _, lines = repo.dvc(*args, *(stages or []))
+    code, lines = stages.dvc(root, *args, *(targets or []))
+    if code != 0:
+        raise PipelineError(f'`dvc exp save` exited with {code}:\n' + '\n'.join(lines[-stages.TAIL_LINES :]))
     text = '\n'.join(lines)
     start = text.find('{')
     saved = json.loads(text[start : text.rfind('}') + 1]) if start >= 0 else {}
@@ -291,6 +301,8 @@ def dvc_pipeline(
     preset: str | None = None,
     targets: list[str] | None = None,
     jobs: int = 2,
+    scheduler: str | None = None,
+    shared_fs: bool = True,
     retries: int = 0,
     retry_delay_seconds: float = 10.0,
     force: bool = False,
@@ -299,8 +311,10 @@ def dvc_pipeline(
     """Bring the DVC pipeline up to date, one Prefect task per stage (see :mod:`flows.pipeline`).
 
     repo_dir: the DVC repository; preset: run ``presets/<preset>.yaml`` in its own worktree;
-    targets: only these stages (or foreach/matrix groups) and their upstream; jobs: stages
-    trained at the same time; retries: of a failed stage; force: rerun every selected stage;
+    targets: only these stages (or foreach/matrix groups) and their upstream; jobs: workers of
+    the local Dask cluster (trainings at once); scheduler: an existing Dask cluster's address
+    instead; shared_fs: its workers see this workspace (else each has its own clone and they
+    share the DVC remote); retries: of a failed stage; force: rerun every selected stage;
     experiment: record a successful run as a DVC experiment.
     """
     if jobs < 1:
@@ -315,56 +329,109 @@ def dvc_pipeline(
             logger.info("preset '%s': running in its git worktree %s", preset, root)
         else:
             held.enter_context(guard.workspace(root))
-        return _run(logger, root, preset, targets, jobs, retries, retry_delay_seconds, force, experiment)
-
-
-def _run(logger, root: Path, preset, targets, jobs, retries, retry_delay_seconds, force, experiment) -> Any:
-    repo = shared_repo(root)
-    graph = repo.graph(targets or None)
-    logger.info('DVC pipeline in %s: %d stage(s), %d at a time', root, graph.number_of_nodes(), jobs)
-
-    states: dict[str, State] = {}
-    flow_context = contextvars.copy_context()  # the flow run's context, for the runner's threads
-
-    def stage_task(stage: str):
-        return dvc_stage.with_options(
-            name=stage,
-            task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
+        pipeline = stages.Pipeline.read(root, targets or None)
+        to_run = pipeline.to_run(force)
+        where = Where(root, force=force, need=_slots_per_stage(root))
+        if any(_heavy(pipeline, s) for s in to_run):
+            where.client = held.enter_context(engine.cluster(scheduler, jobs))
+            engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
+            where.workspace = engine.Workspace(str(root) if shared_fs else None, _commit(root, shared_fs))
+        logger.info(
+            'DVC pipeline in %s: %d stage(s), %d to bring up to date; heavy stages on %s',
+            root,
+            pipeline.graph.number_of_nodes(),
+            len(to_run),
+            scheduler or f'a local Dask cluster of {jobs} worker(s)',
         )
+        results = _run_stages(pipeline, to_run, where, retries, retry_delay_seconds, slots=_task_slots(where, jobs))
+        stages.normalise_lock(root, pipeline.order)
+        return _finish(logger, root, preset, targets, pipeline, results, experiment)
 
-    def call(stage: str) -> State:
-        upstream = [states[u] for u in graph.predecessors(stage) if u in states]
-        return stage_task(stage)(stage, str(root), force, wait_for=upstream, return_state=True)
 
-    def run(stage: str) -> StageResult:  # in a thread of the runner's pool
-        start = time.monotonic()
-        state = flow_context.copy().run(call, stage)
-        states[stage] = state
-        return _result_of(stage, state, time.monotonic() - start)
+def _heavy(pipeline: stages.Pipeline, stage: str) -> bool:
+    return pipeline.meta.get(stage, {}).get('engine') == 'dask'
 
-    def on_result(result: StageResult) -> None:  # in this thread
-        if result.outcome == 'not run':  # a task run that never starts: NotReady, as its upstream failed
-            states[result.stage] = call(result.stage)
 
-    results = run_pipeline(repo, jobs=jobs, force=force, run=run, on_result=on_result, graph=graph)
+def _slots_per_stage(root: Path) -> int:
+    """``launch.nproc_per_node`` of params.yaml: the GPUs (Dask slots) a heavy stage takes."""
+    import yaml
+
+    from dfmsd.engine.launch import launch_settings
+
+    params = yaml.safe_load((root / 'params.yaml').read_text()) or {}
+    return launch_settings(params.get('launch')).nproc_per_node
+
+
+def _commit(root: Path, shared_fs: bool) -> str | None:
+    """The commit the workers' clones must be at (no shared filesystem): the workspace's, clean."""
+    if shared_fs:
+        return None
+    status = subprocess.run(
+        ['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True
+    )
+    if status.stdout.strip():
+        raise engine.ClusterError(
+            f'{root} has uncommitted changes: without a shared filesystem the workers run the commit, so commit first'
+        )
+    return subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _task_slots(where: Where, jobs: int) -> int:
+    """Stage tasks at once: twice the cluster's slots (a task waiting on Dask holds a thread),
+    at least 4, so light stages (and restores) go on beside the trainings."""
+    return max(4, 2 * (engine.slots(where.client) if where.client is not None else jobs))
+
+
+def _run_stages(
+    pipeline: stages.Pipeline, to_run: set[str], where: Where, retries: int, delay: float, slots: int
+) -> list[StageResult]:
+    order = pipeline.schedule()
+    futures, started = {}, {}
+    with ThreadPoolTaskRunner(max_workers=slots) as runner:
+        for stage in order:
+            options = dvc_stage.with_options(
+                name=stage,
+                task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
+                retries=retries,
+                retry_delay_seconds=delay,
+            )
+            upstream = [futures[u] for u in pipeline.graph.predecessors(stage)]
+            started[stage] = time.monotonic()
+            futures[stage] = runner.submit(
+                options,
+                parameters={
+                    'stage': stage,
+                    'where': where,
+                    'must_run': stage in to_run,
+                    'heavy': _heavy(pipeline, stage),
+                },
+                wait_for=upstream,
+            )
+        for future in futures.values():
+            future.wait()
+    return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
+
+
+def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageResult], experiment: bool) -> Any:
     all_ok = all(r.ok for r in results)
     markdown = summary_table(results)
     logger.info('summary:\n%s', markdown)
 
     exp_name = exp_error = None
-    if all_ok and experiment:
+    ran_any = any(r.outcome in ('ran', 'restored') for r in results)
+    if all_ok and experiment and ran_any:
         flow_run = FlowRunContext.get().flow_run
         name = f'{slug(preset) if preset else "flow"}-{slug(flow_run.name)}'
         try:
             exp_name = save_experiment(
-                repo,
+                root,
                 name,
-                stages=list(graph.nodes) if targets else None,
+                targets=list(pipeline.graph.nodes) if targets else None,
                 message=f'Prefect flow run {flow_run.name} ({flow_run.id})',
             )
-        except RunnerError as err:
+        except PipelineError as err:
             exp_error = str(err)
             logger.error('the run could not be recorded as a DVC experiment: %s', err)
         else:
@@ -388,6 +455,7 @@ def _run(logger, root: Path, preset, targets, jobs, retries, retry_delay_seconds
         'preset': preset,
         'experiment': exp_name,
         'stages': _summary_rows(results),
+        'results': results,
         'artifacts': keys,
         'markdown': markdown,
     }
@@ -421,7 +489,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar='STAGE',
         help='only this stage (or foreach/matrix group) and its upstream; repeatable',
     )
-    parser.add_argument('--jobs', type=int, default=2, help='stages trained at the same time (default 2)')
+    parser.add_argument(
+        '--jobs', type=int, default=2, help='workers of the local Dask cluster: trainings at once (default 2)'
+    )
+    parser.add_argument(
+        '--scheduler',
+        metavar='tcp://HOST:PORT',
+        help='run the heavy stages on this Dask cluster instead (docs/cluster.md)',
+    )
+    parser.add_argument(
+        '--no-shared-fs',
+        action='store_true',
+        help="the scheduler's workers do not see this workspace: each runs its own clone (DFMSD_WORKER_REPO) "
+        'and they share the DVC remote',
+    )
     parser.add_argument('--retries', type=int, default=0, help='retries of a failed stage (default 0)')
     parser.add_argument('--retry-delay', type=float, default=10.0, help='seconds between retries (default 10)')
     parser.add_argument('--force', action='store_true', help='rerun every selected stage')
@@ -438,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 preset=args.preset,
                 targets=args.target or None,
                 jobs=args.jobs,
+                scheduler=args.scheduler,
+                shared_fs=not args.no_shared_fs,
                 retries=args.retries,
                 retry_delay_seconds=args.retry_delay,
                 force=args.force,
@@ -451,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f'flow run stopped: {stop}; stage processes ended, a rerun resumes from the last checkpoints')
         return stop.exit_code
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, DfmsdError):  # no cluster, a bad target...: one line, as above
+        print(f'error [flow]: {summary}', file=sys.stderr, flush=True)
+        return EXIT_CODE
     if isinstance(summary, dict):
         print(summary['markdown'])
         if summary.get('experiment'):

@@ -1,6 +1,6 @@
 """Run a preset in its own git worktree, so that the repository's files stay as they are.
 
-    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (what `make repro PRESET=NAME` runs)
+    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (= python -m flows.pipeline --preset NAME)
 
 ``presets/<name>.yaml`` is merged over params.yaml (:mod:`dfmsd.core.presets`) and checked
 before anything is written. The run happens in ``.presets/<name>/``, a git worktree of the
@@ -8,7 +8,8 @@ current commit that also carries the workspace's uncommitted changes, and that s
 repository's DVC cache (so identical stages are restored, not rerun). Its outputs (models,
 dvc.lock, reports) stay there, resumable; the repository's own params.yaml, dvc.lock,
 metrics and reports are never touched. When the run completes it is recorded as a DVC
-experiment (``dvc exp save``), so ``dvc exp show`` lists it beside the committed results.
+experiment (``dvc exp save``, :func:`flows.pipeline.save_experiment`), so ``dvc exp show``
+lists it beside the committed results.
 """
 
 from __future__ import annotations
@@ -105,19 +106,6 @@ def preset_dir(repo_root: str | Path, name: str) -> Path:
     return root / WORKTREES / name
 
 
-def save_experiment(tree: Path, name: str) -> str:
-    """Record the worktree's state as a DVC experiment; returns its name."""
-    exp = f'{name}-{time.strftime("%Y%m%d-%H%M%S")}'
-    subprocess.run(
-        [sys.executable, '-m', 'dvc', 'exp', 'save', '--name', exp, '--force', '--include-untracked', 'reports'],
-        cwd=tree,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return exp
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m flows.presets', description=__doc__.splitlines()[0])
     parser.add_argument('name')
@@ -125,25 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--target', action='append', default=[])
     args = parser.parse_args(argv)
-    from flows import runner
+    from flows import pipeline
 
-    try:
-        with guard.on_signals(), preset_run(args.repo, args.name) as tree:
-            print(f'[preset] {args.name}: running in {tree}', flush=True)
-            code = runner.main(['--repo', str(tree), '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]])
-            if code == 0 and not args.target:
-                exp = save_experiment(tree, args.name)
-                print(
-                    f'[preset] {args.name}: results in {tree}/reports/results.md; recorded as DVC experiment {exp} '
-                    f'(dvc exp show)'
-                )
-    except DfmsdError as err:  # a bad preset, or another run holds its worktree
-        print(f'error [preset]: {err}', file=sys.stderr, flush=True)
-        return EXIT_CODE
-    except guard.Interrupted as stop:
-        print(f'[preset] {args.name}: {stop}; a rerun resumes from the last checkpoints', flush=True)
-        return stop.exit_code
-    return code
+    return pipeline.main(
+        ['--repo', args.repo, '--preset', args.name, '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]]
+    )
 
 
 if __name__ == '__main__':

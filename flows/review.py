@@ -10,7 +10,7 @@ date, and compare every metrics file with the committed one.
    remote, or it cannot be reached, or the pull fails, the command says why, how to set one
    up (docs/reviewing.md), and offers the rebuild: ``--rebuild`` reruns the pipeline from the
    commit's code and params instead, which gives byte-identical results.
-2. ``flows.runner`` brings every stage up to date. After a pull nothing should run except the
+2. the Prefect flow (:mod:`flows.pipeline`) brings every stage up to date. After a pull nothing should run except the
    stages whose outputs DVC does not cache (``data``: the synthetic set regenerates
    byte-identically in seconds); the command lists what ran.
 3. Every ``metrics/**/*.json`` and ``reports/summary.json`` is compared byte for byte with
@@ -41,7 +41,8 @@ from urllib.parse import urlsplit
 
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
 from dfmsd.core.params import read_yaml
-from flows import runner, tolerance
+from flows import tolerance
+from flows.stages import PipelineError, StageResult, subprocess_env
 
 #: What the verdict compares: every metrics file in git.
 METRICS_DIR = 'metrics'
@@ -163,7 +164,7 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, '-m', 'dvc', *args],
         cwd=root,
-        env=runner.subprocess_env(root),
+        env=subprocess_env(root),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -271,7 +272,7 @@ def pull(root: Path, verbose: bool) -> str | None:
     proc = subprocess.Popen(
         [sys.executable, '-m', 'dvc', 'pull'],
         cwd=root,
-        env=runner.subprocess_env(root),
+        env=subprocess_env(root),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -315,7 +316,7 @@ def check_params(root: Path) -> None:
     res = subprocess.run(
         [sys.executable, '-m', 'dfmsd.check'],
         cwd=root,
-        env=runner.subprocess_env(root),
+        env=subprocess_env(root),
         capture_output=True,
         text=True,
     )
@@ -323,21 +324,21 @@ def check_params(root: Path) -> None:
         raise ReviewError(f'params.yaml of this commit is not valid:\n{res.stderr.strip()}')
 
 
-def run_pipeline(root: Path, jobs: int, verbose: bool) -> list[runner.StageResult]:
-    repo = runner.DvcRepo(root)
+def run_pipeline(root: Path, jobs: int, verbose: bool) -> list[StageResult]:
+    """The pipeline brought up to date by the Prefect flow (:mod:`flows.pipeline`), no experiment."""
+    from flows.pipeline import dvc_pipeline
 
-    def run(stage: str) -> runner.StageResult:
-        printer = (lambda line: print(f'  [{stage}] {line}', flush=True)) if verbose else None
-        return runner.run_stage(repo, stage, on_line=printer)
-
-    def report(result: runner.StageResult) -> None:
+    state = dvc_pipeline(repo_dir=str(root), jobs=jobs, experiment=False, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        raise PipelineError(str(summary))
+    for result in summary['results']:
         if result.outcome != 'skipped' or verbose:
             extra = f' - {result.message}' if result.outcome in ('failed', 'not run') else ''
             say(f'  {result.stage}: {result.outcome} ({result.seconds:.1f} s){extra}')
         if result.outcome == 'failed':
             print('\n'.join(f'    {line}' for line in result.output), flush=True)
-
-    return runner.run_pipeline(repo, jobs=jobs, run=run, on_result=report)
+    return summary['results']
 
 
 def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:
@@ -388,7 +389,7 @@ def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:
     start = time.monotonic()
     try:
         results = run_pipeline(root, jobs, verbose)
-    except runner.RunnerError as err:
+    except PipelineError as err:
         say(f'NOT reproduced: the pipeline could not run: {err}')
         return 1
     counts: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""A tiny, real DVC project for testing flows.runner and the Prefect flow: cheap Python stages.
+"""A tiny, real DVC project for testing the Prefect flow and its Dask workers: cheap Python stages.
 
 Shape (``prepare`` has a directory output that ``left`` depends on a file inside of)::
 
@@ -8,15 +8,13 @@ Shape (``prepare`` has a directory output that ``left`` depends on a file inside
     lonely                                            (independent of all others)
 
 Every stage command is ``python step.py NAME --in ... --out ...`` run through
-``dfmsd.core.cli.run``, so it follows the runner protocol of :mod:`dfmsd.core.runs`. The
-``train@*`` stages behave like training stages (dfmsd.engine.training): under
-``DFMSD_PHASE=commit`` they exit with ``runs.NEEDS_TRAINING`` until their work dir
-``work_dirs/<stage>-<digest>`` holds a finished run; under ``DFMSD_PHASE=train`` they "train"
-(print mmengine ``Iter(train) [i/n]`` lines, sleep) into that work dir and write no output;
-otherwise they export and remove the work dir.
+``dfmsd.core.cli.run``. The ``train@*`` stages behave like training stages
+(dfmsd.engine.training; dvc.yaml ``meta: {engine: dask}``, so the flow runs them on Dask
+workers): they "train" (print mmengine ``Iter(train) [i/n]`` lines, sleep) into their work dir
+``work_dirs/<stage>-<digest>`` unless it holds a finished run, then export and remove it.
 
 Each command appends ``NAME PHASE start <t>`` and ``NAME PHASE end <t>`` to ``run.log`` (not
-tracked): PHASE is ``commit``, ``train`` or ``none``. Outputs depend only on the inputs (and
+tracked): PHASE is ``train`` for a training, else ``none``. Outputs depend only on the inputs (and
 the ``seeds`` param of ``prepare``), so a changed input changes what is downstream of it.
 params.yaml is the project's own (a preset is validated against its schema).
 """
@@ -37,7 +35,7 @@ __all__ = ['STAGES', 'EDGES', 'TRAINING', 'make_project', 'read_run_log', 'comma
 
 #: stage names, foreach items expanded
 STAGES = ['prepare', 'left', 'right', 'train@small', 'train@large', 'report', 'lonely']
-#: the stages that train outside DVC under flows.runner
+#: the stages the flow runs on Dask workers
 TRAINING = ['train@small', 'train@large']
 #: (upstream, downstream) pairs
 EDGES = [
@@ -51,11 +49,11 @@ EDGES = [
 ]
 
 STEP_PY = r"""
-import argparse, hashlib, json, os, pathlib, shutil, sys, time
+import argparse, hashlib, json, os, pathlib, re, shutil, sys, time
 
 import yaml
 
-from dfmsd.core import cli, runs
+from dfmsd.core import cli
 
 p = argparse.ArgumentParser()
 p.add_argument('name')
@@ -70,10 +68,9 @@ p.add_argument('--train', type=int, default=0, help='a training stage of N itera
 p.add_argument('--fail-training', action='store_true', help='the training phase exits with 4')
 p.add_argument('--await-partner', type=float, default=0.0, help='see await_partner()')
 a = p.parse_args()
-phase = runs.phase() or 'none'
 
 
-def log(event):
+def log(event, phase='none'):
     with open('run.log', 'a') as f:
         f.write(f'{a.name} {phase} {event} {time.time():.6f}\n')
 
@@ -100,7 +97,7 @@ def await_partner():
 
 
 def train(work):
-    log('start')
+    log('start', 'train')
     print(f'[{a.name}] training in {work}', flush=True)
     if a.fail_training:
         print(f'[{a.name}] training diverged', flush=True)
@@ -113,7 +110,7 @@ def train(work):
         await_partner()
     work.mkdir(parents=True, exist_ok=True)
     (work / 'final.txt').write_text(digest())
-    log('end')
+    log('end', 'train')
 
 
 def main():
@@ -125,13 +122,10 @@ def main():
             print(f'[{a.name}] flaky failure on attempt {n}', flush=True)
             sys.exit(5)
     if a.train:
-        work = pathlib.Path('work_dirs') / f"{runs.work_dir_label(os.environ.get('DVC_STAGE', a.name))}-{digest()[:12]}"
-        if not (work / 'final.txt').is_file():
-            if phase == 'commit':
-                raise runs.NeedsTraining()
+        label = re.sub(r'[^A-Za-z0-9_.-]+', '-', os.environ.get('DVC_STAGE', a.name))
+        work = pathlib.Path('work_dirs') / f'{label}-{digest()[:12]}'
+        if not (work / 'final.txt').is_file():  # else: a finished training, not exported yet
             train(work)
-        if phase == 'train':
-            return
     else:
         log('start')
         print(f'[{a.name}] starting', flush=True)
@@ -207,6 +201,7 @@ def _dvc_yaml(
             'train': {
                 'foreach': ['small', 'large'],
                 'do': {
+                    'meta': {'engine': 'dask'},
                     'cmd': cmd('train@${item}', '--in data/left.txt --out models/${item}.txt'),
                     'deps': ['step.py', 'data/left.txt'],
                     'outs': ['models/${item}.txt'],
@@ -283,7 +278,7 @@ def make_project(
 
 def read_run_log(root: str | os.PathLike) -> list[tuple[str, str, str, float]]:
     """``(stage, phase, event, time)`` entries of ``run.log``, in file order; phase is
-    commit | train | none, event start | end | exported."""
+    train | none, event start | end | exported."""
     log = Path(root) / 'run.log'
     if not log.exists():
         return []

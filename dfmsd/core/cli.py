@@ -5,7 +5,7 @@ stderr and exit status 2, with no traceback (``DFMSD_TRACEBACK=1`` shows it).
 
 With ``DFMSD_AUDIT=<dir>``, the command also records which files under the repository it
 opened and which project modules it imported, in ``<dir>/<stage>.<pid>.json`` (a stage may
-run as several processes: see dfmsd.core.runs); the test of dvc.yaml's declarations
+run as several processes: torchrun's workers); the test of dvc.yaml's declarations
 (tests/test_pipeline.py) compares them with each stage's ``deps``.
 """
 
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dfmsd.core import numerics, runs
+from dfmsd.core import numerics
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
 
 
@@ -62,22 +62,13 @@ def _start_audit(out_dir: str) -> Callable[[], None]:
 
 
 def run(main: Callable[[], object]) -> None:
-    """Run a stage's ``main()``; a DfmsdError becomes one line and exit status 2.
-
-    Under ``flows.runner`` (see :mod:`dfmsd.core.runs`), a completed run is recorded in the
-    run log, and a stage whose training is not done yet exits with ``runs.NEEDS_TRAINING``.
-    """
+    """Run a stage's ``main()``; a DfmsdError becomes one line and exit status 2."""
     numerics.pin()  # before the first tensor operation: each library reads its setting once
     audit = os.environ.get('DFMSD_AUDIT')
     finish = _start_audit(audit) if audit else None
     stage = _stage_label()
     try:
         main()
-        runs.record(stage, 'done')
-    except runs.NeedsTraining:
-        runs.record(stage, 'needs-training')
-        print(f'[{stage}] training not done yet: left to flows.runner', file=sys.stderr, flush=True)
-        sys.exit(runs.NEEDS_TRAINING)
     except DfmsdError as err:
         if os.environ.get('DFMSD_TRACEBACK'):
             raise

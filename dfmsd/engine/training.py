@@ -5,9 +5,8 @@ A run lives in ``work_dirs/<run>-<config digest>/`` until it is exported:
 * a stage killed half-way resumes there from its newest hash-verified checkpoint;
 * a changed config gets a new digest, and the old directory (which no run can resume any
   more) is removed, with a line in the stage log saying so;
-* under ``flows.runner`` the training and the export are two runs of the stage command
-  (``DFMSD_PHASE``, see :mod:`dfmsd.core.runs`), so that several stages train at once
-  outside DVC's repository lock.
+* on a cluster (flows.engine), a stage whose worker died reruns on another worker and
+  resumes there, when ``work_dirs/`` is on the shared filesystem.
 
 Exported (``out_dir``): ``model.pth`` (plain weights + ``meta.dataset_meta``), ``model.py``
 (its config, for stock mmdet), ``train.py`` (the full training config, runnable by mmdet's tools/train.py),
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from mmengine.config import Config
 
-from dfmsd.core import numerics, runs
+from dfmsd.core import numerics
 from dfmsd.core.io import write_json, write_text
 from dfmsd.data.coco import dataset_classes
 from dfmsd.engine.checkpoint import (
@@ -61,9 +60,14 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:12]
 
 
+def work_dir_label(stage: str) -> str:
+    """A stage's work-dir name stem (file-name-safe): ``work_dirs/<label>-<digest>``."""
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', stage)
+
+
 def run_label() -> str:
-    """The work dir's name stem: the DVC stage, in file-name-safe form."""
-    return runs.work_dir_label(os.environ.get('DVC_STAGE', 'run'))
+    """The work dir's name stem: the DVC stage (DVC sets ``DVC_STAGE``), in file-name-safe form."""
+    return work_dir_label(os.environ.get('DVC_STAGE', 'run'))
 
 
 def _stop_iter(cfg: Config) -> int:
@@ -109,8 +113,6 @@ def run_training(
     final = _final_checkpoint(work_dir, stop)
     if final:
         return work_dir, final
-    if runs.phase() == 'commit':
-        raise runs.NeedsTraining()
     cfg.work_dir = str(work_dir)
     cfg.default_hooks.checkpoint.type = 'HashedCheckpointHook'
     last = latest_verified_checkpoint(work_dir)
@@ -270,8 +272,7 @@ def train_and_export(
     from mmengine.dist import is_main_process
 
     work_dir, final = run_training(cfg, threads=threads, resume_from=resume_from)
-    if runs.phase() == 'train' or not is_main_process():
-        log(f'trained: {final} (export left to the DVC run)')
+    if not is_main_process():  # rank 0 exports
         return None
     record = export(
         final,

@@ -1,0 +1,189 @@
+"""Where the heavy stages run: a Dask distributed cluster.
+
+A stage whose dvc.yaml ``meta`` says ``engine: dask`` (trainings, predictions) is submitted
+to Dask with the resource ``GPU=<launch.nproc_per_node>``; a worker runs it and Dask's
+scheduler decides where and when. The cluster is
+
+* by default a ``LocalCluster`` of ``jobs`` one-thread worker processes, each with ``GPU=1``
+  (on a CPU, a slot for one training);
+* ``scheduler='tcp://host:port'``: an existing cluster (``dask scheduler`` and ``dask worker
+  --resources GPU=8``, dask-jobqueue's SLURMCluster, dask-kubernetes; docs/cluster.md).
+
+What a worker runs is the stage as DVC sees it (:func:`on_worker`):
+
+* shared filesystem (``Workspace.root`` set): ``dvc repro --single-item <stage>`` in the
+  controller's workspace, as a stage run there would;
+* no shared filesystem (``Workspace.root`` None): in the worker's own clone
+  (``DFMSD_WORKER_REPO``, else the worker's working directory) at the controller's commit,
+  ``dvc repro --pull <stage>`` (upstream restored from the DVC remote's run-cache), then
+  ``dvc push --run-cache``; the controller then restores the stage from the run-cache.
+
+A worker that dies mid-stage: Dask runs the task again on another worker; the stage resumes
+from its last verified checkpoint in ``work_dirs/`` (shared filesystem). The stage's process
+tree dies with its worker (:mod:`flows.reaper`), so two copies never write the same outputs.
+The controller releases each Dask future as soon as it has its result, so a worker lost later
+costs no recomputation. The stage's output reaches the controller line by line as Dask
+events (``Worker.log_event``, ``Client.subscribe_topic``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfmsd.core.errors import DfmsdError
+from flows import stages
+
+#: The Dask resource a heavy stage requests, ``launch.nproc_per_node`` of them.
+SLOT = 'GPU'
+#: Seconds to reach the scheduler and to see a worker, before the run fails.
+CONNECT_TIMEOUT_S = 30.0
+WORKER_REPO_ENV = 'DFMSD_WORKER_REPO'
+
+
+class ClusterError(DfmsdError):
+    """No scheduler, no worker, or no worker that can take a stage: said in one line."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a worker runs a stage: the controller's ``root`` (a shared filesystem), or its
+    own clone at ``commit`` (``root`` None) that shares only the DVC remote."""
+
+    root: str | None
+    commit: str | None = None
+
+
+@contextlib.contextmanager
+def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S) -> Iterator:
+    """A ``distributed.Client``: to ``scheduler``, or to a new local cluster of ``jobs``
+    one-thread workers with one slot each. Raises :class:`ClusterError` (naming the address)
+    when no scheduler answers or no worker joins within ``timeout`` seconds."""
+    from distributed import Client, LocalCluster
+
+    logging.getLogger('distributed').setLevel(logging.WARNING)  # its INFO lines would fill the stages' log
+    if scheduler is None:
+        with (
+            LocalCluster(
+                n_workers=max(1, jobs),
+                threads_per_worker=1,
+                processes=True,
+                resources={SLOT: 1},
+                silence_logs=logging.WARNING,
+            ) as local,
+            Client(local) as client,
+        ):
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f'no Dask scheduler answers at {scheduler} within {timeout:.0f} s ({exc})') from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise ClusterError(
+                f'the Dask scheduler at {scheduler} has no worker (waited {timeout:.0f} s): '
+                f'start one with `dask worker {scheduler} --nthreads 1 --resources {SLOT}=1`'
+            ) from None
+        yield client
+
+
+def slots(client) -> int:
+    """The cluster's slots now (the sum of its workers' ``GPU`` resource)."""
+    workers = client.scheduler_info(n_workers=-1)['workers'].values()
+    return int(sum(w.get('resources', {}).get(SLOT, 0) for w in workers))
+
+
+def check_fits(client, need: int, address: str) -> None:
+    """A stage asking for more slots than any worker has would wait for ever: say so now."""
+    workers = client.scheduler_info(n_workers=-1)['workers'].values()
+    most = max((w.get('resources', {}).get(SLOT, 0) for w in workers), default=0)
+    if most < need:
+        raise ClusterError(
+            f'a stage needs {SLOT}={need} (launch.nproc_per_node) but no worker of the Dask scheduler at '
+            f'{address} has more than {SLOT}={most:g}: start workers with `--resources {SLOT}={need}`'
+        )
+
+
+def run_stage(
+    client, stage: str, workspace: Workspace, need: int, *, force: bool = False, on_line: Callable[[str], None]
+) -> stages.StageResult:
+    """Run ``stage`` on a worker with ``need`` slots; its output lines go to ``on_line`` (in
+    this thread) as they come."""
+    topic = f'dfmsd-stage-{uuid.uuid4().hex}'
+    lines: queue.Queue[str] = queue.Queue()
+    client.subscribe_topic(topic, lambda event: lines.put(event[1]))
+    future = client.submit(
+        on_worker, stage, workspace, topic, force, key=f'{stage}-{uuid.uuid4().hex[:8]}', resources={SLOT: need}
+    )
+    try:
+        while True:
+            with contextlib.suppress(queue.Empty):
+                on_line(lines.get(timeout=0.5))
+                continue
+            if future.done():
+                break
+        result = future.result()
+        while not lines.empty():
+            on_line(lines.get_nowait())
+        return result
+    finally:
+        future.release()  # no result kept on a worker: a worker lost later costs nothing
+        client.unsubscribe_topic(topic)
+
+
+def on_worker(stage: str, workspace: Workspace, topic: str, force: bool) -> stages.StageResult:
+    """On a Dask worker: bring ``stage`` up to date (see the module docstring)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+
+    def emit(line: str) -> None:
+        worker.log_event(topic, line)
+
+    where = f'{socket.gethostname()} {worker.address}'
+    emit(f'[flow] {stage} on Dask worker {where}')
+    if workspace.root is not None:
+        result = stages.repro(Path(workspace.root), stage, force=force, on_line=emit, start=_start_reaped)
+    else:
+        clone = Path(os.environ.get(WORKER_REPO_ENV) or os.getcwd())
+        _check_clone(clone, workspace.commit)
+        result = stages.repro(clone, stage, force=force, pull=True, on_line=emit, start=_start_reaped)
+        if result.ok:
+            code, out = stages.dvc(clone, 'push', '--run-cache', stage, on_line=emit, start=_start_reaped)
+            if code != 0:
+                result = stages.StageResult(
+                    stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code
+                )
+    result.where = where
+    return result
+
+
+def _check_clone(clone: Path, commit: str | None) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(['git', *args], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+
+    head = git('rev-parse', 'HEAD')
+    if head != commit:
+        raise ClusterError(f'the clone {clone} of worker {socket.gethostname()} is at {head}, the run at {commit}')
+    if git('status', '--porcelain', '--untracked-files=no'):
+        raise ClusterError(f'the clone {clone} of worker {socket.gethostname()} has uncommitted changes')
+
+
+def _start_reaped(cmd: list[str], **popen) -> subprocess.Popen:
+    """A stage process that dies with its worker: started under :mod:`flows.reaper`, which ends
+    its whole tree when the worker's thread or process goes away (Linux: PR_SET_PDEATHSIG)."""
+    from flows import guard
+
+    return guard.start_stage_process([sys.executable, '-m', 'flows.reaper', *cmd], **popen)
