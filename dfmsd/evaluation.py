@@ -19,10 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dfmsd.core.io import read_json, sha256_file, write_json
+from dfmsd.core.io import WORK_ROOT, read_json, sha256_file, work_dir_label, write_json
 from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS
-
-WORK_ROOT = Path('work_dirs')
 
 
 def predict_splits(
@@ -128,8 +126,6 @@ def cached_predictions(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:12]
-    from dfmsd.engine.training import work_dir_label
-
     work = WORK_ROOT / f'{work_dir_label(os.environ.get("DVC_STAGE", "predict"))}-{key}'
     if all((work / f'{s}.bbox.json').is_file() for s in splits):
         return work

@@ -186,4 +186,4 @@ def _start_reaped(cmd: list[str], **popen) -> subprocess.Popen:
     its whole tree when the worker's thread or process goes away (Linux: PR_SET_PDEATHSIG)."""
     from flows import guard
 
-    return guard.start_stage_process([sys.executable, '-m', 'flows.reaper', *cmd], **popen)
+    return guard.start_stage_process([sys.executable, str(Path(__file__).with_name('reaper.py')), *cmd], **popen)

@@ -188,6 +188,10 @@ def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = Fal
                 logger.warning('%s: not in the run-cache the worker pushed, so it ran here', stage)
     else:
         result = stages.repro(where.root, stage, force=where.force, on_line=on_line)
+        if result.ok and where.workspace is not None and where.workspace.root is None:  # for the workers
+            code, out = stages.dvc(where.root, 'push', '--run-cache', stage, on_line=on_line)
+            if code != 0:
+                result = StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
     logger.info('%s: %s (%.1f s) %s %s', stage, result.outcome, result.seconds, result.where, result.message)
     if result.outcome == 'failed':
         raise StageFailed(result)
@@ -303,6 +307,7 @@ def dvc_pipeline(
     jobs: int = 2,
     scheduler: str | None = None,
     shared_fs: bool = True,
+    connect_timeout: float = engine.CONNECT_TIMEOUT_S,
     retries: int = 0,
     retry_delay_seconds: float = 10.0,
     force: bool = False,
@@ -314,7 +319,8 @@ def dvc_pipeline(
     targets: only these stages (or foreach/matrix groups) and their upstream; jobs: workers of
     the local Dask cluster (trainings at once); scheduler: an existing Dask cluster's address
     instead; shared_fs: its workers see this workspace (else each has its own clone and they
-    share the DVC remote); retries: of a failed stage; force: rerun every selected stage;
+    share the DVC remote); connect_timeout: seconds to reach the scheduler and see a worker;
+    retries: of a failed stage; force: rerun every selected stage;
     experiment: record a successful run as a DVC experiment.
     """
     if jobs < 1:
@@ -333,9 +339,16 @@ def dvc_pipeline(
         to_run = pipeline.to_run(force)
         where = Where(root, force=force, need=_slots_per_stage(root))
         if any(_heavy(pipeline, s) for s in to_run):
-            where.client = held.enter_context(engine.cluster(scheduler, jobs))
+            where.client = held.enter_context(engine.cluster(scheduler, jobs, connect_timeout))
             engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
             where.workspace = engine.Workspace(str(root) if shared_fs else None, _commit(root, shared_fs))
+            if not shared_fs:  # what the workers' clones will pull: every output this workspace has
+                code, out = stages.dvc(root, 'push', '--run-cache')
+                if code != 0:
+                    raise engine.ClusterError(
+                        'without a shared filesystem the workers and this workspace share a DVC remote, but '
+                        f'`dvc push --run-cache` exited with {code}: {" ".join(out[-3:])} (docs/cluster.md)'
+                    )
         logger.info(
             'DVC pipeline in %s: %d stage(s), %d to bring up to date; heavy stages on %s',
             root,
@@ -498,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         help='run the heavy stages on this Dask cluster instead (docs/cluster.md)',
     )
     parser.add_argument(
+        '--connect-timeout',
+        type=float,
+        default=engine.CONNECT_TIMEOUT_S,
+        help=f'seconds to reach the scheduler and see a worker (default {engine.CONNECT_TIMEOUT_S:g})',
+    )
+    parser.add_argument(
         '--no-shared-fs',
         action='store_true',
         help="the scheduler's workers do not see this workspace: each runs its own clone (DFMSD_WORKER_REPO) "
@@ -521,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs=args.jobs,
                 scheduler=args.scheduler,
                 shared_fs=not args.no_shared_fs,
+                connect_timeout=args.connect_timeout,
                 retries=args.retries,
                 retry_delay_seconds=args.retry_delay,
                 force=args.force,

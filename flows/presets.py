@@ -19,14 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from dfmsd.core.errors import EXIT_CODE, DfmsdError
 from dfmsd.core.presets import WORKTREES, preset_params
 from flows import guard
 

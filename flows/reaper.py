@@ -1,12 +1,14 @@
 """Run a command that dies with the process that started this one.
 
-    python -m flows.reaper CMD [ARG ...]
+    python flows/reaper.py CMD [ARG ...]
 
 A Dask worker that is killed (a node lost, ``kill -9``) takes no child with it: the DVC
 command and the training it runs would go on writing the workspace while Dask reruns the
 stage elsewhere. Started by the worker, this process asks Linux for SIGTERM when its parent
 goes (``PR_SET_PDEATHSIG``), runs CMD, and on SIGTERM or SIGINT ends CMD's whole tree
-(:func:`flows.guard.end_process_group`). Its exit status is CMD's (128 + signal when ended).
+(SIGTERM, then SIGKILL after :data:`GRACE_S`). Its exit status is CMD's (128 + signal when
+ended). It runs as a file, importing nothing of the project: a worker's stage may run in a
+clone or worktree where this checkout's packages are not importable.
 """
 
 from __future__ import annotations
@@ -17,12 +19,31 @@ import signal
 import subprocess
 import sys
 
+import psutil
+
 PR_SET_PDEATHSIG = 1
+GRACE_S = 10.0
+
+
+def end_tree(pid: int) -> None:
+    """SIGTERM to ``pid`` and its descendants, SIGKILL to what is left after GRACE_S."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5.0)):
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=wait)
+        if not procs:
+            return
 
 
 def main(argv: list[str]) -> int:
-    from flows import guard
-
     parent = os.getppid()
     if sys.platform.startswith('linux'):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -32,7 +53,7 @@ def main(argv: list[str]) -> int:
 
     def stop(signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        guard.end_process_group(child)
+        end_tree(child.pid)
         sys.exit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

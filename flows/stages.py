@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from dfmsd.core.io import WORK_ROOT, work_dir_label
 from flows import guard
 
 #: Lines of output kept for the message of a failed stage.
@@ -122,14 +124,22 @@ def dvc(root: Path, *args: str, on_line: Callable[[str], None] | None = None, **
 def repro(root: Path, stage: str, *, force: bool = False, pull: bool = False, on_line=None, **popen) -> StageResult:
     """``dvc repro --single-item <stage>``: ran, restored (from the run-cache) or failed."""
     began = time.monotonic()
+    if force:  # a forced run starts afresh, not from a checkpoint
+        clear_work_dirs(root, stage)
     args = ['repro', '--single-item', stage] + (['--force'] if force else []) + (['--pull'] if pull else [])
     code, lines = dvc(root, *args, on_line=on_line, **popen)
     seconds = time.monotonic() - began
     if code != 0:
         return StageResult(stage, 'failed', seconds, f'`dvc repro` exited with {code}', lines[-TAIL_LINES:], code)
+    clear_work_dirs(root, stage)  # exported or restored: nothing left to resume
     restored = any(RESTORED_LINE.search(line) for line in lines)
     message = 'restored from the DVC run-cache' if restored else 'ran'
     return StageResult(stage, 'restored' if restored else 'ran', seconds, message, lines[-TAIL_LINES:])
+
+
+def clear_work_dirs(root: Path, stage: str) -> None:
+    for work_dir in (Path(root) / WORK_ROOT).glob(f'{work_dir_label(stage)}-*'):
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -29,7 +29,7 @@ WEAK = f'models/teachers/{PAIR}/weak'
 ME_TABLE = f'data/me/{PAIR}/seed{SEED}.json'
 LATE_RANK_1 = Path(__file__).parent / 'late_rank_1'  # a sitecustomize.py
 #: variables of an enclosing torchrun or launch override, which would change what a stage does
-INHERITED = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'DFMSD_PHASE')
+INHERITED = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ from support import copy_project, env, preset_params, run
 pytestmark = pytest.mark.timeout(600)
 
 STAGE = 'teacher@tiny-weak'
-WORK_DIR = 'teacher-tiny-weak-*'  # dfmsd.core.runs.work_dir_label(STAGE) + the config digest
+WORK_DIR = 'teacher-tiny-weak-*'  # dfmsd.core.io.work_dir_label(STAGE) + the config digest
 MODEL = 'models/teachers/tiny/weak/model.pth'
 #: Iterations of the interrupted teacher and its checkpoint interval: the signal comes once the
 #: first checkpoint is verified, while there is still training left for the rerun to resume.

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support import REPO, copy_project, preset_params, run
 
-from dfmsd.core.runs import work_dir_label
+from dfmsd.core.io import work_dir_label
 
 #: files DVC itself reads while a stage asks for its params (dvc.api.params_show), besides
 #: .dvc/, .git/ and every .gitignore; work_dirs/<stage>-* is the stage's own scratch (checkpoints)

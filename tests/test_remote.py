@@ -58,10 +58,6 @@ for out in a.out:
 for m in a.metrics:
     pathlib.Path(m).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(m).write_text(json.dumps({'mAP': int(digest[:6], 16) / 2**24, 'kind': a.kind}, indent=1) + '\\n')
-if os.environ.get('DFMSD_RUN_LOG'):  # the run log of dfmsd.core.runs, as every real stage writes it
-    with open(os.environ['DFMSD_RUN_LOG'], 'a') as f:
-        f.write(json.dumps({'stage': os.environ.get('DVC_STAGE'), 'phase': os.environ.get('DFMSD_PHASE'),
-                            'status': 'done', 'argv': sys.argv, 'cwd': os.getcwd()}) + '\\n')
 '''
 
 DVC_YAML = """\

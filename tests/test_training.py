@@ -35,6 +35,7 @@ from dfmsd.core.io import read_json, write_json
 from dfmsd.core.params import ME, Data, Detector, Distill, Launch, Method, Runtime, SALMethod, Train
 from dfmsd.data.coco import dataset_classes, load_json
 from dfmsd.data.me import decision_table
+from dfmsd.engine import training
 from dfmsd.engine.checkpoint import export_plain_checkpoint, latest_verified_checkpoint, load_verified, load_weights
 from dfmsd.engine.configs import detector_config
 from dfmsd.engine.students import distill_student, init_student, sal_boundary, train_baseline
@@ -137,14 +138,9 @@ def distill(
     train: Train = SAL_TRAIN,
     teacher: Path | None = None,
     init: Path | None = None,
-    phase: str | None = None,
 ) -> Path:
     """One run of the distill stage command's code, in the current directory; returns its model dir."""
     mp.setenv('DVC_STAGE', stage)
-    if phase:
-        mp.setenv('DFMSD_PHASE', phase)
-    else:
-        mp.delenv('DFMSD_PHASE', raising=False)
     name = stage.replace('@', '-')
     out = Path.cwd() / 'models' / name
     distill_student(
@@ -241,12 +237,23 @@ def watch_distiller(mp: pytest.MonkeyPatch):
         yield seen
 
 
+def keeping_final(finals: list):
+    """training.export, which first appends the final checkpoint it exports to ``finals``."""
+    export = training.export
+
+    def wrapped(final, work_dir, **kwargs):
+        finals.append(load_verified(final))
+        return export(final, work_dir, **kwargs)
+
+    return wrapped
+
+
 # ---------------------------------------------------------------- SAL, shared by several tests
 @pytest.fixture(scope='module')
 def sal(world, tmp_path_factory):
     """SAL stage 1, one uninterrupted schedule for reference, and stage 2 with the loss modules
-    carried over or reset. Stage 2 trains (DFMSD_PHASE=train, work dir kept for inspection),
-    then exports in a second run, as flows.runner does."""
+    carried over or reset. Stage 2's final checkpoint (the resumable state, optimizer included)
+    is read as the stage exports it, before its work dir goes."""
     root = tmp_path_factory.mktemp('sal')
     out = SimpleNamespace(root=root, boundary=sal_boundary(DFMSD, SAL_TRAIN.iters))
     with pytest.MonkeyPatch.context() as mp:
@@ -256,11 +263,11 @@ def sal(world, tmp_path_factory):
         for reset in (False, True):
             method = DFMSD.model_copy(update={'reset_modules': reset})
             stage = f'sal2@{"reset" if reset else "carry"}'
-            with watch_distiller(mp) as seen:
-                distill(world, mp, stage, kind='sal2', method=method, init=out.sal1, phase='train')
-            final = load_verified(work_dir_of(stage) / f'iter_{SAL_TRAIN.iters}.pth')
-            model_dir = distill(world, mp, stage, kind='sal2', method=method, init=out.sal1)
-            setattr(out, 'reset' if reset else 'carry', SimpleNamespace(dir=model_dir, seen=seen, final=final))
+            finals = []
+            with watch_distiller(mp) as seen, pytest.MonkeyPatch.context() as keep:
+                keep.setattr(training, 'export', keeping_final(finals))
+                model_dir = distill(world, mp, stage, kind='sal2', method=method, init=out.sal1)
+            setattr(out, 'reset' if reset else 'carry', SimpleNamespace(dir=model_dir, seen=seen, final=finals[0]))
     return out
 
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,15 @@ from pathlib import Path
 from typing import IO, Any
 
 CHUNK = 1 << 20
+
+
+#: Where a stage keeps what it can resume from (checkpoints, predictions) until it exports.
+WORK_ROOT = Path('work_dirs')
+
+
+def work_dir_label(stage: str) -> str:
+    """A stage's work-dir name stem (file-name-safe): ``work_dirs/<label>-<digest>``."""
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', stage)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:

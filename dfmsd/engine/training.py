@@ -34,7 +34,7 @@ import torch
 from mmengine.config import Config
 
 from dfmsd.core import numerics
-from dfmsd.core.io import write_json, write_text
+from dfmsd.core.io import WORK_ROOT, work_dir_label, write_json, write_text
 from dfmsd.data.coco import dataset_classes
 from dfmsd.engine.checkpoint import (
     VERIFIED_SCHEME,
@@ -49,8 +49,6 @@ from dfmsd.engine.checkpoint import (
 )
 from dfmsd.engine.launch import single_process_config
 
-WORK_ROOT = Path('work_dirs')
-
 
 def log(message: str) -> None:
     print(f'[dfmsd] {message}', file=sys.stderr, flush=True)
@@ -58,11 +56,6 @@ def log(message: str) -> None:
 
 def config_digest(cfg: Config) -> str:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:12]
-
-
-def work_dir_label(stage: str) -> str:
-    """A stage's work-dir name stem (file-name-safe): ``work_dirs/<label>-<digest>``."""
-    return re.sub(r'[^A-Za-z0-9_.-]+', '-', stage)
 
 
 def run_label() -> str:

@@ -1,24 +1,35 @@
-"""flows.runner (what `make repro` runs) on the tiny demo DVC project (tests/dvc_demo.py).
+"""How the Prefect flow schedules the DAG, on the tiny demo DVC project (tests/dvc_demo.py).
 
-Everything is real: git, DVC subprocesses, stage commands following dfmsd.core.runs (the
-``train@*`` stages train outside DVC's lock, between two ``dvc repro`` runs). Times come from
-the demo's run.log, outcomes from the runner's StageResults.
+Everything is real: git, DVC subprocesses, a local Dask cluster whose workers run the
+``train@*`` stages (dvc.yaml ``meta: {engine: dask}``), Prefect in ephemeral mode. Times come
+from the demo's run.log, outcomes from the flow's StageResults.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import dvc_demo as demo
 import pytest
 import yaml
 
-from flows.runner import DvcRepo, RunnerError, run_pipeline
+from flows.pipeline import dvc_pipeline
+from flows.stages import Pipeline, PipelineError
 
 pytestmark = pytest.mark.timeout(300)
 
 #: the longest a training stage waits for the other one to start (dvc_demo.make_project)
 PARTNER_S = 10.0
+
+
+def run_pipeline(root: Path, **params) -> list:
+    """The flow in this process (no experiment); its StageResults in schedule order."""
+    state = dvc_pipeline(repo_dir=str(root), experiment=False, return_state=True, **params)
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, dict), summary
+    return summary['results']
 
 
 def outcomes(results) -> dict[str, str]:
@@ -43,8 +54,12 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    """Every output file of the demo pipeline, and dvc.lock."""
-    files = [root / 'dvc.lock', root / 'metrics.json']
+    """Every output file of the demo pipeline, dvc.lock and DVC's run-cache."""
+    files = [
+        root / 'dvc.lock',
+        root / 'metrics.json',
+        *(p for p in (root / '.dvc' / 'cache' / 'runs').rglob('*') if p.is_file()),
+    ]
     for folder in ('data', 'models', 'reports'):
         files += [p for p in (root / folder).rglob('*') if p.is_file() and p.name != '.gitignore']
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
@@ -73,30 +88,43 @@ def one_job(tmp_path_factory):
     return snapshot(root, run_pipeline(root, jobs=1))
 
 
+@pytest.fixture(scope='module')
+def serial(tmp_path_factory):
+    """Plain ``dvc repro``: one stage at a time, in DVC's own order."""
+    root = demo.make_project(tmp_path_factory.mktemp('serial') / 'proj', await_partner=PARTNER_S)  # same commands
+    subprocess.run([sys.executable, '-m', 'dvc', 'repro', '-q'], cwd=root, env=demo.dvc_env(), check=True)
+    return snapshot(root, [])
+
+
 @pytest.mark.fast
-def test_graph_from_dvc_dag_and_targets(tmp_path):
+def test_graph_changed_stages_and_targets_from_dvc(tmp_path):
     root = demo.make_project(tmp_path / 'proj')
-    repo = DvcRepo(root)
-    graph = repo.graph()
-    assert set(graph.nodes) == set(demo.STAGES)  # foreach expanded, real names
-    assert set(graph.edges) == set(demo.EDGES)  # incl. `left` depending on a file inside prepare's dir out
-    assert set(repo.graph(['train'])) == {'prepare', 'left', 'train@small', 'train@large'}  # a foreach group
-    assert set(repo.graph(['right'])) == {'prepare', 'right'}
-    with pytest.raises(RunnerError, match="no DVC stage named 'nope'"):
-        repo.graph(['nope'])
+    pipeline = Pipeline.read(root)
+    assert set(pipeline.graph.nodes) == set(demo.STAGES)  # foreach expanded, real names
+    assert set(pipeline.graph.edges) == set(demo.EDGES)  # incl. `left` reading a file inside prepare's dir out
+    assert pipeline.changed == set(demo.STAGES)  # nothing ran yet
+    assert {s for s, meta in pipeline.meta.items() if meta.get('engine') == 'dask'} == set(demo.TRAINING)
+    assert set(Pipeline.read(root, ['train']).graph) == {'prepare', 'left', 'train@small', 'train@large'}
+    assert set(Pipeline.read(root, ['right']).graph) == {'prepare', 'right'}
+    with pytest.raises(PipelineError, match="no DVC stage named 'nope'"):
+        Pipeline.read(root, ['nope'])
 
 
 def test_every_stage_runs_once_in_dependency_order(two_jobs):
     assert outcomes(two_jobs['results']) == {s: 'ran' for s in demo.STAGES}
     log = two_jobs['log']
     assert sorted(name for name, _, event, _ in log if event == 'start') == sorted(demo.STAGES)  # each ran once
-    # a training stage: told DVC it needs training, trained outside DVC, exported by DVC
+    # a training stage: one command, run by DVC on a Dask worker, that trains and exports
     for stage in demo.TRAINING:
         assert [(phase, event) for name, phase, event, _ in log if name == stage] == [
             ('train', 'start'),
             ('train', 'end'),
-            ('commit', 'exported'),
+            ('none', 'exported'),
         ]
+    where = {r.stage: r.where for r in two_jobs['results']}
+    assert all(where[s].endswith(tuple('0123456789')) for s in demo.TRAINING), where  # host tcp://addr:port
+    assert where['train@small'] != where['train@large']  # two workers, one training each
+    assert not any(where[s] for s in demo.STAGES if s not in demo.TRAINING)  # light stages: in the workspace
     when = spans(log)
     for up, down in demo.EDGES:
         assert when[up][1] <= when[down][0], f'{down} started before {up} ended'
@@ -113,20 +141,15 @@ def test_one_job_trains_one_stage_at_a_time(one_job):
     assert overlap(small, large) < 0, (small, large)
 
 
-def test_stages_that_more_of_the_pipeline_waits_for_start_first(one_job):
-    order = demo.commands_run(one_job['root'])
-    assert order[0] == 'prepare'  # everything but `lonely` waits for it
-    assert order.index('lonely') > max(order.index(s) for s in demo.TRAINING)  # nothing waits for `lonely`
-
-
-def test_results_are_identical_bytes_with_one_and_two_jobs(two_jobs, one_job):
-    assert two_jobs['outputs'].keys() == one_job['outputs'].keys()
-    assert {'models/small.txt', 'models/large.txt', 'reports/results.md', 'dvc.lock'} <= two_jobs['outputs'].keys()
-    for path, content in two_jobs['outputs'].items():
-        if path == 'dvc.lock':  # the same record; its stages in the order they completed
-            assert yaml.safe_load(one_job['outputs'][path]) == yaml.safe_load(content)
-        else:
-            assert one_job['outputs'][path] == content, path
+def test_outputs_lock_and_run_cache_are_the_bytes_of_a_serial_dvc_repro(two_jobs, one_job, serial):
+    """Stages at once (up to four DVC commands: left, right, lonely, then two trainings beside
+    them) leave what one `dvc repro` leaves, dvc.lock's bytes included."""
+    assert {'models/small.txt', 'models/large.txt', 'reports/results.md', 'dvc.lock'} <= serial['outputs'].keys()
+    assert any(p.startswith('.dvc/cache/runs/') for p in serial['outputs'])
+    for run in (two_jobs, one_job):
+        assert run['outputs'].keys() == serial['outputs'].keys()
+        for path, content in serial['outputs'].items():
+            assert run['outputs'][path] == content, path
 
 
 def test_work_dirs_are_removed_after_export(two_jobs, one_job):
@@ -142,6 +165,7 @@ def test_rerun_skips_and_the_run_cache_restores(two_jobs):
     results = run_pipeline(root, jobs=2)
     assert outcomes(results) == {s: 'skipped' for s in demo.STAGES}
     assert (root / 'run.log').read_text() == log_before
+    assert not any(r.where for r in results)  # no stage was sent to Dask
 
     # a param flip and back: the second time DVC restores the stage from its run-cache
     params = yaml.safe_load((root / 'params.yaml').read_text())
@@ -167,10 +191,9 @@ def test_rerun_skips_and_the_run_cache_restores(two_jobs):
 
 
 def test_failures_stop_their_downstream_only(tmp_path):
-    """`right` fails in DVC's run (`exit 3`), the train@* stages while training (exit 4)."""
+    """`right` fails in the workspace (`exit 3`), the train@* stages on their workers (exit 4)."""
     root = demo.make_project(tmp_path / 'proj', fail='right', fail_training='train@small')
-    settled = []
-    results = run_pipeline(root, jobs=2, on_result=settled.append)
+    results = run_pipeline(root, jobs=2)
     assert outcomes(results) == {
         'prepare': 'ran',
         'left': 'ran',
@@ -185,10 +208,10 @@ def test_failures_stop_their_downstream_only(tmp_path):
     assert right.exit_code not in (None, 0) and '`dvc repro` exited with' in right.message
     assert any('exited with 3' in line for line in right.output)  # DVC's own words, in the tail
     train = by_stage['train@small']
-    assert train.exit_code == 4 and train.message == 'its command exited with 4 while training'
+    assert train.exit_code not in (None, 0) and train.where  # on a worker
     assert '[train@small] training diverged' in train.output
+    assert any('exited with 4' in line for line in train.output)
     assert 'upstream failed' in by_stage['report'].message
-    assert sorted(r.stage for r in settled) == sorted(demo.STAGES)  # on_result: every stage, once
     assert sorted(demo.commands_run(root)) == ['left', 'lonely', 'prepare', 'train@large', 'train@small']
 
 
