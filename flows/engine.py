@@ -134,13 +134,16 @@ def run_stage(
                 continue
             if future.done():
                 break
+        if future.cancelled():  # the run is being stopped (flows.guard), or the client went
+            return stages.StageResult(stage, 'cancelled', message='its Dask task was cancelled')
         result = future.result()
         while not lines.empty():
             on_line(lines.get_nowait())
         return result
     finally:
-        future.release()  # no result kept on a worker: a worker lost later costs nothing
-        client.unsubscribe_topic(topic)
+        with contextlib.suppress(Exception):  # the client may be closed already (an interrupted run)
+            future.release()  # no result kept on a worker: a worker lost later costs nothing
+            client.unsubscribe_topic(topic)
 
 
 def on_worker(stage: str, workspace: Workspace, topic: str, force: bool) -> stages.StageResult:

@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import engine, guard, stages
@@ -193,6 +195,8 @@ def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = Fal
             if code != 0:
                 result = StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
     logger.info('%s: %s (%.1f s) %s %s', stage, result.outcome, result.seconds, result.where, result.message)
+    if result.outcome == 'cancelled':  # the run is being stopped: nothing to retry, no traceback
+        return Cancelled(message=result.message, data=result)
     if result.outcome == 'failed':
         raise StageFailed(result)
     try:
@@ -403,27 +407,32 @@ def _run_stages(
     order = pipeline.schedule()
     futures, started = {}, {}
     with ThreadPoolTaskRunner(max_workers=slots) as runner:
-        for stage in order:
-            options = dvc_stage.with_options(
-                name=stage,
-                task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
-                retries=retries,
-                retry_delay_seconds=delay,
-            )
-            upstream = [futures[u] for u in pipeline.graph.predecessors(stage)]
-            started[stage] = time.monotonic()
-            futures[stage] = runner.submit(
-                options,
-                parameters={
-                    'stage': stage,
-                    'where': where,
-                    'must_run': stage in to_run,
-                    'heavy': _heavy(pipeline, stage),
-                },
-                wait_for=upstream,
-            )
-        for future in futures.values():
-            future.wait()
+        try:
+            for stage in order:
+                options = dvc_stage.with_options(
+                    name=stage,
+                    task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
+                    retries=retries,
+                    retry_delay_seconds=delay,
+                )
+                upstream = [futures[u] for u in pipeline.graph.predecessors(stage)]
+                started[stage] = time.monotonic()
+                futures[stage] = runner.submit(
+                    options,
+                    parameters={
+                        'stage': stage,
+                        'where': where,
+                        'must_run': stage in to_run,
+                        'heavy': _heavy(pipeline, stage),
+                    },
+                    wait_for=upstream,
+                )
+            for future in futures.values():
+                future.wait()
+        except BaseException:  # a signal (flows.guard): the tasks waiting on Dask stop waiting
+            if where.client is not None:
+                where.client.close()  # its futures end cancelled; a local cluster's workers go next
+            raise
     return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
 
 
@@ -487,6 +496,27 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
 # --------------------------------------------------------------------------- CLI
 
 
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API of a run: the configured one (``PREFECT_API_URL``), else Prefect's own
+    temporary server, started here in a session of its own. Started by Prefect, it would share
+    ``make``'s process group: a Ctrl-C to the group would end it first, and the flow would then
+    hang reporting its end to it."""
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = SubprocessASGIServer()
+    with mock.patch.object(subprocess, 'Popen', functools.partial(subprocess.Popen, start_new_session=True)):
+        server.start()  # the one process Prefect starts here: its server, stopped at exit (atexit)
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m flows.pipeline',
@@ -532,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # the lock is checked here too, for a one-line answer before Prefect starts
         workspace = preset_dir(args.repo, args.preset) if args.preset else args.repo
-        with guard.on_signals(), guard.workspace(workspace):
+        with guard.on_signals(), guard.workspace(workspace), prefect_api():
             state = dvc_pipeline(
                 repo_dir=args.repo,
                 preset=args.preset,

@@ -10,7 +10,9 @@ the scheduler's address and waits; in a second shell on the controller::
     make repro SCHEDULER=tcp://HOST:PORT            # the printed address; shared filesystem
     python -m flows.pipeline --scheduler tcp://HOST:PORT --no-shared-fs   # clones (--worker-repo)
 
-Ctrl-C (or SIGTERM) closes the cluster, which cancels the jobs (``scancel``).
+Ctrl-C (or SIGTERM) closes the cluster, which cancels the jobs (``scancel``). The scheduler
+lives in this process, which imports ``flows``: Dask's scheduler unpickles the task graph, and a
+task names ``flows.engine.on_worker``, so a scheduler that cannot import it refuses the stage.
 ``--print-job-script`` prints the job script and exits: nothing is submitted, no SLURM needed.
 
 Why one worker per job, holding all the node's GPUs: a heavy stage is one whole (multi-GPU)

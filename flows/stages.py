@@ -49,7 +49,7 @@ class PipelineError(RuntimeError):
 @dataclass
 class StageResult:
     stage: str
-    outcome: str  # ran | restored | skipped | failed | not run
+    outcome: str  # ran | restored | skipped | failed | not run | cancelled
     seconds: float = 0.0
     message: str = ''
     output: list[str] = field(default_factory=list)

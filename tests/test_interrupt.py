@@ -1,14 +1,14 @@
 """Interruptions and concurrent runs, through the real entry points (`make repro`,
-`python -m flows.runner`, `python -m flows.presets`) on a copy of the smoke project.
+`python -m flows.pipeline`, `python -m flows.presets`) on a copy of the smoke project.
 
 * A signal to the pipeline ends every process it started (DVC, the stage command, its
-  children), the runner exits with 128 + signum, and a rerun resumes the training from its
-  last verified checkpoint and completes: SIGTERM to the runner's process alone, and SIGINT
+  children, the local Dask cluster's workers), the flow exits with 128 + signum, and a rerun
+  resumes the training from its last verified checkpoint and completes: SIGTERM to the flow's process alone, and SIGINT
   or SIGTERM to `make repro`'s process group while SIGINT is ignored (what a background job
   of a non-interactive shell inherits).
 * A second run on a workspace that a run holds refuses at once with one `error [...]` line
   (exit 2, no traceback) naming the holder, and the first completes with its outputs intact:
-  two `flows.runner` in one clone, two `flows.presets smoke` in one clone.
+  two `flows.pipeline` in one clone, two `flows.presets smoke` in one clone.
 
 Each test trains the smoke preset's weak teacher (`teacher@tiny-weak`, upstream: `data`).
 """
@@ -37,9 +37,11 @@ MODEL = 'models/teachers/tiny/weak/model.pth'
 #: Iterations of the interrupted teacher and its checkpoint interval: the signal comes once the
 #: first checkpoint is verified, while there is still training left for the rerun to resume.
 ITERS, INTERVAL = 120, 4
-RUNNER = [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', STAGE]
+RUNNER = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--jobs', '1', '--target', STAGE]
 #: Printed once `data` is done: the teacher's training (tens of seconds) comes next.
-UNDER_WAY = '[runner] data: ran'
+UNDER_WAY = "Task run 'data' - Finished in state Completed("
+#: The flow's summary line of the trained stage.
+RAN = f'| `{STAGE}` | ran |'
 
 
 def project(tmp_path: Path, *, iters: int | None = None, interval: int | None = None) -> Path:
@@ -103,13 +105,12 @@ def verified_checkpoint(root: Path) -> str | None:
 
 
 def training(root: Path) -> list[psutil.Process]:
-    """The stage's training processes (``stages/teacher.py`` under DFMSD_PHASE=train)."""
+    """The stage's training processes (``stages/teacher.py``, on a Dask worker of the flow)."""
     found = []
     for p in psutil.process_iter(['cmdline', 'cwd']):
         try:
             if p.info['cwd'] == str(root) and any('stages/teacher.py' in a for a in p.info['cmdline'] or []):
-                if p.environ().get('DFMSD_PHASE') == 'train':
-                    found.append(p)
+                found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
@@ -153,7 +154,7 @@ def interrupt(root: Path, log: Path, cmd: list[str], send) -> tuple[subprocess.P
 
 
 def assert_nothing_left(root: Path, known: list[psutil.Process]) -> None:
-    deadline = time.monotonic() + 5  # a process the runner ended may take a moment to be reaped by init
+    deadline = time.monotonic() + 5  # a process the flow ended may take a moment to be reaped by init
     while (alive := left_behind(root, known)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, alive
@@ -161,22 +162,23 @@ def assert_nothing_left(root: Path, known: list[psutil.Process]) -> None:
 
 def assert_rerun_resumes(root: Path, checkpoint: str) -> None:
     res = run(RUNNER, root, timeout=600)
-    assert f'resuming from {checkpoint}' in res.stdout, res.stdout[-4000:]  # dfmsd.engine.training
-    assert f'[runner] {STAGE}: ran' in res.stdout, res.stdout[-4000:]
+    logs = res.stdout + res.stderr  # the stages' lines come through Prefect's logger (stderr)
+    assert f'resuming from {checkpoint}' in logs, logs[-4000:]  # dfmsd.engine.training
+    assert RAN in res.stdout, res.stdout[-4000:]
     assert (root / MODEL).is_file()
     status = run([sys.executable, '-m', 'dvc', 'status', '--json', STAGE], root).stdout
     assert json.loads(status[status.find('{') :]) == {}, status
 
 
-def test_sigterm_to_the_runner_ends_every_stage_process_and_a_rerun_resumes(tmp_path):
-    """`kill <runner pid>`: the runner alone gets SIGTERM (its stage processes are in sessions
-    of their own, so only the runner can end them)."""
+def test_sigterm_to_the_flow_ends_every_stage_process_and_a_rerun_resumes(tmp_path):
+    """`kill <flow pid>`: the flow's process alone gets SIGTERM (its stage processes are in
+    sessions of their own, so only the flow can end them)."""
     root = project(tmp_path, iters=ITERS, interval=INTERVAL)
-    log = tmp_path / 'runner.log'
+    log = tmp_path / 'flow.log'
     proc, known = interrupt(root, log, RUNNER, lambda p: os.kill(p.pid, signal.SIGTERM))
     out = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, out[-4000:]
-    assert '[runner] interrupted by SIGTERM' in out and 'Traceback' not in out, out[-4000:]
+    assert 'flow run stopped: interrupted by SIGTERM' in out and 'Traceback' not in out, out[-4000:]
     assert_nothing_left(root, known)
     checkpoint = verified_checkpoint(root)
     assert checkpoint is not None
@@ -187,7 +189,7 @@ def test_sigterm_to_the_runner_ends_every_stage_process_and_a_rerun_resumes(tmp_
 def test_a_signal_to_make_repro_s_process_group_ends_everything(tmp_path, sig):
     """A signal to `make repro`'s whole process group (Ctrl-C, `kill -- -PGID`, a job
     scheduler), make started by a non-interactive shell in the background, so SIGINT is
-    ignored (`trap '' INT`). make forwards no SIGINT (and repeats SIGTERM): the runner stops
+    ignored (`trap '' INT`). make forwards no SIGINT (and repeats SIGTERM): the flow stops
     the run itself. The rerun is checked after SIGINT only (the test above checks it after
     SIGTERM)."""
     root = project(tmp_path, iters=ITERS, interval=INTERVAL)
@@ -197,8 +199,8 @@ def test_a_signal_to_make_repro_s_process_group_ends_everything(tmp_path, sig):
     proc, known = interrupt(root, log, cmd, lambda p: os.killpg(p.pid, sig))
     out = log.read_text()
     assert proc.returncode != 0, out[-4000:]
-    assert f'[runner] interrupted by {sig.name}' in out and 'Traceback' not in out, out[-4000:]
-    assert f'Error {128 + sig}' in out, out[-4000:]  # make's word for the runner's exit status
+    assert f'flow run stopped: interrupted by {sig.name}' in out and 'Traceback' not in out, out[-4000:]
+    assert f'Error {128 + sig}' in out, out[-4000:]  # make's word for the flow's exit status
     assert_nothing_left(root, known)
     if sig == signal.SIGINT:
         checkpoint = verified_checkpoint(root)
@@ -219,14 +221,14 @@ def assert_refused(res, workspace: Path, holder: int, tag: str) -> None:
     assert len(errors) == 1 and re.fullmatch(expected, errors[0]), errors
 
 
-def test_a_second_runner_in_the_same_clone_refuses_and_the_first_completes(tmp_path):
+def test_a_second_run_in_the_same_clone_refuses_and_the_first_completes(tmp_path):
     root = project(tmp_path)
     log = tmp_path / 'first.log'
     first = start(RUNNER, root, log)
     wait_for('the first run under way', lambda: UNDER_WAY in log.read_text(), first, log, timeout=120)
     second = run(RUNNER, root, check=False, timeout=120)
     assert first.poll() is None, 'the first run ended before the second was refused: no test'
-    assert_refused(second, root, first.pid, 'runner')
+    assert_refused(second, root, first.pid, 'flow')
     assert first.wait(timeout=600) == 0, log.read_text()[-4000:]
     assert (root / MODEL).is_file()
     status = run([sys.executable, '-m', 'dvc', 'status', '--json', STAGE], root).stdout
@@ -243,10 +245,10 @@ def test_a_second_preset_run_in_the_same_clone_refuses_and_the_first_completes(t
     wait_for('the first run under way', lambda: UNDER_WAY in log.read_text(), first, log, timeout=120)
     second = run(cmd, root, check=False, timeout=120)
     assert first.poll() is None, 'the first run ended before the second was refused: no test'
-    assert_refused(second, root / '.presets' / 'smoke', first.pid, 'preset')
+    assert_refused(second, root / '.presets' / 'smoke', first.pid, 'flow')
     assert first.wait(timeout=600) == 0, log.read_text()[-4000:]
     out = log.read_text()
-    assert f'[runner] {STAGE}: ran' in out and 'restored' not in out, out[-4000:]
+    assert RAN in out and 'restored' not in out, out[-4000:]
     tree = root / '.presets' / 'smoke'
     assert (tree / MODEL).is_file()
     status = run([sys.executable, '-m', 'dvc', 'status', '--json', STAGE], tree).stdout

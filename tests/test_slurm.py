@@ -12,7 +12,7 @@ import sys
 import pytest
 from support import REPO
 
-from flows.slurm import slurm_cluster
+from flows.slurm import _prologue, slurm_cluster
 
 pytestmark = pytest.mark.fast
 
@@ -64,7 +64,8 @@ for job in "$@"; do echo "$job" >> "$FAKE_SLURM/cancelled"; kill -- "-$job"; don
 
 def test_cli_submits_workers_that_join_and_cancels_them_on_sigterm(tmp_path):
     """sbatch and scancel are stand-ins that run the real job script here: its workers join the
-    scheduler with one thread and GPU=2 each, and SIGTERM to the CLI cancels both jobs."""
+    scheduler with one thread and GPU=2 each, run a task of ours, and SIGTERM to the CLI
+    cancels both jobs."""
     from distributed import Client
 
     for name, text in (('sbatch', FAKE_SBATCH), ('scancel', FAKE_SCANCEL)):
@@ -79,6 +80,8 @@ def test_cli_submits_workers_that_join_and_cancels_them_on_sigterm(tmp_path):
             client.wait_for_workers(2, timeout=60)
             workers = client.scheduler_info(n_workers=-1)['workers'].values()
             assert sorted((w['nthreads'], w['resources']['GPU']) for w in workers) == [(1, 2), (1, 2)]
+            # a task named by reference from flows (as flows.engine.on_worker is): the workers import it
+            assert client.submit(_prologue, '/x', None, resources={'GPU': 2}).result(timeout=60) == ['cd /x']
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(timeout=60) == 0
         jobs = (tmp_path / 'jobs').read_text().split()
