@@ -58,7 +58,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -166,8 +166,9 @@ class Where:
 
 @task(name='dvc-stage', cache_policy=NO_CACHE, persist_result=False)
 def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = False) -> State:
-    """Bring one DVC stage up to date; the returned state (or the raised
-    :class:`StageFailed`) says what happened, its data is the :class:`StageResult`."""
+    """Bring one DVC stage up to date; the returned state says what happened (Failed with the
+    stage's error, no traceback), its data is the :class:`StageResult`. A failed stage with
+    retries left raises :class:`StageFailed` instead, for Prefect to retry it."""
     if not must_run:
         result = StageResult(stage, 'skipped', message='up to date (dvc status)')
         return Completed(name=SKIPPED, message=result.message, data=result)
@@ -198,7 +199,10 @@ def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = Fal
     if result.outcome == 'cancelled':  # the run is being stopped: nothing to retry, no traceback
         return Cancelled(message=result.message, data=result)
     if result.outcome == 'failed':
-        raise StageFailed(result)
+        context = TaskRunContext.get()
+        if context.task_run.run_count <= context.task.retries:  # Prefect retries on an exception only
+            raise StageFailed(result)
+        return Failed(message=str(StageFailed(result)), data=result)  # the stage's own error, no traceback
     try:
         progress.finish()
     except Exception as exc:
@@ -343,16 +347,11 @@ def dvc_pipeline(
         to_run = pipeline.to_run(force)
         where = Where(root, force=force, need=_slots_per_stage(root))
         if any(_heavy(pipeline, s) for s in to_run):
-            where.client = held.enter_context(engine.cluster(scheduler, jobs, connect_timeout))
-            engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
-            where.workspace = engine.Workspace(str(root) if shared_fs else None, _commit(root, shared_fs))
-            if not shared_fs:  # what the workers' clones will pull: every output this workspace has
-                code, out = stages.dvc(root, 'push', '--run-cache')
-                if code != 0:
-                    raise engine.ClusterError(
-                        'without a shared filesystem the workers and this workspace share a DVC remote, but '
-                        f'`dvc push --run-cache` exited with {code}: {" ".join(out[-3:])} (docs/cluster.md)'
-                    )
+            try:
+                _connect(held, where, scheduler, jobs, shared_fs, connect_timeout)
+            except engine.ClusterError as err:  # one line, no traceback (main prints it)
+                logger.error('%s', err)
+                return Failed(message=str(err), data=err)
         logger.info(
             'DVC pipeline in %s: %d stage(s), %d to bring up to date; heavy stages on %s',
             root,
@@ -363,6 +362,20 @@ def dvc_pipeline(
         results = _run_stages(pipeline, to_run, where, retries, retry_delay_seconds, slots=_task_slots(where, jobs))
         stages.normalise_lock(root, pipeline.order)
         return _finish(logger, root, preset, targets, pipeline, results, experiment)
+
+
+def _connect(held: contextlib.ExitStack, where: Where, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
+    """The Dask client (closed with ``held``) and the workspace its workers use."""
+    where.client = held.enter_context(engine.cluster(scheduler, jobs, timeout))
+    engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
+    where.workspace = engine.Workspace(str(where.root) if shared_fs else None, _commit(where.root, shared_fs))
+    if not shared_fs:  # what the workers' clones will pull: every output this workspace has
+        code, out = stages.dvc(where.root, 'push', '--run-cache')
+        if code != 0:
+            raise engine.ClusterError(
+                'without a shared filesystem the workers and this workspace share a DVC remote, but '
+                f'`dvc push --run-cache` exited with {code}: {" ".join(out[-3:])} (docs/cluster.md)'
+            )
 
 
 def _heavy(pipeline: stages.Pipeline, stage: str) -> bool:

@@ -9,7 +9,7 @@ the project's exit code (2), no traceback, and no output written, lost or left p
 * a damaged teacher checkpoint, under `dvc repro`;
 * a user's own teacher (an unknown zoo name; a local checkpoint missing, with another hash, or
   not loadable): `make check` names the key, and so does the teacher stage run by hand;
-* a bad dataset (`data.generate: false`), under `python -m flows.runner`: the data stage
+* a bad dataset (`data.generate: false`), under the flow (`make repro`): the data stage
   fails naming the file and no training stage runs; an empty train split is caught by
   `make check` already.
 
@@ -68,7 +68,8 @@ def assert_clean_error(res, *needles: str, code: int = 2) -> str:
     assert res.returncode == code, out[-3000:]
     assert 'Traceback' not in out, out[-3000:]
     assert 'weights_only=False' not in out
-    errors = [line.strip() for line in out.splitlines() if line.strip().startswith('error [')]
+    # a stage's own line, or the same line in the flow's log (`<time> | INFO | Task run 'x' - error [...`)
+    errors = [line[line.index('error [') :].strip() for line in out.splitlines() if 'error [' in line]
     assert any(all(n in line for n in needles) for line in errors), f'{needles} not in one of {errors}'
     return next(line for line in errors if all(n in line for n in needles))
 
@@ -267,7 +268,7 @@ def test_make_repro_fails_before_dvc_touches_outputs_and_dvc_checkout_restores_t
     before = snapshot(built)
     res = make(built, 'repro', 'JOBS=1')
     assert_clean_error(res, 'error [params]: ', 'pairs.tiny.weak.config', 'configs/small/nope.py does not exist')
-    assert 'Error 2' in res.stderr and 'flows.runner' not in res.stdout  # stopped at `check`
+    assert 'Error 2' in res.stderr and 'flows.pipeline' not in res.stdout  # stopped at `check`
     assert snapshot(built) == before  # the teacher's model, its git-tracked log, dvc.lock: untouched
 
     # the same error reached by hand: DVC removes the stage's outputs before its command fails...
@@ -325,9 +326,9 @@ def _box_outside(root: Path) -> str:
 
 
 def run_up_to_teacher_boxes(root: Path):
-    """``flows.runner`` on the stages up to the teacher boxes, one at a time (data, teachers)."""
+    """The flow (``make repro``) on the stages up to the teacher boxes (data, teachers)."""
     return run(
-        [sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
+        [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
         root,
         check=False,
         timeout=300,
@@ -345,8 +346,10 @@ def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
     before = snapshot(built)
     res = run_up_to_teacher_boxes(built)
     assert_clean_error(res, 'error [data]: ', needle, code=1)
-    assert '[runner] data: failed' in res.stdout
-    assert '[runner] teacher@tiny-weak: not run' in res.stdout and "Running stage 'teacher@" not in res.stdout
+    assert '| `data` | failed |' in res.stdout
+    assert (
+        '| `teacher@tiny-weak` | not run |' in res.stdout and "Running stage 'teacher@" not in res.stdout + res.stderr
+    )
     assert snapshot(built) == before  # the dataset (persist), the teacher, dvc.lock: as they were
 
 
@@ -399,5 +402,5 @@ def test_an_empty_train_split_stops_make_check_and_the_data_stage(built, damage,
     before = snapshot(built)
     res = run_up_to_teacher_boxes(built)
     assert_clean_error(res, 'error [data]: ', ann, needle, code=1)
-    assert '[runner] data: failed' in res.stdout and "Running stage 'teacher@" not in res.stdout
+    assert '| `data` | failed |' in res.stdout and "Running stage 'teacher@" not in res.stdout + res.stderr
     assert snapshot(built) == before  # data/dataset.json (the manifest) as it was

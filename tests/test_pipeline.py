@@ -1,22 +1,28 @@
-"""The smoke DAG end to end, in a copy of the project, run by flows.runner as `make repro` does.
+"""The smoke DAG end to end, in a copy of the project, run by the Prefect flow as `make repro
+SCHEDULER=...` does, its heavy stages on a real Dask cluster over loopback: a `dask scheduler`
+and two `dask worker --nthreads 1 --resources GPU=1` processes (tests/loopback.py).
 
 One run (module fixture, read only) with every stage audited (DFMSD_AUDIT): the tests then
-check what the run produced, that each stage read and imported only what dvc.yaml declares
-for it, that nothing reruns, and (in their own copies) that a rebuild is byte-identical,
-whether the stages ran one at a time or two at once.
+check what the run produced, where the trainings ran and how many at once, that each stage
+read and imported only what dvc.yaml declares for it, that nothing reruns, and (in their own
+copies) that a serial `dvc repro` and a run on workers without a shared filesystem give the
+same bytes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import loopback
 import pytest
 import yaml
-from support import REPO, copy_project, preset_params, run
+from support import REPO, copy_project, env, preset_params, run
 
 from dfmsd.core.io import work_dir_label
 
@@ -24,16 +30,35 @@ from dfmsd.core.io import work_dir_label
 #: .dvc/, .git/ and every .gitignore; work_dirs/<stage>-* is the stage's own scratch (checkpoints)
 DVC_OWN = ('dvc.yaml', 'dvc.lock', 'params.yaml', '.dvcignore')
 #: what the stages that read the dataset depend on (dvc.yaml's `dataset` var), written by `data`
+#: The heavy stage groups (dvc.yaml `meta: {engine: dask}`): run on the Dask workers.
+HEAVY = {name for name, stage in yaml.safe_load((REPO / 'dvc.yaml').read_text())['stages'].items()
+         if (stage.get('meta') or stage.get('do', {}).get('meta') or {}).get('engine') == 'dask'}  # fmt: skip
 DATASET_MANIFEST = next(v['dataset'] for v in yaml.safe_load((REPO / 'dvc.yaml').read_text())['vars'] if 'dataset' in v)
 
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
-    """The smoke DAG run once with 2 jobs: (project dir, audit dir, runner output)."""
+    """The smoke DAG run once on two loopback Dask workers: (project dir, audit dir, flow
+    output, the heavy stage processes seen and the most at once, worker names by address)."""
     root = copy_project(tmp_path_factory.mktemp('smoke') / 'project', params=preset_params('smoke'))
     audit = tmp_path_factory.mktemp('audit')
-    res = run([sys.executable, '-m', 'flows.runner', '--jobs', '2'], root, timeout=3600, DFMSD_AUDIT=str(audit))
-    return root, audit, res.stdout
+    logs = tmp_path_factory.mktemp('dask')
+    with loopback.cluster(logs, workers=2, DFMSD_AUDIT=str(audit)) as dask:
+        names = {address: name for name, address in dask.wait_for_workers(2).items()}
+        with loopback.TrainingWatch(root, dask.workers) as watch:
+            cmd = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--scheduler', dask.address]
+            res = run(cmd, root, timeout=3600, DFMSD_AUDIT=str(audit))
+    return SimpleNamespace(root=root, audit=audit, stdout=res.stdout, watch=watch, names=names)
+
+
+def summary_rows(stdout: str) -> dict[str, list[str]]:
+    """The flow's summary table: stage -> [outcome, time, worker, details]."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) == 5 and cells[0].startswith('`'):
+            rows[cells[0].strip('`')] = cells[1:]
+    return rows
 
 
 def lock(root: Path) -> dict:
@@ -45,12 +70,10 @@ def out_hashes(root: Path) -> dict[str, str]:
 
 
 def test_every_stage_ran_and_the_report_has_a_row_per_method(smoke):
-    root, _, stdout = smoke
+    root = smoke.root
     stages = run([sys.executable, '-m', 'dvc', 'stage', 'list', '--name-only'], root).stdout.split()
     assert set(lock(root)) == set(stages)
-    summary = stdout.split('| stage |')[-1]
-    assert 'failed' not in summary and 'not run' not in summary
-    assert 'exited with 75' not in stdout  # the runner's probe of a stage to train is not shown as a failure
+    assert {row[0] for row in summary_rows(smoke.stdout).values()} == {'ran'}
     params = preset_params('smoke')
     rows = {r['row'] for r in csv.DictReader((root / 'reports/results.csv').open())}
     methods = {m for g in ('methods', 'me_methods', 'sal_methods') for m in params[g]}
@@ -63,8 +86,20 @@ def test_every_stage_ran_and_the_report_has_a_row_per_method(smoke):
         assert (root / f'reports/figures/{figure}.png').stat().st_size > 5000
 
 
+def test_the_trainings_ran_on_both_workers_never_more_than_two_at_once(smoke):
+    rows = summary_rows(smoke.stdout)
+    heavy = {s for s in rows if s.split('@')[0] in HEAVY}
+    assert heavy and all(rows[s][2] for s in heavy)  # each on a worker: "host tcp://..."
+    assert not any(rows[s][2] for s in rows if s not in heavy)  # the light ones in the workspace
+    used = {smoke.names[rows[s][2].split()[-1]] for s in heavy}
+    assert used == {'w0', 'w1'}, used
+    trained = {w for w in smoke.watch.seen.values()}
+    assert trained == {'w0', 'w1'}, smoke.watch.seen  # seen running under each worker's process
+    assert smoke.watch.most == 2, smoke.watch.most  # two slots, both used, never a third
+
+
 def test_sal_stage_two_continues_stage_one_and_adds_me_views(smoke):
-    root, _, _ = smoke
+    root = smoke.root
     record = json.loads((root / 'metrics/students/retinanet/seed0/tiny/dfmsd.json').read_text())
     stage1 = json.loads((root / 'models/students/retinanet/seed0/tiny/dfmsd.stage1/run.json').read_text())
     params = preset_params('smoke')
@@ -79,7 +114,7 @@ def test_sal_stage_two_continues_stage_one_and_adds_me_views(smoke):
 
 
 def test_each_stage_reads_and_imports_only_what_dvc_yaml_declares(smoke):
-    root, audit, _ = smoke
+    root, audit = smoke.root, smoke.audit
     stages = lock(root)
     data_root = preset_params('smoke')['data']['root']
     problems = []
@@ -107,7 +142,7 @@ def test_each_stage_reads_and_imports_only_what_dvc_yaml_declares(smoke):
 
 
 def test_nothing_reruns_and_a_param_change_reruns_exactly_what_reads_it(smoke):
-    root, _, _ = smoke
+    root = smoke.root
     start = time.monotonic()
     again = run([sys.executable, '-m', 'dvc', 'repro'], root)
     print(f'no-op dvc repro: {time.monotonic() - start:.1f} s')
@@ -125,14 +160,51 @@ def test_nothing_reruns_and_a_param_change_reruns_exactly_what_reads_it(smoke):
     assert changed == {s for s in lock(root) if s.startswith(('me_table@', 'report'))}
 
 
-def test_a_rebuild_is_byte_identical_one_stage_at_a_time(smoke, tmp_path):
-    """Another copy builds one distillation row and its inputs with --jobs 1: every output's
-    hash equals the two-job run's (determinism across processes, and serial == concurrent)."""
-    root, _, _ = smoke
+#: A distillation row and its upstream: the teachers, the ME boxes and table, SAL's two stages.
+ROW = 'evaluate_sal@retinanet-tiny-dfmsd-0'
+#: A baseline and its upstream (data, student_init): one training, one evaluation.
+BASELINE = 'evaluate_baseline@retinanet-0'
+
+
+def assert_same_as_smoke(root: Path, smoke_root: Path, expect: set[str]) -> None:
+    """Every stage ``root`` ran has the smoke run's dvc.lock entry and output hashes."""
+    mine, theirs = lock(root), lock(smoke_root)
+    assert expect <= set(mine), sorted(mine)
+    for stage, entry in mine.items():
+        assert entry == theirs[stage], stage
+    hashes, reference = out_hashes(root), out_hashes(smoke_root)
+    assert hashes and all(reference[path] == md5 for path, md5 in hashes.items())
+
+
+def test_a_serial_dvc_repro_gives_the_same_bytes(smoke, tmp_path):
+    """Another copy builds one distillation row and its inputs with plain `dvc repro`, one
+    stage at a time: every dvc.lock entry and output hash equals the two-worker run's."""
     other = copy_project(tmp_path / 'project', params=preset_params('smoke'))
-    target = 'evaluate_sal@retinanet-tiny-dfmsd-0'
-    run([sys.executable, '-m', 'flows.runner', '--jobs', '1', '--target', target], other, timeout=3600)
-    mine, theirs = out_hashes(other), out_hashes(root)
-    assert mine and all(theirs[path] == md5 for path, md5 in mine.items()), {
-        p: (m, theirs.get(p)) for p, m in mine.items() if theirs.get(p) != m
-    }
+    run([sys.executable, '-m', 'dvc', 'repro', ROW], other, timeout=3600)
+    assert_same_as_smoke(other, smoke.root, {ROW, 'sal2@retinanet-tiny-dfmsd-0', 'teacher@tiny-strong'})
+
+
+def test_workers_without_a_shared_filesystem_give_the_same_bytes(smoke, tmp_path):
+    """Two machines, simulated: each worker runs its own clone of the repository, and all they
+    share with the controller is a DVC remote (a directory). The controller restores each heavy
+    stage from the run-cache its worker pushed."""
+    controller = copy_project(tmp_path / 'controller', params=preset_params('smoke'))
+    run([sys.executable, '-m', 'dvc', 'remote', 'add', '-d', 'shared', str(tmp_path / 'remote')], controller)
+    subprocess.run(['git', 'commit', '-qam', 'the shared DVC remote'], cwd=controller, check=True, env=env())
+    clones = {}
+    for name in ('w0', 'w1'):
+        clones[name] = tmp_path / name
+        subprocess.run(['git', 'clone', '-q', str(controller), str(clones[name])], check=True)
+    with loopback.cluster(tmp_path / 'dask') as dask:
+        for name, clone in clones.items():
+            dask.start_worker(name, cwd=clone, DFMSD_WORKER_REPO=str(clone))
+        names = {address: name for name, address in dask.wait_for_workers(2).items()}
+        cmd = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--target', BASELINE]
+        res = run([*cmd, '--scheduler', dask.address, '--no-shared-fs'], controller, timeout=1800)
+    rows = summary_rows(res.stdout)
+    heavy = ['baseline@retinanet-0', BASELINE]
+    assert all(rows[s][0] == 'restored' and rows[s][2].split()[-1] in names for s in heavy), rows
+    for stage in heavy:  # it ran in a worker's clone, which DVC recorded there
+        ran_in = [c for c in clones.values() if stage in (lock(c) if (c / 'dvc.lock').exists() else {})]
+        assert ran_in, stage
+    assert_same_as_smoke(controller, smoke.root, set(heavy))
