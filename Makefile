@@ -11,7 +11,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 JOBS   ?= 2
-FLOW_ARGS = --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+FLOW_ARGS = --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
+            $(if $(NO_SHARED_FS),--no-shared-fs)
 
 .PHONY: setup check repro test test-fast lint flow serve ui review clean-work
 
@@ -25,11 +26,11 @@ else
 	@$(PY) -m dfmsd.check
 endif
 
-repro: check  ## the Prefect flow, ephemeral (no server); SCHEDULER=tcp://host:port: trainings on that Dask cluster
+repro: check  ## the Prefect flow, ephemeral; SCHEDULER=tcp://host:port [NO_SHARED_FS=1]: heavy stages on that Dask cluster
 ifdef PRESET
-	$(PY) -m flows.pipeline --preset $(PRESET) $(FLOW_ARGS)
+	$(PY) -m flows --preset $(PRESET) $(FLOW_ARGS)
 else
-	$(PY) -m flows.pipeline --no-experiment $(FLOW_ARGS)
+	$(PY) -m flows --no-experiment $(FLOW_ARGS)
 	dvc metrics show
 endif
 
@@ -43,7 +44,7 @@ lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 flow: check  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke SCHEDULER=tcp://host:port
-	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET)) $(FLOW_ARGS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
+	$(PY) -m flows $(if $(PRESET),--preset $(PRESET)) $(FLOW_ARGS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
 
 serve: setup  ## a Prefect deployment: start runs from the UI with a preset and targets as parameters
 	$(PY) -m flows.serve

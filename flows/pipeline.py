@@ -1,8 +1,5 @@
-"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage (``make repro``, ``make flow``).
-
-    python -m flows.pipeline [--repo .] [--preset NAME] [--target STAGE]... [--jobs N]
-                             [--scheduler tcp://HOST:PORT [--no-shared-fs]]
-                             [--retries N] [--retry-delay S] [--force] [--no-experiment]
+"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage (``make repro``, ``make
+flow``, ``python -m flows``: :mod:`flows.cli`).
 
 ``make serve`` serves the same flow as a deployment (:mod:`flows.serve`). With
 ``PREFECT_API_URL`` set (``make ui``), the run, its task runs, logs and artifacts show in that
@@ -37,15 +34,11 @@ on SIGINT or SIGTERM and exits with 130 or 143.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 import re
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +68,6 @@ __all__ = [
     'StageFailed',
     'dvc_pipeline',
     'dvc_stage',
-    'main',
     'save_experiment',
     'slug',
 ]
@@ -343,15 +335,15 @@ def dvc_pipeline(
             logger.info("preset '%s': running in its git worktree %s", preset, root)
         else:
             held.enter_context(guard.workspace(root))
-        pipeline = stages.Pipeline.read(root, targets or None)
-        to_run = pipeline.to_run(force)
-        where = Where(root, force=force, need=_slots_per_stage(root))
-        if any(_heavy(pipeline, s) for s in to_run):
-            try:
+        try:
+            pipeline = stages.Pipeline.read(root, targets or None)
+            to_run = pipeline.to_run(force)
+            where = Where(root, force=force, need=_slots_per_stage(root))
+            if any(_heavy(pipeline, s) for s in to_run):
                 _connect(held, where, scheduler, jobs, shared_fs, connect_timeout)
-            except engine.ClusterError as err:  # one line, no traceback (main prints it)
-                logger.error('%s', err)
-                return Failed(message=str(err), data=err)
+        except (PipelineError, engine.ClusterError) as err:  # one line, no traceback (flows.cli prints it)
+            logger.error('%s', err)
+            return Failed(message=str(err), data=err)
         logger.info(
             'DVC pipeline in %s: %d stage(s), %d to bring up to date; heavy stages on %s',
             root,
@@ -504,109 +496,3 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
             message += f'; not run: {", ".join(not_run)}'
         return Failed(message=message, data=summary)
     return summary
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """The Prefect API of a run: the configured one (``PREFECT_API_URL``), else Prefect's own
-    temporary server, started here in a session of its own. Started by Prefect, it would share
-    ``make``'s process group: a Ctrl-C to the group would end it first, and the flow would then
-    hang reporting its end to it."""
-    from unittest import mock
-
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    server = SubprocessASGIServer()
-    with mock.patch.object(subprocess, 'Popen', functools.partial(subprocess.Popen, start_new_session=True)):
-        server.start()  # the one process Prefect starts here: its server, stopped at exit (atexit)
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='python -m flows.pipeline',
-        description='Run the DVC pipeline as a Prefect flow (one task per DVC stage). Set PREFECT_API_URL '
-        '(e.g. http://127.0.0.1:4200/api, `make ui`) to record the run in a running Prefect server.',
-    )
-    parser.add_argument('--repo', default='.', help='DVC repository (default: .)')
-    parser.add_argument('--preset', help='run presets/PRESET.yaml in its own git worktree (.presets/PRESET)')
-    parser.add_argument(
-        '--target',
-        action='append',
-        default=[],
-        metavar='STAGE',
-        help='only this stage (or foreach/matrix group) and its upstream; repeatable',
-    )
-    parser.add_argument(
-        '--jobs', type=int, default=2, help='workers of the local Dask cluster: trainings at once (default 2)'
-    )
-    parser.add_argument(
-        '--scheduler',
-        metavar='tcp://HOST:PORT',
-        help='run the heavy stages on this Dask cluster instead (docs/cluster.md)',
-    )
-    parser.add_argument(
-        '--connect-timeout',
-        type=float,
-        default=engine.CONNECT_TIMEOUT_S,
-        help=f'seconds to reach the scheduler and see a worker (default {engine.CONNECT_TIMEOUT_S:g})',
-    )
-    parser.add_argument(
-        '--no-shared-fs',
-        action='store_true',
-        help="the scheduler's workers do not see this workspace: each runs its own clone (DFMSD_WORKER_REPO) "
-        'and they share the DVC remote',
-    )
-    parser.add_argument('--retries', type=int, default=0, help='retries of a failed stage (default 0)')
-    parser.add_argument('--retry-delay', type=float, default=10.0, help='seconds between retries (default 10)')
-    parser.add_argument('--force', action='store_true', help='rerun every selected stage')
-    parser.add_argument('--no-experiment', action='store_true', help='do not record the run as a DVC experiment')
-    args = parser.parse_args(argv)
-    from dfmsd.core.errors import EXIT_CODE, DfmsdError
-    from flows.presets import preset_dir
-
-    try:  # the lock is checked here too, for a one-line answer before Prefect starts
-        workspace = preset_dir(args.repo, args.preset) if args.preset else args.repo
-        with guard.on_signals(), guard.workspace(workspace), prefect_api():
-            state = dvc_pipeline(
-                repo_dir=args.repo,
-                preset=args.preset,
-                targets=args.target or None,
-                jobs=args.jobs,
-                scheduler=args.scheduler,
-                shared_fs=not args.no_shared_fs,
-                connect_timeout=args.connect_timeout,
-                retries=args.retries,
-                retry_delay_seconds=args.retry_delay,
-                force=args.force,
-                experiment=not args.no_experiment,
-                return_state=True,
-            )
-    except DfmsdError as err:
-        print(f'error [flow]: {err}', file=sys.stderr, flush=True)
-        return EXIT_CODE
-    except guard.Interrupted as stop:
-        print(f'flow run stopped: {stop}; stage processes ended, a rerun resumes from the last checkpoints')
-        return stop.exit_code
-    summary = state.result(raise_on_failure=False)
-    if isinstance(summary, DfmsdError):  # no cluster, a bad target...: one line, as above
-        print(f'error [flow]: {summary}', file=sys.stderr, flush=True)
-        return EXIT_CODE
-    if isinstance(summary, dict):
-        print(summary['markdown'])
-        if summary.get('experiment'):
-            print(f'recorded as DVC experiment {summary["experiment"]} (dvc exp show, in {summary["repo_dir"]})')
-    print(f'flow run {state.name}' + (f': {state.message}' if state.message else ''))
-    return 0 if state.is_completed() else 1
-
-
-if __name__ == '__main__':
-    sys.exit(main())

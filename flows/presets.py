@@ -1,6 +1,6 @@
 """Run a preset in its own git worktree, so that the repository's files stay as they are.
 
-    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (= python -m flows.pipeline --preset NAME)
+    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (= python -m flows --preset NAME)
 
 ``presets/<name>.yaml`` is merged over params.yaml (:mod:`dfmsd.core.presets`) and checked
 before anything is written. The run happens in ``.presets/<name>/``, a git worktree of the
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--target', action='append', default=[])
     args = parser.parse_args(argv)
-    from flows import pipeline
+    from flows import cli
 
-    return pipeline.main(
+    return cli.main(
         ['--repo', args.repo, '--preset', args.name, '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]]
     )
 

@@ -268,7 +268,7 @@ def test_make_repro_fails_before_dvc_touches_outputs_and_dvc_checkout_restores_t
     before = snapshot(built)
     res = make(built, 'repro', 'JOBS=1')
     assert_clean_error(res, 'error [params]: ', 'pairs.tiny.weak.config', 'configs/small/nope.py does not exist')
-    assert 'Error 2' in res.stderr and 'flows.pipeline' not in res.stdout  # stopped at `check`
+    assert 'Error 2' in res.stderr and 'Starting temporary server' not in res.stdout + res.stderr  # stopped at `check`
     assert snapshot(built) == before  # the teacher's model, its git-tracked log, dvc.lock: untouched
 
     # the same error reached by hand: DVC removes the stage's outputs before its command fails...
@@ -328,7 +328,7 @@ def _box_outside(root: Path) -> str:
 def run_up_to_teacher_boxes(root: Path):
     """The flow (``make repro``) on the stages up to the teacher boxes (data, teachers)."""
     return run(
-        [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
+        [sys.executable, '-m', 'flows', '--no-experiment', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
         root,
         check=False,
         timeout=300,

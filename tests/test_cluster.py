@@ -26,7 +26,7 @@ from test_interrupt import verified_checkpoint, wait_for
 pytestmark = pytest.mark.timeout(900)
 
 STAGE = 'teacher@tiny-weak'
-FLOW = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--target', STAGE]
+FLOW = [sys.executable, '-m', 'flows', '--no-experiment', '--target', STAGE]
 
 
 def project(tmp_path: Path, iters: int = 120, interval: int = 4) -> Path:

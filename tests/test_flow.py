@@ -264,11 +264,11 @@ def test_a_preset_runs_in_its_worktree_and_is_saved_there(prefect_api, tmp_path)
 
 
 def test_cli_with_a_preset_as_make_flow_runs_it(prefect_api, tmp_path):
-    """`python -m flows.pipeline --preset P --target T --jobs J --retries R` (make flow PRESET=P)."""
+    """`python -m flows --preset P --target T --jobs J --retries R` (make flow PRESET=P)."""
     from prefect.settings import PREFECT_API_URL
 
     root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
-    cmd = [sys.executable, '-m', 'flows.pipeline', '--repo', str(root), '--preset', 'tiny']
+    cmd = [sys.executable, '-m', 'flows', '--repo', str(root), '--preset', 'tiny']
     cmd += ['--target', 'lonely', '--jobs', '2', '--retries', '0']
     res = subprocess.run(
         cmd,
@@ -285,11 +285,12 @@ def test_cli_with_a_preset_as_make_flow_runs_it(prefect_api, tmp_path):
     assert any(name.startswith('tiny-') for name in experiments(root / '.presets' / 'tiny'))
 
     bad = subprocess.run(
-        [sys.executable, '-m', 'flows.pipeline', '--repo', str(root), '--target', 'nope'],
+        [sys.executable, '-m', 'flows', '--repo', str(root), '--target', 'nope'],
         cwd=tmp_path,
         env=env(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(REPO)),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 1 and "no DVC stage named 'nope'" in bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "error [flow]: no DVC stage named 'nope'" in bad.stderr
+    assert 'Traceback' not in bad.stdout + bad.stderr

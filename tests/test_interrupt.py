@@ -1,5 +1,5 @@
 """Interruptions and concurrent runs, through the real entry points (`make repro`,
-`python -m flows.pipeline`, `python -m flows.presets`) on a copy of the smoke project.
+`python -m flows`, `python -m flows.presets`) on a copy of the smoke project.
 
 * A signal to the pipeline ends every process it started (DVC, the stage command, its
   children, the local Dask cluster's workers), the flow exits with 128 + signum, and a rerun
@@ -37,7 +37,7 @@ MODEL = 'models/teachers/tiny/weak/model.pth'
 #: Iterations of the interrupted teacher and its checkpoint interval: the signal comes once the
 #: first checkpoint is verified, while there is still training left for the rerun to resume.
 ITERS, INTERVAL = 120, 4
-RUNNER = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--jobs', '1', '--target', STAGE]
+RUNNER = [sys.executable, '-m', 'flows', '--no-experiment', '--jobs', '1', '--target', STAGE]
 #: Printed once `data` is done: the teacher's training (tens of seconds) comes next.
 UNDER_WAY = "Task run 'data' - Finished in state Completed("
 #: The flow's summary line of the trained stage.

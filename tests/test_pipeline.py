@@ -46,7 +46,7 @@ def smoke(tmp_path_factory):
     with loopback.cluster(logs, workers=2, DFMSD_AUDIT=str(audit)) as dask:
         names = {address: name for name, address in dask.wait_for_workers(2).items()}
         with loopback.TrainingWatch(root, dask.workers) as watch:
-            cmd = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--scheduler', dask.address]
+            cmd = [sys.executable, '-m', 'flows', '--no-experiment', '--scheduler', dask.address]
             res = run(cmd, root, timeout=3600, DFMSD_AUDIT=str(audit))
     return SimpleNamespace(root=root, audit=audit, stdout=res.stdout, watch=watch, names=names)
 
@@ -199,7 +199,7 @@ def test_workers_without_a_shared_filesystem_give_the_same_bytes(smoke, tmp_path
         for name, clone in clones.items():
             dask.start_worker(name, cwd=clone, DFMSD_WORKER_REPO=str(clone))
         names = {address: name for name, address in dask.wait_for_workers(2).items()}
-        cmd = [sys.executable, '-m', 'flows.pipeline', '--no-experiment', '--target', BASELINE]
+        cmd = [sys.executable, '-m', 'flows', '--no-experiment', '--target', BASELINE]
         res = run([*cmd, '--scheduler', dask.address, '--no-shared-fs'], controller, timeout=1800)
     rows = summary_rows(res.stdout)
     heavy = ['baseline@retinanet-0', BASELINE]
