@@ -5,7 +5,7 @@ against both at once with 1 thread each (what `make repro` does with JOBS=2, run
 
 Run in a project whose data stage has run (the default's synthetic set). Each training is the
 default student's plain training (the baseline's config) for ``--iters`` iterations, started
-as its own process, as flows.runner starts stages. Wall clock is what this measures, so the
+as its own process, as the flow's Dask workers start stages. Wall clock is what this measures, so the
 two modes are interleaved (serial, concurrent, serial, ...) and the ratio is printed per
 round: serial wall time / concurrent wall time (> 1: running two at once is faster).
 """

@@ -3,7 +3,7 @@ the detection loss at the start of training, on validation images, with the trai
 
     python benchmarks/loss_scale.py [--preset NAME] [--batches 8]
 
-Needs the teachers and the seed-0 student initialisation (`python -m flows.runner --target
+Needs the teachers and the seed-0 student initialisation (`python -m flows --target
 teacher --target student_init`). For each method and each of its loss terms it prints the
 term's mean over ``--batches`` val batches, its ratio to the detection loss, and the weight
 that would make that ratio ``--target`` (terms are linear in their weight). SAL methods are
@@ -51,7 +51,7 @@ def main() -> None:
     missing = [p for p in (teacher_dir / 'model.pth', init) if not p.is_file()]
     if missing:
         raise SystemExit(
-            f'missing {", ".join(map(str, missing))}: run `python -m flows.runner --target teacher '
+            f'missing {", ".join(map(str, missing))}: run `python -m flows --target teacher '
             f'--target student_init` first'
         )
     scfg = detector_config(student, params.data, f'students.{student_name}')

@@ -1,7 +1,7 @@
 """Orchestration of the project's DVC pipeline (imports only ``dfmsd.core`` of the package).
 
 - :mod:`flows.pipeline`: the ``dvc-pipeline`` Prefect flow, one task per DVC stage (``make
-  repro``, ``make flow``); ``python -m flows.pipeline``.
+  repro``, ``make flow``); its command line is :mod:`flows.cli` (``python -m flows``).
 - :mod:`flows.stages`: the DVC side: the stage graph and what changed, ``dvc repro`` of one stage.
 - :mod:`flows.engine`: the heavy stages on a Dask cluster (local, ``tcp://``, SLURM,
   Kubernetes: docs/cluster.md); :mod:`flows.reaper` ends a stage's processes with its worker.

@@ -35,9 +35,10 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfmsd.core.errors import DfmsdError
@@ -57,17 +58,20 @@ class ClusterError(DfmsdError):
 @dataclass(frozen=True)
 class Workspace:
     """Where a worker runs a stage: the controller's ``root`` (a shared filesystem), or its
-    own clone at ``commit`` (``root`` None) that shares only the DVC remote."""
+    own clone at ``commit`` (``root`` None) that shares only the DVC remote. ``stop``: the name
+    of the run's Dask ``Event`` that tells workers to end its stage processes."""
 
     root: str | None
     commit: str | None = None
+    stop: str = field(default_factory=lambda: f'dfmsd-stop-{uuid.uuid4().hex}')
 
 
 @contextlib.contextmanager
-def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S) -> Iterator:
+def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S, slots: int = 1) -> Iterator:
     """A ``distributed.Client``: to ``scheduler``, or to a new local cluster of ``jobs``
-    one-thread workers with one slot each. Raises :class:`ClusterError` (naming the address)
-    when no scheduler answers or no worker joins within ``timeout`` seconds."""
+    one-thread workers with ``slots`` slots each (the GPUs of one stage). Raises
+    :class:`ClusterError` (naming the address) when no scheduler answers or no worker joins
+    within ``timeout`` seconds."""
     from distributed import Client, LocalCluster
 
     logging.getLogger('distributed').setLevel(logging.WARNING)  # its INFO lines would fill the stages' log
@@ -77,7 +81,7 @@ def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S
                 n_workers=max(1, jobs),
                 threads_per_worker=1,
                 processes=True,
-                resources={SLOT: 1},
+                resources={SLOT: slots},
                 silence_logs=logging.WARNING,
             ) as local,
             Client(local) as client,
@@ -97,12 +101,6 @@ def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S
                 f'start one with `dask worker {scheduler} --nthreads 1 --resources {SLOT}=1`'
             ) from None
         yield client
-
-
-def slots(client) -> int:
-    """The cluster's slots now (the sum of its workers' ``GPU`` resource)."""
-    workers = client.scheduler_info(n_workers=-1)['workers'].values()
-    return int(sum(w.get('resources', {}).get(SLOT, 0) for w in workers))
 
 
 def check_fits(client, need: int, address: str) -> None:
@@ -136,7 +134,10 @@ def run_stage(
                 break
         if future.cancelled():  # the run is being stopped (flows.guard), or the client went
             return stages.StageResult(stage, 'cancelled', message='its Dask task was cancelled')
-        result = future.result()
+        try:
+            result = future.result()
+        except Exception as exc:  # KilledWorker (its workers kept dying), a worker's own error
+            result = stages.StageResult(stage, 'failed', message=f'on Dask: {type(exc).__name__}: {exc}')
         while not lines.empty():
             on_line(lines.get_nowait())
         return result
@@ -157,20 +158,78 @@ def on_worker(stage: str, workspace: Workspace, topic: str, force: bool) -> stag
 
     where = f'{socket.gethostname()} {worker.address}'
     emit(f'[flow] {stage} on Dask worker {where}')
-    if workspace.root is not None:
-        result = stages.repro(Path(workspace.root), stage, force=force, on_line=emit, start=_start_reaped)
-    else:
-        clone = Path(os.environ.get(WORKER_REPO_ENV) or os.getcwd())
-        _check_clone(clone, workspace.commit)
-        result = stages.repro(clone, stage, force=force, pull=True, on_line=emit, start=_start_reaped)
-        if result.ok:
-            code, out = stages.dvc(clone, 'push', '--run-cache', stage, on_line=emit, start=_start_reaped)
-            if code != 0:
-                result = stages.StageResult(
-                    stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code
-                )
+    with _ending_on(workspace.stop):
+        try:
+            result = _run_here(stage, workspace, force, emit)
+        except Exception as exc:  # a clone at another commit, git missing...: the stage's failure, said once
+            result = stages.StageResult(stage, 'failed', message=f'{type(exc).__name__}: {exc}')
     result.where = where
     return result
+
+
+def _run_here(stage: str, workspace: Workspace, force: bool, emit) -> stages.StageResult:
+    if workspace.root is not None:
+        return stages.repro(Path(workspace.root), stage, force=force, on_line=emit, start=_start_reaped)
+    clone = Path(os.environ.get(WORKER_REPO_ENV) or os.getcwd())
+    _check_clone(clone, workspace.commit)
+    result = stages.repro(clone, stage, force=force, pull=True, upstream=True, on_line=emit, start=_start_reaped)
+    if result.ok:
+        _record_run_cache(clone, stage)
+        # no target: with one, DVC leaves out the run-cache's copies of uncached outputs (metrics, logs)
+        code, out = stages.dvc(clone, 'push', '--run-cache', on_line=emit, start=_start_reaped)
+        if code != 0:
+            result = stages.StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
+    return result
+
+
+def _record_run_cache(clone: Path, stage: str) -> None:
+    """The stage's run-cache entry, which the controller restores from, with its uncached
+    outputs pushed. ``dvc repro`` skips the entry for a stage with an uncached output that is not
+    a metric or plot (dvc/stage/__init__.py, ``Stage.run``), like the evaluations' metrics JSON;
+    ``Stage.save`` records it regardless."""
+    from dvc.repo import Repo
+
+    with Repo(str(clone), _wait_for_lock=True) as repo, repo.lock:
+        (found,) = repo.stage.collect(stage)
+        found.save()  # hashes from the files this run wrote; the run-cache entry, uncached outputs in the cache
+        # `dvc push --run-cache` sends the entries, not those outputs' copies: a restore needs them
+        uncached = {out.hash_info for out in found.outs if not out.use_cache}
+        if uncached:
+            repo.cloud.push(uncached)  # to the default remote, from the local cache
+
+
+@contextlib.contextmanager
+def _ending_on(event_name: str) -> Iterator[None]:
+    """While the block runs, a thread that ends this worker's stage processes once the run's
+    stop event is set (Dask cannot stop a running task: the flow sets it when interrupted)."""
+    from distributed import Event
+
+    from flows import guard
+
+    done = threading.Event()
+
+    def watch() -> None:
+        stop = Event(event_name)
+        while not done.is_set():
+            with contextlib.suppress(Exception):  # a timeout, or the scheduler gone for a moment
+                if stop.wait(timeout=1.0):
+                    guard.end_all()
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def stop_workers(client, workspace: Workspace) -> None:
+    """Tell every worker to end the stage processes of this run (see :func:`_ending_on`)."""
+    from distributed import Event
+
+    with contextlib.suppress(Exception):
+        Event(workspace.stop, client=client).set()
 
 
 def _check_clone(clone: Path, commit: str | None) -> None:
@@ -180,8 +239,9 @@ def _check_clone(clone: Path, commit: str | None) -> None:
     head = git('rev-parse', 'HEAD')
     if head != commit:
         raise ClusterError(f'the clone {clone} of worker {socket.gethostname()} is at {head}, the run at {commit}')
-    if git('status', '--porcelain', '--untracked-files=no'):
-        raise ClusterError(f'the clone {clone} of worker {socket.gethostname()} has uncommitted changes')
+    # what defines the stages; dvc.lock and tracked outputs change with every stage run here
+    if changed := git('status', '--porcelain', '--untracked-files=no', '--', 'dvc.yaml', 'params.yaml'):
+        raise ClusterError(f'the clone {clone} of worker {socket.gethostname()} has changes: {changed}')
 
 
 def _start_reaped(cmd: list[str], **popen) -> subprocess.Popen:

@@ -5,7 +5,7 @@
   ``<repo>/.dvc/tmp/dfmsd-run.lock``, or ``.presets/<name>.lock`` beside a preset's worktree
   (so that it can be taken before the worktree is refreshed). A second run on the same
   workspace is refused at once with :class:`WorkspaceBusy`, naming the holder's pid and start
-  time; the same process may take it again (a preset run calls the runner).
+  time; the same process may take it again (a preset run calls the flow).
 * :func:`start_stage_process`: a stage's process (``dvc repro``, a training command) in a
   session and process group of its own, remembered until it ends; :func:`end_process_group`
   ends such a group and everything it started (SIGTERM, then SIGKILL after a grace period),

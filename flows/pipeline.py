@@ -76,6 +76,8 @@ __all__ = [
 SKIPPED = 'Skipped'
 #: Name of the (Completed-type) state of a stage DVC restored from its run-cache.
 RESTORED = 'Restored'
+#: Stage tasks at once, at most (threads of the Prefect task runner).
+MAX_TASK_THREADS = 256
 #: Keys of the flow run's artifacts.
 SUMMARY_KEY = 'dvc-pipeline-summary'
 REPORT_KEY = 'report-results'
@@ -174,6 +176,8 @@ def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = Fal
         except Exception as exc:  # progress is a nicety; never fail a stage over it
             logger.warning('could not update the progress artifact: %s', exc)
 
+    if where.force:  # a forced run starts afresh, not from a checkpoint (once: a rerun after a lost worker resumes)
+        stages.clear_work_dirs(where.root, stage)
     if heavy:
         result = engine.run_stage(where.client, stage, where.workspace, where.need, force=where.force, on_line=on_line)
         if result.ok and where.workspace.root is None:  # its outputs are in the remote's run-cache
@@ -209,8 +213,6 @@ def _result_of(stage: str, future, seconds: float) -> StageResult:
     value = future.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, StageResult):
         return value
-    if isinstance(value, StageFailed):
-        return value.result
     if state.name == 'NotReady':
         return StageResult(stage, 'not run', message='upstream failed')
     return StageResult(stage, 'failed', seconds, f'the task run ended {state.name}: {state.message}')
@@ -351,14 +353,14 @@ def dvc_pipeline(
             len(to_run),
             scheduler or f'a local Dask cluster of {jobs} worker(s)',
         )
-        results = _run_stages(pipeline, to_run, where, retries, retry_delay_seconds, slots=_task_slots(where, jobs))
+        results = _run_stages(pipeline, to_run, where, retries, retry_delay_seconds, slots=_task_slots(pipeline))
         stages.normalise_lock(root, pipeline.order)
         return _finish(logger, root, preset, targets, pipeline, results, experiment)
 
 
 def _connect(held: contextlib.ExitStack, where: Where, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
     """The Dask client (closed with ``held``) and the workspace its workers use."""
-    where.client = held.enter_context(engine.cluster(scheduler, jobs, timeout))
+    where.client = held.enter_context(engine.cluster(scheduler, jobs, timeout, slots=where.need))
     engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
     where.workspace = engine.Workspace(str(where.root) if shared_fs else None, _commit(where.root, shared_fs))
     if not shared_fs:  # what the workers' clones will pull: every output this workspace has
@@ -400,10 +402,11 @@ def _commit(root: Path, shared_fs: bool) -> str | None:
     ).stdout.strip()
 
 
-def _task_slots(where: Where, jobs: int) -> int:
-    """Stage tasks at once: twice the cluster's slots (a task waiting on Dask holds a thread),
-    at least 4, so light stages (and restores) go on beside the trainings."""
-    return max(4, 2 * (engine.slots(where.client) if where.client is not None else jobs))
+def _task_slots(pipeline: stages.Pipeline) -> int:
+    """Stage tasks at once: one thread per stage (capped). Prefect waits for a task's upstream
+    inside its thread, and a heavy stage's thread waits on Dask, which bounds the trainings:
+    fewer threads would leave ready stages queued behind waiting ones."""
+    return max(1, min(pipeline.graph.number_of_nodes(), MAX_TASK_THREADS))
 
 
 def _run_stages(
@@ -434,8 +437,9 @@ def _run_stages(
                 )
             for future in futures.values():
                 future.wait()
-        except BaseException:  # a signal (flows.guard): the tasks waiting on Dask stop waiting
+        except BaseException:  # a signal (flows.guard): the stage processes on workers end too
             if where.client is not None:
+                engine.stop_workers(where.client, where.workspace)
                 where.client.close()  # its futures end cancelled; a local cluster's workers go next
             raise
     return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
@@ -489,7 +493,7 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
     if exp_error:
         return Failed(message=f'every stage completed, but `dvc exp save` failed: {exp_error}', data=summary)
     if not all_ok:
-        failed = [r.stage for r in results if r.outcome == 'failed']
+        failed = [r.stage for r in results if r.outcome in ('failed', 'cancelled')]
         not_run = [r.stage for r in results if r.outcome == 'not run']
         message = f'{len(failed)} DVC stage(s) failed: {", ".join(failed)}'
         if not_run:

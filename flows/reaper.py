@@ -25,13 +25,9 @@ PR_SET_PDEATHSIG = 1
 GRACE_S = 10.0
 
 
-def end_tree(pid: int) -> None:
-    """SIGTERM to ``pid`` and its descendants, SIGKILL to what is left after GRACE_S."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+def end_descendants() -> None:
+    """SIGTERM to every descendant of this process, SIGKILL to what is left after GRACE_S."""
+    procs = psutil.Process().children(recursive=True)
     for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5.0)):
         for p in procs:
             try:
@@ -49,16 +45,15 @@ def main(argv: list[str]) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent went before the request: nothing will tell us
         return 128 + signal.SIGTERM
-    child = subprocess.Popen(argv)
 
     def stop(signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        end_tree(child.pid)
+        end_descendants()
         sys.exit(128 + signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the child: no moment leaves it unguarded
         signal.signal(sig, stop)
-    return child.wait()
+    return subprocess.Popen(argv).wait()
 
 
 if __name__ == '__main__':

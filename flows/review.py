@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
 from dfmsd.core.params import read_yaml
-from flows import tolerance
+from flows import guard, tolerance
 from flows.stages import PipelineError, StageResult, subprocess_env
 
 #: What the verdict compares: every metrics file in git.
@@ -325,10 +325,13 @@ def check_params(root: Path) -> None:
 
 
 def run_pipeline(root: Path, jobs: int, verbose: bool) -> list[StageResult]:
-    """The pipeline brought up to date by the Prefect flow (:mod:`flows.pipeline`), no experiment."""
+    """The pipeline brought up to date by the Prefect flow (:mod:`flows.pipeline`), no experiment,
+    as ``make repro`` runs it: a signal ends every stage process, Prefect's server in its own session."""
+    from flows.cli import prefect_api
     from flows.pipeline import dvc_pipeline
 
-    state = dvc_pipeline(repo_dir=str(root), jobs=jobs, experiment=False, return_state=True)
+    with guard.on_signals(), prefect_api():
+        state = dvc_pipeline(repo_dir=str(root), jobs=jobs, experiment=False, return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
         raise PipelineError(str(summary))
@@ -454,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReviewError as err:
         print(f'error [review]: {err}', file=sys.stderr, flush=True)
         return EXIT_CODE
+    except guard.Interrupted as stop:
+        print(f'[review] {stop}: stage processes ended', flush=True)
+        return stop.exit_code
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ starts a Dask scheduler in this process, submits ``--jobs`` worker jobs with ``s
 the scheduler's address and waits; in a second shell on the controller::
 
     make repro SCHEDULER=tcp://HOST:PORT            # the printed address; shared filesystem
-    python -m flows.pipeline --scheduler tcp://HOST:PORT --no-shared-fs   # clones (--worker-repo)
+    make repro SCHEDULER=tcp://HOST:PORT NO_SHARED_FS=1   # clones (--worker-repo)
 
 Ctrl-C (or SIGTERM) closes the cluster, which cancels the jobs (``scancel``). The scheduler
 lives in this process, which imports ``flows``: Dask's scheduler unpickles the task graph, and a
@@ -154,9 +154,7 @@ def _serve(cluster, jobs: int, *, shared: bool) -> int:
     # resource restrictions waited, and not asked for new ones (dask/dask-jobqueue#230).
     cluster.scale(jobs=jobs)
     address = cluster.scheduler_address
-    run = f'make repro SCHEDULER={address}'
-    if not shared:  # the Makefile has no switch for separate clones
-        run = f'.venv/bin/python -m flows.pipeline --scheduler {address} --no-shared-fs'
+    run = f'make repro SCHEDULER={address}' + ('' if shared else ' NO_SHARED_FS=1')
     print(f'Dask scheduler at {address}; {jobs} SLURM job(s) submitted (squeue --me).', flush=True)
     print(f'Run the pipeline against it from the controller:\n  {run}', flush=True)
     print('Ctrl-C here closes the cluster and cancels the jobs.', flush=True)

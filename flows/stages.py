@@ -38,8 +38,14 @@ TAIL_LINES = 20
 #: DVC's messages for a lock another DVC command holds (rwlock.py, lock.py), and SQLite's.
 BUSY = re.compile(r'is busy, it is being blocked by|Unable to acquire lock|database is locked')
 LOCK_RETRIES = 8
-#: What ``dvc repro`` prints for a stage it restores from its run-cache instead of running it.
-RESTORED_LINE = re.compile(r"Stage '.*' is cached - skipping run, checking out outputs")
+#: What ``dvc repro`` prints for a stage it restores from its run-cache, or finds unchanged
+#: (a stage downstream of one that ran, whose inputs came out the same).
+SAID = {
+    'restored': "Stage '{stage}' is cached - skipping run, checking out outputs",
+    'skipped': "Stage '{stage}' didn't change, skipping",
+}
+#: What ``dvc repro`` prints before a stage's command: a lock error after it is not retried.
+STARTED = "Running stage '"
 
 
 class PipelineError(RuntimeError):
@@ -113,7 +119,8 @@ def dvc(root: Path, *args: str, on_line: Callable[[str], None] | None = None, **
     cmd = [sys.executable, '-m', 'dvc', '--wait-for-lock', *args]
     for attempt in range(LOCK_RETRIES + 1):
         code, lines = stream(cmd, Path(root), on_line, **popen)
-        if code == 0 or attempt == LOCK_RETRIES or not any(BUSY.search(line) for line in lines):
+        busy = any(BUSY.search(line) for line in lines) and not any(line.startswith(STARTED) for line in lines)
+        if code == 0 or attempt == LOCK_RETRIES or not busy:  # never run a stage's command twice
             return code, lines
         if on_line:
             on_line(f'[flow] a DVC lock was busy: `dvc {" ".join(args)}` again ({attempt + 1}/{LOCK_RETRIES})')
@@ -121,25 +128,30 @@ def dvc(root: Path, *args: str, on_line: Callable[[str], None] | None = None, **
     raise AssertionError('unreachable')
 
 
-def repro(root: Path, stage: str, *, force: bool = False, pull: bool = False, on_line=None, **popen) -> StageResult:
-    """``dvc repro --single-item <stage>``: ran, restored (from the run-cache) or failed."""
+def repro(
+    root: Path, stage: str, *, force: bool = False, pull: bool = False, upstream: bool = False, on_line=None, **popen
+) -> StageResult:
+    """``dvc repro --single-item <stage>`` (with ``upstream``: the stages it depends on too, as
+    a fresh clone needs them): ran, restored (from the run-cache) or failed."""
     began = time.monotonic()
-    if force:  # a forced run starts afresh, not from a checkpoint
-        clear_work_dirs(root, stage)
-    args = ['repro', '--single-item', stage] + (['--force'] if force else []) + (['--pull'] if pull else [])
+    args = ['repro', stage] + ([] if upstream else ['--single-item'])
+    args += (['--force'] if force else []) + (['--pull'] if pull else [])
     code, lines = dvc(root, *args, on_line=on_line, **popen)
     seconds = time.monotonic() - began
     if code != 0:
         return StageResult(stage, 'failed', seconds, f'`dvc repro` exited with {code}', lines[-TAIL_LINES:], code)
     clear_work_dirs(root, stage)  # exported or restored: nothing left to resume
-    restored = any(RESTORED_LINE.search(line) for line in lines)
-    message = 'restored from the DVC run-cache' if restored else 'ran'
-    return StageResult(stage, 'restored' if restored else 'ran', seconds, message, lines[-TAIL_LINES:])
+    said = {outcome: any(line.startswith(text.format(stage=stage)) for line in lines) for outcome, text in SAID.items()}
+    outcome = next((o for o, found in said.items() if found), 'ran')
+    message = {'restored': 'restored from the DVC run-cache', 'skipped': "up to date (DVC: didn't change)"}
+    return StageResult(stage, outcome, seconds, message.get(outcome, 'ran'), lines[-TAIL_LINES:])
 
 
 def clear_work_dirs(root: Path, stage: str) -> None:
-    for work_dir in (Path(root) / WORK_ROOT).glob(f'{work_dir_label(stage)}-*'):
-        shutil.rmtree(work_dir, ignore_errors=True)
+    label = work_dir_label(stage)
+    for work_dir in (Path(root) / WORK_ROOT).glob(f'{label}-*'):
+        if re.fullmatch(rf'{re.escape(label)}-[0-9a-f]{{12}}', work_dir.name):  # not `...-1-` of `...-10-`
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the pipeline

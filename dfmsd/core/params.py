@@ -8,7 +8,7 @@ Two ways in:
   pydantic and returns a :class:`Params`. ``make repro`` and ``make flow`` run it
   (``python -m dfmsd.check``, which also checks what needs mmdet) before DVC touches any output.
 * :func:`stage_params` is how a stage command reads params: ``dvc.api.params_show`` with the
-  stage's own name (``DVC_STAGE``, set by DVC and by ``flows.runner``), so a stage sees only
+  stage's own name (``DVC_STAGE``, set by DVC), so a stage sees only
   the keys its ``params:`` list in dvc.yaml declares. Reading anything else fails.
 """
 
