@@ -380,7 +380,7 @@ def _slots_per_stage(root: Path) -> int:
     """``launch.nproc_per_node`` of params.yaml: the GPUs (Dask slots) a heavy stage takes."""
     import yaml
 
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.params import launch_settings
 
     params = yaml.safe_load((root / 'params.yaml').read_text()) or {}
     return launch_settings(params.get('launch')).nproc_per_node

@@ -1,6 +1,6 @@
 """Run a preset in its own git worktree, so that the repository's files stay as they are.
 
-    python -m flows.presets NAME [--jobs 2] [--target STAGE ...]    (= python -m flows --preset NAME)
+    python -m flows --preset NAME [--jobs 2] [--target STAGE ...]    (what `make repro PRESET=NAME` runs)
 
 ``presets/<name>.yaml`` is merged over params.yaml (:mod:`dfmsd.core.presets`) and checked
 before anything is written. The run happens in ``.presets/<name>/``, a git worktree of the
@@ -14,7 +14,6 @@ lists it beside the committed results.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -102,21 +101,3 @@ def preset_dir(repo_root: str | Path, name: str) -> Path:
     root = Path(repo_root).resolve()
     preset_params(name, root / 'params.yaml', root / 'presets')
     return root / WORKTREES / name
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m flows.presets', description=__doc__.splitlines()[0])
-    parser.add_argument('name')
-    parser.add_argument('--repo', default='.')
-    parser.add_argument('--jobs', type=int, default=2)
-    parser.add_argument('--target', action='append', default=[])
-    args = parser.parse_args(argv)
-    from flows import cli
-
-    return cli.main(
-        ['--repo', args.repo, '--preset', args.name, '--jobs', str(args.jobs), *[f'--target={t}' for t in args.target]]
-    )
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Interruptions and concurrent runs, through the real entry points (`make repro`,
-`python -m flows`, `python -m flows.presets`) on a copy of the smoke project.
+`python -m flows`, `python -m flows --preset smoke`) on a copy of the smoke project.
 
 * A signal to the pipeline ends every process it started (DVC, the stage command, its
   children, the local Dask cluster's workers), the flow exits with 128 + signum, and a rerun
@@ -8,7 +8,7 @@
   of a non-interactive shell inherits).
 * A second run on a workspace that a run holds refuses at once with one `error [...]` line
   (exit 2, no traceback) naming the holder, and the first completes with its outputs intact:
-  two `flows.pipeline` in one clone, two `flows.presets smoke` in one clone.
+  two `python -m flows` in one clone, two `python -m flows --preset smoke` in one clone.
 
 Each test trains the smoke preset's weak teacher (`teacher@tiny-weak`, upstream: `data`).
 """
@@ -239,7 +239,7 @@ def test_a_second_preset_run_in_the_same_clone_refuses_and_the_first_completes(t
     """Two `make repro PRESET=smoke` at once: the second must not touch the worktree that the
     first refreshes and runs in (it used to crash in the refresh, the first then had to restore)."""
     root = project(tmp_path)
-    cmd = [sys.executable, '-m', 'flows.presets', 'smoke', '--jobs', '1', '--target', STAGE]
+    cmd = [sys.executable, '-m', 'flows', '--preset', 'smoke', '--jobs', '1', '--target', STAGE]
     log = tmp_path / 'first.log'
     first = start(cmd, root, log)
     wait_for('the first run under way', lambda: UNDER_WAY in log.read_text(), first, log, timeout=120)

@@ -213,6 +213,21 @@ class Launch(Strict):
     backend: Literal['nccl', 'gloo'] = 'nccl'
 
 
+#: ``DFMSD_LAUNCH_<KEY>`` overrides ``launch.<key>`` on one machine (e.g. the node rank).
+LAUNCH_ENV_PREFIX = 'DFMSD_LAUNCH_'
+
+
+def launch_settings(given: dict[str, Any] | Launch | None) -> Launch:
+    """``params['launch']`` with ``DFMSD_LAUNCH_<KEY>`` overrides, validated (dfmsd.engine.launch
+    starts the processes; the flow reads the GPUs a stage asks its Dask workers for)."""
+    values = given.model_dump() if isinstance(given, Launch) else dict(given or {})
+    for key in Launch.model_fields:
+        env = os.environ.get(LAUNCH_ENV_PREFIX + key.upper())
+        if env not in (None, ''):
+            values[key] = env
+    return section(Launch, values, 'launch')
+
+
 # ---------------------------------------------------------------- methods
 class Loss(BaseModel):
     """A registered loss: ``type`` plus its keyword arguments (checked by dfmsd.check)."""

@@ -23,19 +23,7 @@ import shlex
 import sys
 from typing import Any
 
-from dfmsd.core.params import Launch, section
-
-ENV_PREFIX = 'DFMSD_LAUNCH_'
-
-
-def launch_settings(given: dict[str, Any] | Launch | None) -> Launch:
-    """``params['launch']`` with ``DFMSD_LAUNCH_<KEY>`` overrides, validated."""
-    values = given.model_dump() if isinstance(given, Launch) else dict(given or {})
-    for key in Launch.model_fields:
-        env = os.environ.get(ENV_PREFIX + key.upper())
-        if env not in (None, ''):
-            values[key] = env
-    return section(Launch, values, 'launch')
+from dfmsd.core.params import Launch, launch_settings  # noqa: F401  (the stages import it from here)
 
 
 def in_worker() -> bool:
