@@ -26,7 +26,7 @@ else
 	@$(PY) -m dfmsd.check
 endif
 
-repro: check  ## the Prefect flow, ephemeral; SCHEDULER=tcp://host:port [NO_SHARED_FS=1]: heavy stages on that Dask cluster
+repro: setup  ## flows.cli: params checked (make check) if a stage is to run, then the flow; SCHEDULER=, NO_SHARED_FS=1
 ifdef PRESET
 	$(PY) -m flows --preset $(PRESET) $(FLOW_ARGS)
 else
@@ -43,7 +43,7 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-flow: check  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke SCHEDULER=tcp://host:port
+flow: setup  ## TARGETS="report" JOBS=2 RETRIES=1 FORCE=1 PRESET=smoke SCHEDULER=tcp://host:port
 	$(PY) -m flows $(if $(PRESET),--preset $(PRESET)) $(FLOW_ARGS) --retries $(or $(RETRIES),0) $(if $(FORCE),--force)
 
 serve: setup  ## a Prefect deployment: start runs from the UI with a preset and targets as parameters

@@ -8,8 +8,9 @@ Runs :func:`flows.pipeline.dvc_pipeline`. With ``PREFECT_API_URL`` set (``make u
 is recorded in that server; without it, in Prefect's temporary server, started for the run.
 A run with nothing to do and nowhere to be seen (no ``PREFECT_API_URL``, no preset, no
 ``--force``) stops after DVC's status: every stage up to date, no flow run, no server, so that
-a no-op ``make repro`` costs about what a no-op ``dvc repro`` does. Prefect is imported only
-when a flow runs.
+a no-op ``make repro`` costs about what a no-op ``dvc repro`` does. Otherwise the params are
+checked first (``python -m dfmsd.check``, what ``make check`` runs), then the flow runs;
+Prefect is imported only then.
 
 Holds the workspace's lock (:mod:`flows.guard`), ends every stage process on SIGINT or
 SIGTERM and exits with 130 or 143; a bad target, a busy workspace or an unreachable cluster
@@ -73,8 +74,18 @@ def up_to_date(args: argparse.Namespace) -> int | None:
         return None
     from flows.stages import Pipeline
 
-    pipeline = Pipeline.read(args.repo, args.target or None)
+    try:
+        pipeline = Pipeline.read(args.repo, args.target or None)
+    except Exception:  # bad params or a bad target: said by the check, or by the flow, next
+        return None
     return None if pipeline.to_run() else pipeline.graph.number_of_nodes()
+
+
+def check_params(args: argparse.Namespace) -> int:
+    """``python -m dfmsd.check`` (``make check``): params.yaml or the preset against the schema,
+    the teachers and the dataset, before DVC touches any output. Its exit status."""
+    cmd = [sys.executable, '-m', 'dfmsd.check', *(['--preset', args.preset] if args.preset else [])]
+    return subprocess.run(cmd, cwd=args.repo).returncode
 
 
 def _profile_api_url() -> bool:
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             if (stages := up_to_date(args)) is not None:
                 print(f'[flow] all {stages} stages up to date (dvc status): no flow run started', flush=True)
                 return 0
+            if code := check_params(args):
+                return code
             with prefect_api():
                 from flows.pipeline import dvc_pipeline
 

@@ -9,9 +9,9 @@ the project's exit code (2), no traceback, and no output written, lost or left p
 * a damaged teacher checkpoint, under `dvc repro`;
 * a user's own teacher (an unknown zoo name; a local checkpoint missing, with another hash, or
   not loadable): `make check` names the key, and so does the teacher stage run by hand;
-* a bad dataset (`data.generate: false`), under the flow (`make repro`): the data stage
-  fails naming the file and no training stage runs; an empty train split is caught by
-  `make check` already.
+* a bad dataset (`data.generate: false`), under a plain `dvc repro`: the data stage fails
+  naming the file and no training stage runs; an empty train split is caught by `make check`
+  already, which the flow (`make repro`) runs before any stage.
 
 The stages that need a trained teacher get a stand-in: plain weights recorded as the weak
 teacher's output with `dvc commit`, so that nothing here trains.
@@ -326,13 +326,15 @@ def _box_outside(root: Path) -> str:
 
 
 def run_up_to_teacher_boxes(root: Path):
-    """The flow (``make repro``) on the stages up to the teacher boxes (data, teachers)."""
-    return run(
-        [sys.executable, '-m', 'flows', '--no-experiment', '--jobs', '1', '--target', 'teacher_boxes@tiny'],
-        root,
-        check=False,
-        timeout=300,
-    )
+    """Plain ``dvc repro`` of the stages up to the teacher boxes (data, teachers), one at a time:
+    the data stage's own checks, where no ``make check`` ran first (the flow runs it)."""
+    return run([sys.executable, '-m', 'dvc', 'repro', 'teacher_boxes@tiny'], root, check=False, timeout=300)
+
+
+def flow_up_to_teacher_boxes(root: Path):
+    """The flow (``make repro``) on the same stages: it checks the params first."""
+    cmd = [sys.executable, '-m', 'flows', '--no-experiment', '--jobs', '1', '--target', 'teacher_boxes@tiny']
+    return run(cmd, root, check=False, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -345,11 +347,8 @@ def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
     needle = damage(built)
     before = snapshot(built)
     res = run_up_to_teacher_boxes(built)
-    assert_clean_error(res, 'error [data]: ', needle, code=1)
-    assert '| `data` | failed |' in res.stdout
-    assert (
-        '| `teacher@tiny-weak` | not run |' in res.stdout and "Running stage 'teacher@" not in res.stdout + res.stderr
-    )
+    assert_clean_error(res, 'error [data]: ', needle, code=255)  # DVC's status for a failed stage
+    assert "failed to reproduce 'data'" in res.stderr and "Running stage 'teacher@" not in res.stdout
     assert snapshot(built) == before  # the dataset (persist), the teacher, dvc.lock: as they were
 
 
@@ -401,6 +400,9 @@ def test_an_empty_train_split_stops_make_check_and_the_data_stage(built, damage,
     assert_check_fails(built, 'params.yaml: data.splits.train.ann', ann, needle)
     before = snapshot(built)
     res = run_up_to_teacher_boxes(built)
-    assert_clean_error(res, 'error [data]: ', ann, needle, code=1)
-    assert '| `data` | failed |' in res.stdout and "Running stage 'teacher@" not in res.stdout + res.stderr
+    assert_clean_error(res, 'error [data]: ', ann, needle, code=255)
+    assert "Running stage 'teacher@" not in res.stdout
+    flow = flow_up_to_teacher_boxes(built)  # make repro: stopped by the check, before any stage
+    assert_clean_error(flow, 'error [params]: ', ann, needle, code=2)
+    assert "Running stage '" not in flow.stdout + flow.stderr
     assert snapshot(built) == before  # data/dataset.json (the manifest) as it was
