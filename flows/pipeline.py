@@ -382,7 +382,8 @@ def _slots_per_stage(root: Path) -> int:
 
     from dfmsd.core.params import launch_settings
 
-    params = yaml.safe_load((root / 'params.yaml').read_text()) or {}
+    path = root / 'params.yaml'  # a DVC project of another shape (flows.review) may have none
+    params = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
     return launch_settings(params.get('launch')).nproc_per_node
 
 
