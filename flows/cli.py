@@ -31,6 +31,9 @@ from pathlib import Path
 from dfmsd.core.errors import EXIT_CODE, DfmsdError
 from flows import guard
 
+#: Seconds the temporary Prefect server may take to answer (its migrations run at each start).
+SERVER_START_S = 120
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -113,14 +116,16 @@ def prefect_api() -> Iterator[None]:
     from unittest import mock
 
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
         return
     server = SubprocessASGIServer()
+    # Prefect's own wait (20 s) ran out once on a loaded 2-core machine (a fresh-clone make test)
+    timeout = max(SERVER_START_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     with mock.patch.object(subprocess, 'Popen', functools.partial(subprocess.Popen, start_new_session=True)):
-        server.start()  # the one process Prefect starts here: its server, stopped at exit (atexit)
+        server.start(timeout=timeout)  # the one process Prefect starts here: its server, stopped at exit (atexit)
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
 
