@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
 
 def up_to_date(args: argparse.Namespace) -> int | None:
     """The number of stages, when a flow run would do nothing that anyone could see; else None."""
-    if args.preset or args.force or os.environ.get('PREFECT_API_URL') or _profile_api_url():
+    if args.preset or args.force or _api_configured():
         return None
     from flows.stages import Pipeline
 
@@ -92,6 +92,10 @@ def check_params(args: argparse.Namespace) -> int:
         return 0
     cmd = [sys.executable, '-m', 'dfmsd.check', *(['--preset', args.preset] if args.preset else [])]
     return subprocess.run(cmd, cwd=args.repo).returncode
+
+
+def _api_configured() -> bool:
+    return bool(os.environ.get('PREFECT_API_URL')) or _profile_api_url()
 
 
 def _profile_api_url() -> bool:
@@ -113,14 +117,16 @@ def prefect_api() -> Iterator[None]:
     temporary server, started here in a session of its own. Started by Prefect, it would share
     ``make``'s process group: a Ctrl-C to the group would end it first, and the flow would then
     hang reporting its end to it."""
-    from unittest import mock
-
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         yield
         return
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer  # the server's app: seconds to import
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
     server = SubprocessASGIServer()
     # Prefect's own wait (20 s) ran out once on a loaded 2-core machine (a fresh-clone make test)
     timeout = max(SERVER_START_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
@@ -141,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             if (stages := up_to_date(args)) is not None:
                 print(f'[flow] all {stages} stages up to date (dvc status): no flow run started', flush=True)
                 return 0
-            if code := check_params(args):
+            # Without an API the check runs before Prefect's temporary server starts; with one, the
+            # flow checks, and only if a stage is to run (a no-op run stays within 2x `dvc repro`).
+            checked = not _api_configured()
+            if checked and (code := check_params(args)):
                 return code
             with prefect_api():
                 from flows.pipeline import dvc_pipeline
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     retry_delay_seconds=args.retry_delay,
                     force=args.force,
                     experiment=not args.no_experiment,
+                    check=not checked,
                     return_state=True,
                 )
     except (DfmsdError, PipelineError) as err:

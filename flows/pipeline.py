@@ -35,176 +35,137 @@ on SIGINT or SIGTERM and exits with 130 or 143.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from flows import engine, guard, stages
-from flows.progress import parse_train_line
+from flows.output import LineLevels
+from flows.progress import RunProgress, StageProgress
+from flows.results import SUMMARY_KEY, publish_reports, save_experiment, slug, summary_rows
 from flows.stages import PipelineError, StageResult, summary_table
 
-__all__ = [
-    'RESTORED',
-    'SKIPPED',
-    'SUMMARY_KEY',
-    'REPORT_KEY',
-    'REPORT_SUMMARY_KEY',
-    'StageFailed',
-    'dvc_pipeline',
-    'dvc_stage',
-    'save_experiment',
-    'slug',
-]
+__all__ = ['NOT_READY', 'RESTORED', 'SKIPPED', 'StageFailed', 'dvc_pipeline', 'dvc_stage']
 
 #: Name of the (Completed-type) state of a stage that was up to date and did not run.
 SKIPPED = 'Skipped'
 #: Name of the (Completed-type) state of a stage DVC restored from its run-cache.
 RESTORED = 'Restored'
+#: Name of the state of a stage whose upstream did not complete: Prefect's Pending, then
+#: Cancelled-type (final) once the run is over.
+NOT_READY = 'NotReady'
 #: Stage tasks at once, at most (threads of the Prefect task runner).
 MAX_TASK_THREADS = 256
-#: Keys of the flow run's artifacts.
-SUMMARY_KEY = 'dvc-pipeline-summary'
-REPORT_KEY = 'report-results'
-REPORT_SUMMARY_KEY = 'report-summary'
-REPORT_MD = Path('reports/results.md')
-REPORT_JSON = Path('reports/summary.json')
-
-
-def slug(text: str) -> str:
-    """An artifact key (or experiment name part): lowercase letters, digits and dashes only."""
-    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-') or 'x'
 
 
 class StageFailed(RuntimeError):
-    """A stage failed (:func:`flows.stages.repro` said so); its task run ends Failed."""
+    """A stage failed (:func:`flows.stages.repro` said so): raised for Prefect to retry it."""
 
     def __init__(self, result: StageResult):
         self.result = result
-        code = f' (exit code {result.exit_code})' if result.exit_code is not None else ''
-        tail = '\n'.join(result.output) or '(no output)'
-        super().__init__(
-            f"DVC stage '{result.stage}' failed{code}: {result.message}.\n"
-            f'Last {len(result.output)} lines of output:\n{tail}'
-        )
+        super().__init__(f"DVC stage '{result.stage}' failed: {result.message}")
+
+    def report(self) -> str:
+        """The cause first, then the last lines of output (what the ERROR log entry says)."""
+        r = self.result
+        code = f' (exit code {r.exit_code})' if r.exit_code is not None else ''
+        tail = '\n'.join(f'    {line}' for line in r.output) or '    (no output)'
+        return f"DVC stage '{r.stage}' failed{code}: {r.message}\nLast {len(r.output)} lines of its output:\n{tail}"
 
 
 # --------------------------------------------------------------------------- the task
 
 
-class _Progress:
-    """A progress artifact of a training stage, kept in step with its mmengine log lines."""
-
-    MIN_STEP = 1.0  # percentage points between two updates
-    MIN_INTERVAL_S = 2.0
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.artifact_id = None
-        self.started = time.monotonic()
-        self.last_pct = -1.0
-        self.last_time = 0.0
-
-    def _describe(self, what: str) -> str:
-        return f'Training progress of DVC stage `{self.stage}`: {what}'
-
-    def feed(self, line: str) -> None:
-        now = time.monotonic()
-        progress = parse_train_line(line, elapsed_s=now - self.started)
-        if progress is None:
-            return
-        pct = max(0.0, min(100.0, progress.percent))
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
-                progress=pct, key=f'progress-{slug(self.stage)}', description=self._describe(progress.description)
-            )
-        elif pct >= 100.0 or (pct - self.last_pct >= self.MIN_STEP and now - self.last_time >= self.MIN_INTERVAL_S):
-            update_progress_artifact(
-                artifact_id=self.artifact_id, progress=pct, description=self._describe(progress.description)
-            )
-        else:
-            return
-        self.last_pct, self.last_time = pct, now
-
-    def finish(self) -> None:
-        if self.artifact_id is not None and self.last_pct < 100.0:
-            update_progress_artifact(artifact_id=self.artifact_id, progress=100.0, description=self._describe('done'))
-
-
 @dataclass
-class Where:
-    """Where a stage task runs its stage: the workspace ``root`` and, for heavy stages, the
-    Dask ``client`` with the ``workspace`` its workers use and the slots a stage asks for."""
+class Run:
+    """What the stage tasks of one flow run share: the workspace ``root``; for heavy stages, the
+    Dask ``client`` with the ``workspace`` its workers use and the slots a stage asks for; the
+    results of the stages that have ended (a task reads its upstream's); the run's progress."""
 
     root: Path
     client: Any = None
     workspace: engine.Workspace | None = None
     need: int = 1
     force: bool = False
+    outcomes: dict[str, StageResult] = field(default_factory=dict)
+    progress: RunProgress | None = None
 
 
 @task(name='dvc-stage', cache_policy=NO_CACHE, persist_result=False)
-def dvc_stage(stage: str, where: Where, must_run: bool = True, heavy: bool = False) -> State:
+def dvc_stage(stage: str, run: Run, must_run: bool = True, heavy: bool = False) -> State:
     """Bring one DVC stage up to date; the returned state says what happened (Failed with the
     stage's error, no traceback), its data is the :class:`StageResult`. A failed stage with
     retries left raises :class:`StageFailed` instead, for Prefect to retry it."""
-    if not must_run:
-        result = StageResult(stage, 'skipped', message='up to date (dvc status)')
-        return Completed(name=SKIPPED, message=result.message, data=result)
     logger = get_run_logger()
-    progress = _Progress(stage)
+    result = None
+    try:
+        if not must_run:
+            result = StageResult(stage, 'skipped', message='up to date (dvc status)')
+            return Completed(name=SKIPPED, message=result.message, data=result)
+        result = _bring_up_to_date(stage, run, heavy, logger)
+        if result.outcome == 'cancelled':  # the run is being stopped: nothing to retry, no traceback
+            return Cancelled(message=result.message, data=result)
+        if result.outcome == 'failed':
+            context = TaskRunContext.get()
+            if context.task_run.run_count <= context.task.retries:  # Prefect retries on an exception only
+                logger.warning('%s failed, to be retried: %s', stage, result.message)
+                raise StageFailed(result)
+            logger.error('%s', StageFailed(result).report())  # the cause, once, readable
+            return Failed(message=result.message, data=result)
+        name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
+        return Completed(name=name, message=result.message, data=result)
+    finally:
+        if result is not None:
+            run.outcomes[stage] = result
+            if run.progress is not None:
+                run.progress.done(stage, result.outcome)
+
+
+def _bring_up_to_date(stage: str, run: Run, heavy: bool, logger) -> StageResult:
+    """``dvc repro`` of the stage, here or on a Dask worker, its output into the task's log at
+    each line's level (:class:`flows.output.LineLevels`) and its training into progress artifacts."""
+    progress = StageProgress(stage, key=f'progress-{slug(stage)}', run=run.progress)
+    level_of = LineLevels()
 
     def on_line(line: str) -> None:
-        logger.info(line)
+        logger.log(level_of(line), line)
         try:
             progress.feed(line)
         except Exception as exc:  # progress is a nicety; never fail a stage over it
             logger.warning('could not update the progress artifact: %s', exc)
 
-    if where.force:  # a forced run starts afresh, not from a checkpoint (once: a rerun after a lost worker resumes)
-        stages.clear_work_dirs(where.root, stage)
+    if run.force:  # a forced run starts afresh, not from a checkpoint (once: a rerun after a lost worker resumes)
+        stages.clear_work_dirs(run.root, stage)
     if heavy:
-        result = engine.run_stage(where.client, stage, where.workspace, where.need, force=where.force, on_line=on_line)
-        if result.ok and where.workspace.root is None:  # its outputs are in the remote's run-cache
-            restored = stages.repro(where.root, stage, pull=True, on_line=on_line)
+        result = engine.run_stage(run.client, stage, run.workspace, run.need, force=run.force, on_line=on_line)
+        if result.ok and run.workspace.root is None:  # its outputs are in the remote's run-cache
+            restored = stages.repro(run.root, stage, pull=True, on_line=on_line)
             result.outcome, result.message = restored.outcome, restored.message
             if restored.outcome == 'ran':
                 logger.warning('%s: not in the run-cache the worker pushed, so it ran here', stage)
     else:
-        result = stages.repro(where.root, stage, force=where.force, on_line=on_line)
-        if result.ok and where.workspace is not None and where.workspace.root is None:  # for the workers
-            code, out = stages.dvc(where.root, 'push', '--run-cache', stage, on_line=on_line)
+        result = stages.repro(run.root, stage, force=run.force, on_line=on_line)
+        if result.ok and run.workspace is not None and run.workspace.root is None:  # for the workers
+            code, out = stages.dvc(run.root, 'push', '--run-cache', stage, on_line=on_line)
             if code != 0:
                 result = StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
     logger.info('%s: %s (%.1f s) %s %s', stage, result.outcome, result.seconds, result.where, result.message)
-    if result.outcome == 'cancelled':  # the run is being stopped: nothing to retry, no traceback
-        return Cancelled(message=result.message, data=result)
-    if result.outcome == 'failed':
-        context = TaskRunContext.get()
-        if context.task_run.run_count <= context.task.retries:  # Prefect retries on an exception only
-            raise StageFailed(result)
-        return Failed(message=str(StageFailed(result)), data=result)  # the stage's own error, no traceback
     try:
-        progress.finish()
+        progress.finish(ok=result.ok)
     except Exception as exc:
         logger.warning('could not update the progress artifact: %s', exc)
-    name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
-    return Completed(name=name, message=result.message, data=result)
+    return result
 
 
 def _result_of(stage: str, future, seconds: float) -> StageResult:
@@ -213,89 +174,9 @@ def _result_of(stage: str, future, seconds: float) -> StageResult:
     value = future.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, StageResult):
         return value
-    if state.name == 'NotReady':
-        return StageResult(stage, 'not run', message='upstream failed')
+    if state.name == NOT_READY:
+        return StageResult(stage, 'not run', message='an upstream stage did not complete')
     return StageResult(stage, 'failed', seconds, f'the task run ended {state.name}: {state.message}')
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-def _summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
-    return [
-        {
-            'stage': r.stage,
-            'outcome': r.outcome,
-            'seconds': round(r.seconds, 1),
-            'worker': r.where,
-            'details': ' '.join(r.message.split())[:300],
-        }
-        for r in results
-    ]
-
-
-def _report_summary_rows(summary: Any) -> list[dict[str, Any]]:
-    """``reports/summary.json`` as table rows: ``{row: mAP}``, or ``{group: {row: mAP}}`` for
-    several student/pair groups (dfmsd.report.tables.summary); a row may hold several metrics."""
-    if not isinstance(summary, dict):
-        return [{'row': 'summary', 'mAP': json.dumps(summary)}]
-    groups = summary if all(isinstance(v, dict) for v in summary.values()) else {None: summary}
-    rows = []
-    for group, entries in groups.items():
-        for row, value in entries.items():
-            cells = value if isinstance(value, dict) else {'mAP': value}
-            rows.append({**({'group': group} if group else {}), 'row': row, **cells})
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return [{c: r.get(c) for c in columns} for r in rows]
-
-
-def _publish_reports(root: Path, all_ok: bool, logger) -> list[str]:
-    """The repository's report (markdown) and its summary.json (table), when present."""
-    keys = []
-    state = 'this run completed' if all_ok else 'some stages of this run failed: it may be stale'
-    md = root / REPORT_MD
-    if md.is_file():
-        create_markdown_artifact(markdown=md.read_text(), key=REPORT_KEY, description=f'`{md}` ({state})')
-        keys.append(REPORT_KEY)
-    summary = root / REPORT_JSON
-    if summary.is_file():
-        try:
-            rows = _report_summary_rows(json.loads(summary.read_text()))
-        except ValueError as exc:
-            logger.warning('cannot read %s: %s', summary, exc)
-        else:
-            create_table_artifact(table=rows, key=REPORT_SUMMARY_KEY, description=f'`{summary}` ({state})')
-            keys.append(REPORT_SUMMARY_KEY)
-    return keys
-
-
-# --------------------------------------------------------------------------- experiments
-
-
-def save_experiment(root: Path, name: str, targets: list[str] | None = None, message: str | None = None) -> str:
-    """``dvc exp save``: the workspace of ``repo`` as DVC experiment ``name`` (replaced if it
-    exists); ``targets`` limits what DVC commits (a run of some targets leaves the others'
-    outputs absent). Untracked ``.gitignore`` files DVC wrote and ``reports/`` go with it.
-    Returns the experiment's name."""
-    untracked = subprocess.run(
-        ['git', 'ls-files', '-z', '--others', '--exclude-standard'],
-        cwd=root,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split('\0')
-    include = sorted(p for p in untracked if p and (Path(p).name == '.gitignore' or p.startswith('reports/')))
-    args = ['exp', 'save', '--json', '--force', '--name', name]
-    args += [a for p in include for a in ('--include-untracked', p)]
-    if message:
-        args += ['--message', message]
-    code, lines = stages.dvc(root, *args, *(targets or []))
-    if code != 0:
-        raise PipelineError(f'`dvc exp save` exited with {code}:\n' + '\n'.join(lines[-stages.TAIL_LINES :]))
-    text = '\n'.join(lines)
-    start = text.find('{')
-    saved = json.loads(text[start : text.rfind('}') + 1]) if start >= 0 else {}
-    return saved.get('ref_info', {}).get('name') or saved.get('name') or name
 
 
 # --------------------------------------------------------------------------- the flow
@@ -314,21 +195,33 @@ def dvc_pipeline(
     retry_delay_seconds: float = 10.0,
     force: bool = False,
     experiment: bool = True,
+    check: bool = True,
 ) -> Any:
-    """Bring the DVC pipeline up to date, one Prefect task per stage (see :mod:`flows.pipeline`).
+    """Bring the DVC pipeline up to date, one Prefect task per DVC stage.
 
-    repo_dir: the DVC repository; preset: run ``presets/<preset>.yaml`` in its own worktree;
-    targets: only these stages (or foreach/matrix groups) and their upstream; jobs: workers of
-    the local Dask cluster (trainings at once); scheduler: an existing Dask cluster's address
-    instead; shared_fs: its workers see this workspace (else each has its own clone and they
-    share the DVC remote); connect_timeout: seconds to reach the scheduler and see a worker;
-    retries: of a failed stage; force: rerun every selected stage;
-    experiment: record a successful run as a DVC experiment.
+    Args:
+        repo_dir: The DVC repository.
+        preset: A preset of the repository's presets/ (``presets/<name>.yaml`` merged over
+            params.yaml), run in its own git worktree ``.presets/<name>``; empty: params.yaml.
+        targets: Only these stages, or dvc.yaml groups such as ``distill``, and what they
+            depend on; empty: every stage.
+        jobs: Workers of the local Dask cluster: trainings at once.
+        scheduler: The address of an existing Dask cluster (``tcp://host:8786``) to run the
+            trainings on, instead of a local one.
+        shared_fs: Whether that cluster's workers see this workspace; if not, each works in
+            its own clone and they share the DVC remote.
+        connect_timeout: Seconds to reach the scheduler and see a worker.
+        retries: Times a failed stage is run again.
+        retry_delay_seconds: Seconds before a retry.
+        force: Rerun every selected stage, from scratch.
+        experiment: Record a run in which something ran, and nothing failed, as a DVC experiment.
+        check: Check the params (``python -m dfmsd.check``) before any stage runs.
     """
     if jobs < 1:
         raise ValueError('jobs must be at least 1')
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
+    label = preset or 'default'
     with contextlib.ExitStack() as held:  # the workspace is this run's (flows.guard) until it ends
         if preset:
             from flows.presets import preset_run
@@ -340,9 +233,12 @@ def dvc_pipeline(
         try:
             pipeline = stages.Pipeline.read(root, targets or None)
             to_run = pipeline.to_run(force)
-            where = Where(root, force=force, need=_slots_per_stage(root))
+            _name_run(f'{label} · {len(to_run)} of {pipeline.graph.number_of_nodes()} stages to run', [label])
+            if check and to_run:
+                check_params(Path(repo_dir).resolve(), preset)
+            run = Run(root, force=force, need=_slots_per_stage(root))
             if any(_heavy(pipeline, s) for s in to_run):
-                _connect(held, where, scheduler, jobs, shared_fs, connect_timeout)
+                _connect(held, run, scheduler, jobs, shared_fs, connect_timeout)
         except (PipelineError, engine.ClusterError) as err:  # one line, no traceback (flows.cli prints it)
             logger.error('%s', err)
             return Failed(message=str(err), data=err)
@@ -353,18 +249,61 @@ def dvc_pipeline(
             len(to_run),
             scheduler or f'a local Dask cluster of {jobs} worker(s)',
         )
-        results = _run_stages(pipeline, to_run, where, retries, retry_delay_seconds, slots=_task_slots(pipeline))
-        stages.normalise_lock(root, pipeline.order)
+        run.progress = RunProgress(pipeline.graph.number_of_nodes(), key=f'run-progress-{slug(label)}')
+        run.progress.start()
+        results = _run_stages(pipeline, to_run, run, retries, retry_delay_seconds, slots=_task_slots(pipeline))
+        if any(r.outcome in ('ran', 'restored') for r in results):  # else dvc.lock is as it was
+            stages.normalise_lock(root, pipeline.order)
+        _name_run(_outcome_name(label, results), [label, 'no-op' if _no_op(results) else 'worked'])
         return _finish(logger, root, preset, targets, pipeline, results, experiment)
 
 
-def _connect(held: contextlib.ExitStack, where: Where, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
+def check_params(repo: Path, preset: str | None) -> None:
+    """``python -m dfmsd.check`` (``make check``) of params.yaml or the preset: the schema, the
+    teachers and the dataset, before DVC touches any output. Raises PipelineError with what it
+    said; a DVC project of another shape (no dfmsd/check.py) has nothing to check."""
+    if not (repo / 'dfmsd' / 'check.py').is_file():
+        return
+    code, lines = stages.stream(
+        [sys.executable, '-m', 'dfmsd.check', *(['--preset', preset] if preset else [])], repo, get_run_logger().info
+    )
+    if code != 0:
+        raise PipelineError('\n'.join(line for line in lines if line.strip()) or f'the params check exited with {code}')
+
+
+def _no_op(results: list[StageResult]) -> bool:
+    return all(r.outcome == 'skipped' for r in results)
+
+
+def _outcome_name(label: str, results: list[StageResult]) -> str:
+    """The run's name once it has ended: ``smoke · 48 restored · 4 ran · 2 failed``."""
+    counts: dict[str, int] = {}
+    for r in results:
+        outcome = 'up to date' if r.outcome == 'skipped' else r.outcome
+        counts[outcome] = counts.get(outcome, 0) + 1
+    order = ['failed', 'cancelled', 'not run', 'ran', 'restored', 'up to date']
+    return ' · '.join([label] + [f'{counts[o]} {o}' for o in order if o in counts])
+
+
+def _name_run(name: str, tags: list[str]) -> None:
+    """Rename the flow run (its list then tells a training run from a no-op) and add tags."""
+    from prefect.client.orchestration import get_client
+
+    flow_run = FlowRunContext.get().flow_run
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, name=name, tags=sorted({*flow_run.tags, *tags}))
+    except Exception as exc:  # a name is a nicety: never fail a run over it
+        get_run_logger().warning('could not rename the flow run: %s', exc)
+
+
+def _connect(held: contextlib.ExitStack, run: Run, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
     """The Dask client (closed with ``held``) and the workspace its workers use."""
-    where.client = held.enter_context(engine.cluster(scheduler, jobs, timeout, slots=where.need))
-    engine.check_fits(where.client, where.need, scheduler or 'the local cluster')
-    where.workspace = engine.Workspace(str(where.root) if shared_fs else None, _commit(where.root, shared_fs))
+    run.client = held.enter_context(engine.cluster(scheduler, jobs, timeout, slots=run.need))
+    engine.check_fits(run.client, run.need, scheduler or 'the local cluster')
+    run.workspace = engine.Workspace(str(run.root) if shared_fs else None, _commit(run.root, shared_fs))
     if not shared_fs:  # what the workers' clones will pull: every output this workspace has
-        code, out = stages.dvc(where.root, 'push', '--run-cache')
+        code, out = stages.dvc(run.root, 'push', '--run-cache')
         if code != 0:
             raise engine.ClusterError(
                 'without a shared filesystem the workers and this workspace share a DVC remote, but '
@@ -411,39 +350,61 @@ def _task_slots(pipeline: stages.Pipeline) -> int:
 
 
 def _run_stages(
-    pipeline: stages.Pipeline, to_run: set[str], where: Where, retries: int, delay: float, slots: int
+    pipeline: stages.Pipeline, to_run: set[str], run: Run, retries: int, delay: float, slots: int
 ) -> list[StageResult]:
     order = pipeline.schedule()
+    upstream_of = pipeline.direct_upstream()
     futures, started = {}, {}
     with ThreadPoolTaskRunner(max_workers=slots) as runner:
         try:
             for stage in order:
+                must_run = stage in to_run
                 options = dvc_stage.with_options(
                     name=stage,
                     task_run_name=stage.replace('{', '{{').replace('}', '}}'),  # a format string
                     retries=retries,
                     retry_delay_seconds=delay,
+                    # a tag costs a call to the server's concurrency limits per task run (a 53-stage
+                    # no-op run took 3x longer tagged): only a stage that is to run gets them
+                    tags=pipeline.tags.get(stage, []) if must_run else [],
                 )
-                upstream = [futures[u] for u in pipeline.graph.predecessors(stage)]
+                upstream = upstream_of[stage]
                 started[stage] = time.monotonic()
                 futures[stage] = runner.submit(
                     options,
                     parameters={
                         'stage': stage,
-                        'where': where,
-                        'must_run': stage in to_run,
+                        'run': quote(run),  # shared state: Prefect must not walk it for futures
+                        'must_run': must_run,
                         'heavy': _heavy(pipeline, stage),
                     },
-                    wait_for=upstream,
+                    wait_for=[futures[u] for u in upstream],
                 )
             for future in futures.values():
                 future.wait()
+            _end_not_ready(futures, run)
         except BaseException:  # a signal (flows.guard): the stage processes on workers end too
-            if where.client is not None:
-                engine.stop_workers(where.client, where.workspace)
-                where.client.close()  # its futures end cancelled; a local cluster's workers go next
+            if run.client is not None:
+                engine.stop_workers(run.client, run.workspace)
+                run.client.close()  # its futures end cancelled; a local cluster's workers go next
             raise
     return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
+
+
+def _end_not_ready(futures: dict, run: Run) -> None:
+    """Prefect leaves a task whose upstream failed Pending, named NotReady, and the UI draws a
+    pending task as still running; once the run is over, give each a final state of that name."""
+    from prefect.client.orchestration import get_client
+
+    not_ready = [(stage, f) for stage, f in futures.items() if f.state.is_pending() and f.state.name == NOT_READY]
+    if not not_ready:
+        return
+    with get_client(sync_client=True) as client:
+        for stage, future in not_ready:
+            message = 'not run: an upstream stage did not complete'
+            client.set_task_run_state(future.task_run_id, Cancelled(name=NOT_READY, message=message), force=True)
+            if run.progress is not None:
+                run.progress.done(stage, 'not run')
 
 
 def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageResult], experiment: bool) -> Any:
@@ -455,7 +416,7 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
     ran_any = any(r.outcome in ('ran', 'restored') for r in results)
     if all_ok and experiment and ran_any:
         flow_run = FlowRunContext.get().flow_run
-        name = f'{slug(preset) if preset else "flow"}-{slug(flow_run.name)}'
+        name = f'{slug(preset) if preset else "flow"}-{str(flow_run.id)[:8]}'
         try:
             exp_name = save_experiment(
                 root,
@@ -471,14 +432,14 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
 
     keys = [SUMMARY_KEY]
     create_table_artifact(
-        table=_summary_rows(results),
+        table=summary_rows(results),
         key=SUMMARY_KEY,
         description=f'DVC stages of this run in `{root}`'
         + (f" (preset '{preset}')" if preset else '')
         + (f'; saved as DVC experiment `{exp_name}`' if exp_name else ''),
     )
     try:
-        keys += _publish_reports(root, all_ok, logger)
+        keys += publish_reports(root, preset, results, logger)
     except Exception as exc:  # artifacts are a report, not the pipeline: do not fail over them
         logger.warning('could not publish the report artifacts: %s', exc)
 
@@ -486,7 +447,7 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
         'repo_dir': str(root),
         'preset': preset,
         'experiment': exp_name,
-        'stages': _summary_rows(results),
+        'stages': summary_rows(results),
         'results': results,
         'artifacts': keys,
         'markdown': markdown,

@@ -45,6 +45,12 @@ def preset_worktree(repo_root: str | Path, name: str) -> Path:
         tree.parent.mkdir(exist_ok=True)
         _git('worktree', 'prune', cwd=root)
         _git('worktree', 'add', '--detach', '--force', str(tree), head, cwd=root)
+        # It starts with none of the committed results: they are the default params', and a
+        # report (or a failed run's artifacts) would show them as the preset's. DVC restores
+        # what the preset shares with them from its run-cache.
+        for rel in _git('ls-files', '-z', '--', *OWN_OUTPUTS, cwd=tree).split('\0'):
+            if rel:
+                (tree / rel).unlink(missing_ok=True)
     else:  # keep its outputs, work dirs and DVC state: a rerun resumes and skips what is done
         with tempfile.TemporaryDirectory() as keep:
             for rel in OWN_OUTPUTS:

@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     if not _api_url():  # no ephemeral server: the UI must see the deployment
         os.environ['PREFECT_API_URL'] = DEFAULT_API_URL
     import httpx
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api = _api_url() or DEFAULT_API_URL
@@ -60,19 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    from flows.pipeline import dvc_pipeline
+    from prefect import serve
 
     print(f'[serve] deployment dvc-pipeline/{args.name} for {root} on {api.removesuffix("/api")}', flush=True)
     with temporary_settings(updates={PREFECT_API_URL: api}):
-        dvc_pipeline.serve(
-            name=args.name,
-            parameters={'repo_dir': str(root), 'jobs': args.jobs},
-            description=f'The DVC pipeline of {root}: set preset (presets/<name>.yaml, in its own worktree) '
-            'and targets (stages; empty: all) in a custom run.',
-            tags=['dvc', 'dfmsd'],
-            global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            limit=1,
-        )
+        serve(deployment(root, args.name, args.jobs), limit=1)
+    return 0
+
+
+def deployment(root: Path, name: str, jobs: int):
+    """The flow as a deployment for ``root``: its presets offered as the choices of ``preset``,
+    each parameter described (from the flow's docstring), one run at a time."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.pipeline import dvc_pipeline
+
+    served = dvc_pipeline.to_deployment(
+        name=name,
+        parameters={'repo_dir': str(root), 'jobs': jobs},
+        description=f'The DVC pipeline of `{root}`. In a custom run, pick a `preset` (run in its own '
+        'worktree `.presets/NAME`; empty: params.yaml) and `targets` (stages or dvc.yaml groups; empty: all).',
+        tags=['dvc', 'dfmsd'],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+    )
+    presets = sorted(p.stem for p in (root / 'presets').glob('*.yaml'))
+    preset = served._parameter_openapi_schema.properties['preset']
+    preset['anyOf'] = [{'type': 'string', 'enum': presets}, {'type': 'null'}]  # a choice in the run form
+    return served
+
     return 0
 
 

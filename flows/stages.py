@@ -17,6 +17,7 @@ process (one ``dvc status`` of the whole pipeline), not from a DVC command per s
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -31,7 +32,7 @@ from pathlib import Path
 import networkx as nx
 
 from dfmsd.core.io import WORK_ROOT, work_dir_label
-from flows import guard
+from flows import guard, output
 
 #: Lines of output kept for the message of a failed stage.
 TAIL_LINES = 20
@@ -58,7 +59,7 @@ class StageResult:
     outcome: str  # ran | restored | skipped | failed | not run | cancelled
     seconds: float = 0.0
     message: str = ''
-    output: list[str] = field(default_factory=list)
+    output: list[str] = field(default_factory=list, repr=False)  # Prefect logs a failed state's repr
     exit_code: int | None = None
     where: str = ''  #: the Dask worker that ran it, if one did
 
@@ -139,7 +140,8 @@ def repro(
     code, lines = dvc(root, *args, on_line=on_line, **popen)
     seconds = time.monotonic() - began
     if code != 0:
-        return StageResult(stage, 'failed', seconds, f'`dvc repro` exited with {code}', lines[-TAIL_LINES:], code)
+        cause = output.cause_of(lines) or f'`dvc repro` exited with {code}'
+        return StageResult(stage, 'failed', seconds, cause, lines[-TAIL_LINES:], code)
     clear_work_dirs(root, stage)  # exported or restored: nothing left to resume
     said = {outcome: any(line.startswith(text.format(stage=stage)) for line in lines) for outcome, text in SAID.items()}
     outcome = next((o for o, found in said.items() if found), 'ran')
@@ -160,20 +162,23 @@ def clear_work_dirs(root: Path, stage: str) -> None:
 @dataclass
 class Pipeline:
     """The stages to bring up to date: their graph (upstream -> downstream), the stages
-    ``dvc status`` found changed, and each stage's ``meta`` from dvc.yaml."""
+    ``dvc status`` found changed, and each stage's ``meta`` and tags from dvc.yaml."""
 
     root: Path
     graph: nx.DiGraph
     changed: set[str]
     meta: dict[str, dict]
     order: list[str]  #: dvc.yaml's order of every stage (for dvc.lock)
+    tags: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, root: str | Path, targets: list[str] | None = None) -> Pipeline:
-        from dvc.repo import Repo
+        from dvc.repo import Repo, lock_repo
 
         root = Path(root).resolve()
-        with Repo(str(root), _wait_for_lock=True) as repo:  # as `dvc --wait-for-lock`
+        # as `dvc --wait-for-lock status`, under one repository lock: DVC's status, locked on its
+        # own, would drop the stage index built for the graph and build it again (0.8 s)
+        with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
             stages = {_name(s, root): s for s in repo.index.stages}
             graph = nx.DiGraph()
             graph.add_nodes_from(stages)
@@ -183,7 +188,9 @@ class Pipeline:
             named = {s.addressing: name for name, s in stages.items()}  # DVC's keys: relative to the cwd
             changed = {named[k] for k in repo.status() if k in named}  # at once: per target is 7x slower
             meta = {name: dict(stages[name].meta or {}) for name in graph.nodes}
-        return cls(root, graph, changed & set(graph.nodes), meta, list(stages))
+            items = functools.lru_cache(maxsize=None)(_matrix_items)  # DVC resolves a group's items anew each call
+            tags = {name: _tags(stages[name], items) for name in graph.nodes}
+        return cls(root, graph, changed & set(graph.nodes), meta, list(stages), tags)
 
     def to_run(self, force: bool = False) -> set[str]:
         """Changed stages and everything downstream of them (``dvc repro`` decides again for
@@ -201,6 +208,13 @@ class Pipeline:
         graph = self.graph
         return list(nx.lexicographical_topological_sort(graph, key=lambda s: (-len(nx.descendants(graph, s)), s)))
 
+    def direct_upstream(self) -> dict[str, list[str]]:
+        """Each stage's upstream stages that no other upstream stage already depends on (the
+        graph's transitive reduction): waiting for those is waiting for all, and the run graph
+        draws 96 arrows for the smoke grid instead of DVC's 174 dependencies."""
+        reduced = nx.transitive_reduction(self.graph)
+        return {stage: sorted(reduced.predecessors(stage)) for stage in self.graph.nodes}
+
 
 def _name(stage, root: Path) -> str:
     """The stage's name as ``dvc repro`` in ``root`` takes it (DVC's own ``addressing`` is
@@ -209,6 +223,33 @@ def _name(stage, root: Path) -> str:
     if path.parent == root and path.name == 'dvc.yaml':
         return stage.name
     return f'{os.path.relpath(path, root)}:{stage.name}'
+
+
+def _tags(stage, items) -> list[str]:
+    """Tags to filter a stage's task runs by: its dvc.yaml group (``distill``) and, for a
+    ``matrix`` stage, each axis as ``axis:value`` (``method:mgd``, ``seed:0``); for a
+    ``foreach`` stage, its key. ``items(dvcfile, group)``: :func:`_matrix_items`."""
+    group, _, key = stage.name.partition('@')
+    if not key:
+        return [group]
+    item = items(stage.dvcfile, group).get(key)
+    if item is None:
+        return [group, key]
+    return [group] + [f'{axis}:{value}' for axis, value in item.items()]
+
+
+def _matrix_items(dvcfile, group: str) -> dict[str, dict]:
+    """A ``matrix`` group's stages: key -> {axis: value} of scalar values; {} for another kind."""
+    from dvc.parsing import MatrixDefinition
+
+    definition = getattr(getattr(dvcfile, 'resolver', None), 'definitions', {}).get(group)
+    if not isinstance(definition, MatrixDefinition):
+        return {}
+    items = {}
+    for key, item in definition.normalized_iterable.items():
+        values = {axis: getattr(value, 'value', value) for axis, value in item.items()}  # DVC wraps numbers
+        items[key] = {axis: v for axis, v in values.items() if isinstance(v, (str, int, float))}
+    return items
 
 
 def _select(graph: nx.DiGraph, targets: list[str] | None) -> nx.DiGraph:

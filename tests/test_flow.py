@@ -9,6 +9,7 @@ through ``dvc exp show --json``.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ import pytest
 import yaml
 from support import REPO, env
 
-from flows.pipeline import REPORT_KEY, REPORT_SUMMARY_KEY, SUMMARY_KEY, dvc_pipeline, slug
+from flows.pipeline import dvc_pipeline
 from flows.progress import parse_eta, parse_train_line
+from flows.results import REPORT_KEY, REPORT_SUMMARY_KEY, SUMMARY_KEY, report_keys, slug
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -66,12 +68,13 @@ def artifacts(flow_run_id: UUID) -> dict:
     return {a.key: a for a in Artifact.model_validate_list(found) if a.key}
 
 
-def task_logs(task_run_id: UUID) -> list[str]:
+def task_logs(task_run_id: UUID, level: int | None = None) -> list[str]:
+    """The task run's log messages (at ``level`` only, if given)."""
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=5)
     logs = api('/logs/filter', {'logs': {'task_run_id': {'any_': [str(task_run_id)]}}, 'limit': 200})
-    return [entry['message'] for entry in logs]
+    return [entry['message'] for entry in logs if level is None or entry['level'] == level]
 
 
 def state_names(runs: dict) -> dict[str, str]:
@@ -127,6 +130,7 @@ def first(prefect_api, tmp_path_factory):
         'state': state,
         'task_runs': runs,
         'name': flow_run_name(flow_run_id),
+        'id': str(flow_run_id),
         'artifacts': artifacts(flow_run_id),
         'log': demo.read_run_log(root),
         'report': (root / 'reports' / 'results.md').read_text(),
@@ -179,8 +183,9 @@ def test_artifacts_of_the_run(first):
 
 
 def test_the_run_is_recorded_as_a_dvc_experiment(first):
-    assert f'flow-{slug(first["name"])}' in first['experiments']
-    assert f'saved as DVC experiment `flow-{slug(first["name"])}`' in first['artifacts'][SUMMARY_KEY].description
+    assert f'flow-{first["id"][:8]}' in first['experiments']
+    assert f'saved as DVC experiment `flow-{first["id"][:8]}`' in first['artifacts'][SUMMARY_KEY].description
+    assert first['name'] == 'default · 7 ran'  # the runs list tells what the run did
     assert git_head(first['root']) == first['head']  # the workspace's commit is untouched
 
 
@@ -189,8 +194,11 @@ def test_states_skipped_restored_and_forced(first):
     root = first['root']
     log_before = (root / 'run.log').read_text()
 
+    saved = experiments(root)
     state, runs = run_flow(root)
     assert state.is_completed(), state.message
+    assert experiments(root) == saved  # a no-op run records no experiment
+    assert flow_run_name(state.state_details.flow_run_id) == 'default · 7 up to date'
     assert state_names(runs) == {name: 'Skipped' for name in demo.STAGES}
     assert all(tr.state.is_completed() for tr in runs.values())
     assert {tr.state.message for tr in runs.values()} == {'up to date (dvc status)'}
@@ -223,18 +231,29 @@ def test_a_failing_stage_stops_its_downstream_only(prefect_api, tmp_path):
     assert state.message == '1 DVC stage(s) failed: left; not run: train@large, train@small, report'
     left = runs['left'].state
     assert left.is_failed()
-    assert "DVC stage 'left' failed (exit code " in left.message and '`dvc repro` exited with' in left.message
-    assert 'exited with 3' in left.message  # DVC's own words, in the last lines of output
-    for name in ('train@small', 'train@large', 'report'):  # downstream of `left`: never started
-        assert runs[name].state.type.value == 'PENDING' and runs[name].state.name == 'NotReady', name
-        assert runs[name].start_time is None
+    cause = "ERROR: failed to reproduce 'left'"  # DVC's words: `left` is `exit 3`, with no output of its own
+    assert left.message.startswith(cause) and 'exited with 3' in left.message
+    # the cause at ERROR, readable (real line breaks), the output's tail once; the stage's own
+    # lines stay below ERROR, and Prefect's own lines on the failed state carry no tail
+    errors = task_logs(runs['left'].id, level=logging.ERROR)
+    ours = [m for m in errors if not m.startswith(('Finished in state', 'Task run failed with state'))]
+    assert len(ours) == 1 and ours[0].startswith("DVC stage 'left' failed (exit code 255): " + cause), errors
+    assert ours[0].count('\n') >= 2 and sum(m.count('Running stage') for m in errors) == 1, errors
+    for name in ('train@small', 'train@large', 'report'):  # downstream of `left`: never run, then ended
+        tr = runs[name]
+        assert tr.state.type.value == 'CANCELLED' and tr.state.name == 'NotReady', name
+        assert tr.end_time is not None  # a final state: not drawn as running
     for name in ('prepare', 'right', 'lonely'):  # the other branches ran
         assert runs[name].state.is_completed(), (name, runs[name].state)
-    assert sorted(demo.commands_run(root)) == ['lonely', 'prepare', 'right']  # `left` is `exit 3`
+    assert sorted(demo.commands_run(root)) == ['lonely', 'prepare', 'right']
     assert experiments(root) == set()  # a failed run is not recorded as an experiment
-    rows = artifacts(state.state_details.flow_run_id)[SUMMARY_KEY].data
+    arts = artifacts(state.state_details.flow_run_id)
+    rows = arts[SUMMARY_KEY].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert {r['stage']: r['outcome'] for r in rows}['report'] == 'not run'
+    assert {r['stage']: r['details'] for r in rows}['left'].startswith(cause)
+    assert REPORT_KEY not in arts  # the report did not run: no report of another run is shown
+    assert flow_run_name(state.state_details.flow_run_id) == 'default · 1 failed · 3 not run · 3 ran'
 
 
 def test_retries_rerun_a_failed_stage(prefect_api, tmp_path):
@@ -260,7 +279,29 @@ def test_a_preset_runs_in_its_worktree_and_is_saved_there(prefect_api, tmp_path)
     # the repository itself: untouched
     assert (root / 'params.yaml').read_text() == params_before
     assert not (root / 'dvc.lock').exists() and not (root / 'data').exists()
-    assert f'tiny-{slug(flow_run_name(state.state_details.flow_run_id))}' in experiments(tree)
+    assert f'tiny-{str(state.state_details.flow_run_id)[:8]}' in experiments(tree)
+    assert flow_run_name(state.state_details.flow_run_id) == 'tiny · 2 ran'
+    assert not set(artifacts(state.state_details.flow_run_id)) & {*report_keys('tiny'), *report_keys(None)}
+
+
+def test_a_preset_shows_its_own_report_only(prefect_api, tmp_path):
+    """The repository's committed results are not the preset's: its worktree starts without
+    them, and its report artifacts are its own, keyed by the preset."""
+    root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
+    state, _ = run_flow(root, targets=['report'])  # the repository's own results, committed
+    assert state.is_completed(), state.message
+    demo.git_commit(root, 'results')
+    default_report = (root / 'reports' / 'results.md').read_text()
+
+    state, runs = run_flow(root, preset='tiny', targets=['report'])
+    assert state.is_completed(), state.message
+    tree = root / '.presets' / 'tiny'
+    own = (tree / 'reports' / 'results.md').read_text()
+    assert own != default_report  # seeds 0 and 7, not the repository's
+    arts = artifacts(state.state_details.flow_run_id)
+    md_key, summary_key = report_keys('tiny')
+    assert arts[md_key].data == own and summary_key in arts
+    assert not set(arts) & set(report_keys(None))  # nothing under the repository's keys
 
 
 def test_cli_with_a_preset_as_make_flow_runs_it(prefect_api, tmp_path):
