@@ -50,7 +50,7 @@ serve: setup  ## a Prefect deployment: start runs from the UI with a preset and 
 	$(PY) -m flows.serve
 
 ui: setup
-	$(PY) -m prefect server start --host 127.0.0.1 --port 4200
+	$(PY) -m flows.ui --host 127.0.0.1 --port 4200  # prefect server start, each graph edge listed once
 
 review: setup  ## REBUILD=1: rebuild what cannot be pulled
 	$(PY) -m flows.review --jobs $(JOBS) $(if $(REBUILD),--rebuild)

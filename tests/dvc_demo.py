@@ -31,7 +31,17 @@ from pathlib import Path
 import yaml
 from support import REPO
 
-__all__ = ['STAGES', 'EDGES', 'TRAINING', 'make_project', 'read_run_log', 'commands_run', 'dvc_env', 'git_commit']
+__all__ = [
+    'STAGES',
+    'EDGES',
+    'TRAINING',
+    'make_project',
+    'make_shaped_project',
+    'read_run_log',
+    'commands_run',
+    'dvc_env',
+    'git_commit',
+]
 
 #: stage names, foreach items expanded
 STAGES = ['prepare', 'left', 'right', 'train@small', 'train@large', 'report', 'lonely']
@@ -292,3 +302,28 @@ def read_run_log(root: str | os.PathLike) -> list[tuple[str, str, str, float]]:
 def commands_run(root: str | os.PathLike) -> list[str]:
     """Stages whose command did its work (a stage that trains counts once), in start order."""
     return [name for name, _, event, _ in read_run_log(root) if event == 'start']
+
+
+def make_shaped_project(path: str | os.PathLike, edges: list[tuple[str, str]]) -> Path:
+    """A DVC project with the shape of another pipeline: one stage per name in ``edges``
+    (``a@b`` named ``a-at-b``), writing ``out/<stage>.txt``, depending on the outputs of the
+    stages upstream of it (each ``(upstream, downstream)`` pair)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    env = dvc_env()
+    subprocess.run(['git', 'init', '-q'], cwd=root, check=True, env=env)
+    subprocess.run([sys.executable, '-m', 'dvc', 'init', '-q'], cwd=root, check=True, env=env)
+    names = sorted({stage for edge in edges for stage in edge})
+    upstream = {name: sorted(up for up, down in edges if down == name) for name in names}
+    stages = {}
+    for name in names:
+        stage = name.replace('@', '-at-')
+        ins = [f'out/{up.replace("@", "-at-")}.txt' for up in upstream[name]]
+        stages[stage] = {'cmd': f'echo {stage} > out/{stage}.txt', 'outs': [f'out/{stage}.txt']}
+        if ins:
+            stages[stage]['deps'] = ins
+    (root / 'out').mkdir()
+    (root / 'out' / '.gitkeep').write_text('')
+    (root / 'dvc.yaml').write_text(yaml.safe_dump({'stages': stages}, sort_keys=False, width=200))
+    git_commit(root)
+    return root

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from support import REPO
 
-from flows.pipeline import SUMMARY_KEY, slug
+from flows.results import SUMMARY_KEY
 
 HEALTH_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 180
@@ -118,11 +118,12 @@ def _wait(what: str, check, proc: subprocess.Popen, log_path: Path, timeout: flo
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """`prefect server start` on a free port of 127.0.0.1; yields its API URL."""
+    """`python -m flows.ui` (`make ui`: `prefect server start`) on a free port of 127.0.0.1;
+    yields its API URL."""
     port = _free_port()
     env = _env(tmp_path / 'server-home', PREFECT_API_DATABASE_CONNECTION_URL=f'sqlite+aiosqlite:///{tmp_path}/p.db')
     log_path = tmp_path / 'server.log'
-    cmd = [sys.executable, '-m', 'prefect', 'server', 'start', '--host', '127.0.0.1', '--port', str(port)]
+    cmd = [sys.executable, '-m', 'flows.ui', '--host', '127.0.0.1', '--port', str(port)]  # what `make ui` runs
     proc = _start(cmd, env, log_path, tmp_path)
     api = f'http://127.0.0.1:{port}/api'
     try:
@@ -166,6 +167,9 @@ def test_runs_started_from_the_deployment(served, tmp_path):
         assert deployment['parameters']['repo_dir'] == str(root)
         schema = deployment['parameter_openapi_schema']['properties']
         assert {'preset', 'targets', 'jobs', 'retries', 'force'} <= set(schema)
+        assert {'type': 'string', 'enum': ['tiny']} in schema['preset']['anyOf']  # the served repo's presets
+        assert all(schema[name].get('description') for name in ('preset', 'targets', 'jobs', 'retries', 'force'))
+        assert '<' not in deployment['description']  # the UI renders it as markdown (HTML swallowed `<name>`)
 
         # as the UI's "Custom run" does: one plain run, one of a preset; one at a time (global limit 1)
         params = [{'targets': ['lonely']}, {'preset': 'tiny', 'targets': ['prepare'], 'jobs': 1}]
@@ -215,4 +219,48 @@ def test_runs_started_from_the_deployment(served, tmp_path):
             text=True,
             check=True,
         ).stdout
-        assert f'"{prefix}-{slug(run["name"])}"' in listed
+        assert f'"{prefix}-{run["id"][:8]}"' in listed
+
+
+def _preset_edges(name: str, tmp_path: Path) -> list[tuple[str, str]]:
+    """(upstream, downstream) stage pairs of a preset's DVC pipeline, read by DVC from dvc.yaml
+    and the preset's params in a scratch project (nothing is written to the repository)."""
+    import shutil
+
+    import yaml
+    from dvc.repo import Repo
+
+    from dfmsd.core.presets import preset_params
+
+    scratch = tmp_path / f'{name}-shape'
+    scratch.mkdir()
+    shutil.copyfile(REPO / 'dvc.yaml', scratch / 'dvc.yaml')
+    params = preset_params(name, REPO / 'params.yaml', REPO / 'presets')
+    (scratch / 'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, '-m', 'dvc', 'init', '--no-scm', '-q'], cwd=scratch, check=True, env=demo.dvc_env())
+    with Repo(str(scratch)) as repo:
+        return [(up.name, down.name) for down, up in repo.index.graph.edges]
+
+
+def test_the_run_graph_draws_each_direct_dependency_once(prefect_server, tmp_path):
+    """The smoke grid's shape, run as a flow against `make ui`'s server: the graph endpoint
+    lists each stage's direct upstream (the transitive reduction, 96 arrows), each once, so that
+    the UI (which draws no arrows above 500 edges) draws them."""
+    import networkx as nx
+
+    edges = _preset_edges('smoke', tmp_path)
+    direct = nx.transitive_reduction(nx.DiGraph(edges))
+    assert (len(edges), direct.number_of_edges()) == (174, 96)
+    root = demo.make_shaped_project(tmp_path / 'proj', edges)
+    env = _env(tmp_path / 'flow-home', PREFECT_API_URL=prefect_server)
+    cmd = [sys.executable, '-m', 'flows', '--repo', str(root), '--no-experiment']
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    with Api(base_url=prefect_server, timeout=30) as http:
+        (run,) = http.post('/flow_runs/filter', json={}).json()
+        assert run['name'] == f'default · {direct.number_of_nodes()} ran'
+        graph = http.get(f'/flow_runs/{run["id"]}/graph-v2').json()
+    label = {node['id']: node['label'].replace('-at-', '@') for _, node in graph['nodes']}
+    drawn = [(label[p['id']], label[node['id']]) for _, node in graph['nodes'] for p in node['parents']]
+    assert sorted(drawn) == sorted(direct.edges)  # each once: Prefect's own query repeats them
