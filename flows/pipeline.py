@@ -1,35 +1,32 @@
 """The DVC pipeline as a Prefect flow: one Prefect task per DVC stage (``make repro``, ``make
-flow``, ``python -m flows``: :mod:`flows.cli`).
-
-``make serve`` serves the same flow as a deployment (:mod:`flows.serve`). With
-``PREFECT_API_URL`` set (``make ui``), the run, its task runs, logs and artifacts show in that
-server's UI; without it Prefect runs ephemerally (no server to start).
+flow``, ``python -m flows``: :mod:`flows.cli`; ``make serve``: :mod:`flows.serve`).
 
 Prefect alone schedules the DAG, and Dask runs the heavy stages:
 
-* the graph, the changed stages and each stage's ``meta`` come from DVC (:class:`flows.stages.Pipeline`);
-* every stage is a task run named after it, submitted with its upstream stages' futures as
-  ``wait_for`` (the UI draws the DAG), so it starts when they have completed; a Prefect
-  ``ThreadPoolTaskRunner`` runs the tasks;
+* the graph, the changed stages, each stage's ``meta`` and tags come from DVC
+  (:class:`flows.stages.Pipeline`);
+* every stage is a task run named after it, submitted on a ``ThreadPoolTaskRunner`` with its
+  direct upstream stages' futures as ``wait_for`` (the UI draws those arrows; ``make ui``
+  lists each once, :mod:`flows.ui`); a stage that is to run is tagged with its dvc.yaml group
+  and matrix values (``distill``, ``method:mgd``, ``seed:0``);
 * a task runs ``dvc repro --single-item <stage>``: in the workspace for a light stage, on a
-  Dask worker for a stage whose ``meta`` says ``engine: dask`` (:mod:`flows.engine`: a local
-  cluster of ``jobs`` workers, or ``scheduler``'s);
+  Dask worker for a stage whose ``meta`` says ``engine: dask`` (:mod:`flows.engine`);
 * its state says what happened: Completed named ``Skipped`` (up to date) or ``Restored``
-  (from DVC's run-cache), Completed (ran), or Failed with the exit code and the last lines of
-  output (retried ``retries`` times). A stage downstream of a failure ends ``NotReady``
-  (Prefect's state for a task whose upstream did not complete); independent branches go on.
-  The stage's output is streamed into the task's log, and mmengine ``Iter(train) [i/n]``
-  lines into a progress artifact ``progress-<stage>``;
-* artifacts of the flow run: ``dvc-pipeline-summary`` (stage, outcome, seconds, worker,
-  details), ``report-results`` (``reports/results.md``) and ``report-summary``
-  (``reports/summary.json`` as a table);
-* with ``experiment``, a run whose stages all succeeded is recorded as a DVC experiment
-  (``dvc exp save``) named ``<preset or "flow">-<flow run name>``.
+  (from DVC's run-cache), Completed (ran), or Failed with the cause (retried ``retries``
+  times). A stage downstream of a failure is Prefect's ``NotReady`` (Pending), made final
+  (Cancelled-type, same name) once the run is over; independent branches go on;
+* the stage's output streams into the task's log, each line at its level
+  (:mod:`flows.output`); a failure's cause and last lines are one ERROR entry;
+* progress artifacts: each training's (``progress-<stage>``) and the run's
+  (``run-progress-<preset or default>``: stages done of the total, trainings in flight);
+* the run is named after the preset and what its stages did (``smoke · 48 restored · 2
+  failed``) and tagged ``no-op`` or ``worked``; its artifacts and experiment:
+  :mod:`flows.results`.
 
 With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_run`).
 The flow holds its workspace's lock for the whole run (:mod:`flows.guard`: a second run there
-fails at once, naming the holder), and ``python -m flows.pipeline`` ends every stage process
-on SIGINT or SIGTERM and exits with 130 or 143.
+fails at once, naming the holder), and ``python -m flows`` ends every stage process on SIGINT
+or SIGTERM and exits with 130 or 143.
 """
 
 from __future__ import annotations
@@ -65,6 +62,8 @@ RESTORED = 'Restored'
 #: Name of the state of a stage whose upstream did not complete: Prefect's Pending, then
 #: Cancelled-type (final) once the run is over.
 NOT_READY = 'NotReady'
+#: Seconds to wait for the server to record the NotReady states it is to finalise.
+NOT_READY_WAIT_S = 30.0
 #: Stage tasks at once, at most (threads of the Prefect task runner).
 MAX_TASK_THREADS = 256
 
@@ -382,29 +381,47 @@ def _run_stages(
                 )
             for future in futures.values():
                 future.wait()
-            _end_not_ready(futures, run)
         except BaseException:  # a signal (flows.guard): the stage processes on workers end too
             if run.client is not None:
                 engine.stop_workers(run.client, run.workspace)
                 run.client.close()  # its futures end cancelled; a local cluster's workers go next
             raise
+    try:
+        _end_not_ready(futures, run)
+    except Exception as exc:  # how the UI draws them: never fail a run over it
+        get_run_logger().warning('could not give the NotReady stages a final state: %s', exc)
     return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
 
 
 def _end_not_ready(futures: dict, run: Run) -> None:
     """Prefect leaves a task whose upstream failed Pending, named NotReady, and the UI draws a
-    pending task as still running; once the run is over, give each a final state of that name."""
+    pending task as still running; once the run is over, give each a final state of that name.
+    The server records task run states from events, later: wait (up to ``NOT_READY_WAIT_S``)
+    until it has recorded each NotReady, so that the final state comes after it."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
-    not_ready = [(stage, f) for stage, f in futures.items() if f.state.is_pending() and f.state.name == NOT_READY]
-    if not not_ready:
+    stage_of = {f.task_run_id: s for s, f in futures.items() if f.state.is_pending() and f.state.name == NOT_READY}
+    if not stage_of:
         return
+    deadline = time.monotonic() + NOT_READY_WAIT_S
     with get_client(sync_client=True) as client:
-        for stage, future in not_ready:
+        while True:
+            found = client.read_task_runs(  # sort and limit given: the sync client sends nulls the server rejects
+                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(stage_of))),
+                sort=TaskRunSort.ID_DESC,
+                limit=len(stage_of),
+            )
+            recorded = [tr.id for tr in found if tr.state and tr.state.is_pending() and tr.state.name == NOT_READY]
+            if len(recorded) == len(stage_of) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for task_run_id in recorded:
             message = 'not run: an upstream stage did not complete'
-            client.set_task_run_state(future.task_run_id, Cancelled(name=NOT_READY, message=message), force=True)
+            client.set_task_run_state(task_run_id, Cancelled(name=NOT_READY, message=message), force=True)
             if run.progress is not None:
-                run.progress.done(stage, 'not run')
+                run.progress.done(stage_of[task_run_id], 'not run')
 
 
 def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageResult], experiment: bool) -> Any:

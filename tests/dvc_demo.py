@@ -109,8 +109,9 @@ def await_partner():
 def train(work):
     log('start', 'train')
     print(f'[{a.name}] training in {work}', flush=True)
-    if a.fail_training:
-        print(f'[{a.name}] training diverged', flush=True)
+    if a.fail_training:  # as dfmsd's divergence hook stops a run: after its first logged iteration
+        print(f'2026/01/01 00:00:00 - mmengine - INFO - Iter(train) [1/{a.train}]  loss: inf', flush=True)
+        print(f'error [{a.name}]: training diverged: loss inf at iteration 1', file=sys.stderr, flush=True)
         sys.exit(4)
     for i in range(1, a.train + 1):
         print(f'2026/01/01 00:00:00 - mmengine - INFO - Iter(train) [{i}/{a.train}]  lr: 1.0e-02  '

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from support import REPO, env
 
+from flows.output import LineLevels, cause_of
 from flows.pipeline import dvc_pipeline
 from flows.progress import parse_eta, parse_train_line
 from flows.results import REPORT_KEY, REPORT_SUMMARY_KEY, SUMMARY_KEY, report_keys, slug
@@ -31,9 +32,17 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def run_flow(root: Path, **params):
-    """Run the flow in this process; its final state and its task runs by name."""
+    """Run the flow in this process; its final state and its task runs by name (once the server
+    has recorded one per stage: it records task runs from events, a moment later)."""
+    import time
+
     state = dvc_pipeline(repo_dir=str(root), return_state=True, **params)
-    return state, task_runs(state.state_details.flow_run_id)
+    summary = state.result(raise_on_failure=False)
+    stages = len(summary['stages']) if isinstance(summary, dict) else 0
+    deadline = time.monotonic() + 30
+    while len(runs := task_runs(state.state_details.flow_run_id)) < stages and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state, runs
 
 
 def api(path: str, body: dict) -> list[dict]:
@@ -112,6 +121,40 @@ def test_progress_lines_of_mmengine():
     assert parse_train_line('Epoch(val)  [3][ 50/100]  eta: 0:01:30') is None
     assert parse_train_line('nothing to see') is None
     assert parse_eta('eta: 2 days, 1:00:05') == 2 * 86400 + 3605
+
+
+@pytest.mark.fast
+def test_output_lines_get_their_levels():
+    """Lines as the stages print them (student_init's mmengine dump, DVC's advice, a warning)."""
+    lines = [
+        ('12/06 04:26:00 - mmengine - INFO - ', logging.DEBUG),  # a record with no text
+        ('backbone.conv1.weight - torch.Size([16, 3, 7, 7]): ', logging.DEBUG),  # init_weights' dump...
+        ('KaimingInit: a=0, mode=fan_out, nonlinearity=relu, distribution =normal, bias=0', logging.DEBUG),
+        ('12/06 04:26:01 - mmengine - WARNING - The model and loaded state dict do not match', logging.WARNING),
+        ('12/06 04:26:01 - mmengine - INFO - Iter(train) [ 3/12]  lr: 1.0e-02  loss: 1.5', logging.INFO),
+        ('/x/torch/functional.py:554: UserWarning: torch.meshgrid: pass the indexing argument.', logging.WARNING),
+        ('  return _VF.meshgrid(tensors, **kwargs)', logging.WARNING),  # the warning's source line
+        ('[distill] students/retinanet: done', logging.INFO),
+        ('To track the changes with git, run:', logging.DEBUG),
+        ('\tgit add dvc.lock', logging.DEBUG),
+        ('To enable auto staging, run:', logging.DEBUG),
+        ('\tdvc config core.autostage true', logging.DEBUG),
+        ('Use `dvc push` to send your updates to remote storage.', logging.DEBUG),
+        ('error [distill@x]: training diverged: loss inf at iteration 3', logging.INFO),  # ERROR once, later
+    ]
+    level_of = LineLevels()
+    assert [(line, level_of(line)) for line, _ in lines] == lines
+
+
+@pytest.mark.fast
+def test_the_cause_of_a_failure():
+    traceback = ['Traceback (most recent call last):', '  File "x.py", line 1', 'ValueError: bad shape (3, 4)']
+    dvc_error = "ERROR: failed to reproduce 'distill@x': failed to run: python stages/distill.py, exited with 2"
+    ours = 'error [distill@x]: training diverged: loss inf at iteration 3'
+    assert cause_of(['Running stage', ours, dvc_error]) == ours
+    assert cause_of([*traceback, dvc_error]) == 'ValueError: bad shape (3, 4)'
+    assert cause_of(['some output', dvc_error]) == dvc_error
+    assert cause_of(['all is well']) is None
 
 
 # --------------------------------------------------------------------------- the flow
@@ -254,6 +297,20 @@ def test_a_failing_stage_stops_its_downstream_only(prefect_api, tmp_path):
     assert {r['stage']: r['details'] for r in rows}['left'].startswith(cause)
     assert REPORT_KEY not in arts  # the report did not run: no report of another run is shown
     assert flow_run_name(state.state_details.flow_run_id) == 'default · 1 failed · 3 not run · 3 ran'
+
+
+def test_a_failed_training_shows_its_cause_and_where_it_stopped(prefect_api, tmp_path):
+    root = demo.make_project(tmp_path / 'proj', fail_training='train@small')
+    state, runs = run_flow(root, targets=['train@small'])
+    assert state.is_failed()
+    cause = 'error [train@small]: training diverged: loss inf at iteration 1'
+    assert runs['train@small'].state.message == cause
+    errors = task_logs(runs['train@small'].id, level=logging.ERROR)
+    assert any(m.startswith(f"DVC stage 'train@small' failed (exit code 255): {cause}\n") for m in errors), errors
+    progress = artifacts(state.state_details.flow_run_id)[f'progress-{slug("train@small")}']
+    assert float(progress.data) == pytest.approx(100 / 3)
+    assert progress.description.endswith('failed at iteration 1/3 (33%)')
+    assert flow_run_name(state.state_details.flow_run_id) == 'default · 1 failed · 2 ran'
 
 
 def test_retries_rerun_a_failed_stage(prefect_api, tmp_path):

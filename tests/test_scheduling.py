@@ -205,13 +205,13 @@ def test_failures_stop_their_downstream_only(tmp_path):
     }
     by_stage = {r.stage: r for r in results}
     right = by_stage['right']
-    assert right.exit_code not in (None, 0) and '`dvc repro` exited with' in right.message
-    assert any('exited with 3' in line for line in right.output)  # DVC's own words, in the tail
+    assert right.exit_code not in (None, 0) and right.message.startswith("ERROR: failed to reproduce 'right'")
+    assert 'exited with 3' in right.message  # DVC's own words: `right` says nothing itself
     train = by_stage['train@small']
     assert train.exit_code not in (None, 0) and train.where  # on a worker
-    assert '[train@small] training diverged' in train.output
+    assert train.message == 'error [train@small]: training diverged: loss inf at iteration 1'  # its cause
     assert any('exited with 4' in line for line in train.output)
-    assert 'upstream failed' in by_stage['report'].message
+    assert by_stage['report'].message == 'an upstream stage did not complete'
     assert sorted(demo.commands_run(root)) == ['left', 'lonely', 'prepare', 'train@large', 'train@small']
 
 
