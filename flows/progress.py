@@ -84,8 +84,12 @@ def _fmt(seconds: float) -> str:
 
 
 def _artifacts():
+    """Prefect's progress artifact calls, or None outside a flow or task run (nothing to show it in)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
 
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
     return create_progress_artifact, update_progress_artifact
 
 
@@ -104,7 +108,8 @@ class StageProgress:
         self.sent: tuple[float, float] = (-1.0, 0.0)  # (percent, when) of the latest update
 
     def _describe(self, progress: TrainProgress, what: str = '') -> str:
-        return f'Training of DVC stage `{self.stage}`: {what}{progress.description} ({progress.percent:.0f}%)'
+        # the percentage first: an artifact card shows the description's start only
+        return f'{progress.percent:.0f}% · {what}{progress.description} · training of DVC stage `{self.stage}`'
 
     def feed(self, line: str) -> None:
         now = time.monotonic()
@@ -123,7 +128,9 @@ class StageProgress:
         self._send(progress, self._describe(progress))
 
     def _send(self, progress: TrainProgress, description: str) -> None:
-        create, update = _artifacts()
+        if (calls := _artifacts()) is None:
+            return
+        create, update = calls
         if self.artifact_id is None:
             self.artifact_id = create(progress=progress.percent, key=self.key, description=description)
         else:
@@ -135,7 +142,7 @@ class StageProgress:
         if self.seen is None:
             return
         if ok:
-            self._send(TrainProgress(100.0, 'done'), f'Training of DVC stage `{self.stage}`: done (100%)')
+            self._send(TrainProgress(100.0, 'done'), f'100% · done · training of DVC stage `{self.stage}`')
         else:
             self._send(self.seen, self._describe(self.seen, 'failed at '))
 
@@ -173,21 +180,26 @@ class RunProgress:
         counts: dict[str, int] = {}
         for outcome in self.outcomes.values():
             counts[outcome] = counts.get(outcome, 0) + 1
-        text = f'{len(self.outcomes)} of {self.total} stages done'
+        text = f'{self.percent():.0f}% · {len(self.outcomes)} of {self.total} stages done'
         if counts:
             text += ' (' + ', '.join(f'{n} {o}' for o, n in sorted(counts.items())) + ')'
         if self.in_flight:
             text += '; training: ' + ', '.join(f'`{s}` {p:.0f}%' for s, p in sorted(self.in_flight.items()))
         return text
 
+    def percent(self) -> float:
+        """Stages done, a training in flight counting for the fraction it has done."""
+        done = len(self.outcomes) + sum(p / 100.0 for p in self.in_flight.values())
+        return 100.0 * done / max(1, self.total)
+
     def _send(self, at_once: bool = True) -> None:
         """Create or update the artifact; an update waits ``MIN_INTERVAL_S`` unless ``at_once``
         (an update is a write to the server's database: one per stage made a 53-stage no-op
         run 10x slower)."""
-        if not at_once and time.monotonic() - self.last_time < self.MIN_INTERVAL_S:
+        if (not at_once and time.monotonic() - self.last_time < self.MIN_INTERVAL_S) or (calls := _artifacts()) is None:
             return
-        create, update = _artifacts()
-        percent = 100.0 * len(self.outcomes) / max(1, self.total)
+        create, update = calls
+        percent = self.percent()
         try:
             if self.artifact_id is None:
                 self.artifact_id = create(progress=percent, key=self.key, description=self.describe())

@@ -22,7 +22,7 @@ from support import REPO, env
 
 from flows.output import LineLevels, cause_of
 from flows.pipeline import dvc_pipeline
-from flows.progress import parse_eta, parse_train_line
+from flows.progress import RunProgress, parse_eta, parse_train_line
 from flows.results import REPORT_KEY, REPORT_SUMMARY_KEY, SUMMARY_KEY, report_keys, slug
 
 pytestmark = pytest.mark.timeout(600)
@@ -144,6 +144,18 @@ def test_output_lines_get_their_levels():
     ]
     level_of = LineLevels()
     assert [(line, level_of(line)) for line, _ in lines] == lines
+
+
+@pytest.mark.fast
+def test_run_progress_counts_stages_and_trainings_in_flight():
+    progress = RunProgress(total=4, key='run-progress-x')  # outside a flow: nothing is sent
+    progress.done('data', 'ran')
+    progress.done('teacher', 'restored')
+    progress.training('distill@a', 50.0)
+    assert progress.percent() == pytest.approx(100 * 2.5 / 4)
+    assert progress.describe() == '62% · 2 of 4 stages done (1 ran, 1 restored); training: `distill@a` 50%'
+    progress.done('distill@a', 'failed')
+    assert progress.describe() == '75% · 3 of 4 stages done (1 failed, 1 ran, 1 restored)'
 
 
 @pytest.mark.fast
@@ -309,7 +321,7 @@ def test_a_failed_training_shows_its_cause_and_where_it_stopped(prefect_api, tmp
     assert any(m.startswith(f"DVC stage 'train@small' failed (exit code 255): {cause}\n") for m in errors), errors
     progress = artifacts(state.state_details.flow_run_id)[f'progress-{slug("train@small")}']
     assert float(progress.data) == pytest.approx(100 / 3)
-    assert progress.description.endswith('failed at iteration 1/3 (33%)')
+    assert progress.description.startswith('33% · failed at iteration 1/3 · ')
     assert flow_run_name(state.state_details.flow_run_id) == 'default · 1 failed · 2 ran'
 
 
