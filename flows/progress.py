@@ -151,7 +151,8 @@ class RunProgress:
     """The flow run's progress artifact: stages done of the total and the trainings in flight,
     updated as stages end and (at most every ``MIN_INTERVAL_S``) as trainings advance."""
 
-    MIN_INTERVAL_S = 5.0
+    MIN_INTERVAL_S = 5.0  # between two updates for a training's progress
+    MIN_DONE_INTERVAL_S = 1.0  # between two updates for a stage that ended
 
     def __init__(self, total: int, key: str):
         self.total, self.key = total, key
@@ -174,7 +175,7 @@ class RunProgress:
         with self.lock:
             self.outcomes[stage] = outcome
             self.in_flight.pop(stage, None)
-            self._send(at_once=len(self.outcomes) == self.total)
+            self._send(at_once=len(self.outcomes) == self.total, interval=self.MIN_DONE_INTERVAL_S)
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
@@ -192,11 +193,12 @@ class RunProgress:
         done = len(self.outcomes) + sum(p / 100.0 for p in self.in_flight.values())
         return 100.0 * done / max(1, self.total)
 
-    def _send(self, at_once: bool = True) -> None:
+    def _send(self, at_once: bool = True, interval: float | None = None) -> None:
         """Create or update the artifact; an update waits ``MIN_INTERVAL_S`` unless ``at_once``
         (an update is a write to the server's database: one per stage made a 53-stage no-op
         run 10x slower)."""
-        if (not at_once and time.monotonic() - self.last_time < self.MIN_INTERVAL_S) or (calls := _artifacts()) is None:
+        wait = self.MIN_INTERVAL_S if interval is None else interval
+        if (not at_once and time.monotonic() - self.last_time < wait) or (calls := _artifacts()) is None:
             return
         create, update = calls
         percent = self.percent()
