@@ -35,7 +35,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +90,13 @@ class StageFailed(RuntimeError):
 class Run:
     """What the stage tasks of one flow run share: the workspace ``root``; for heavy stages, the
     Dask ``client`` with the ``workspace`` its workers use and the slots a stage asks for; the
-    results of the stages that have ended (a task reads its upstream's); the run's progress."""
+    run's progress artifact, which each task reports its end to."""
 
     root: Path
     client: Any = None
     workspace: engine.Workspace | None = None
     need: int = 1
     force: bool = False
-    outcomes: dict[str, StageResult] = field(default_factory=dict)
     progress: RunProgress | None = None
 
 
@@ -125,10 +124,8 @@ def dvc_stage(stage: str, run: Run, must_run: bool = True, heavy: bool = False) 
         name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
         return Completed(name=name, message=result.message, data=result)
     finally:
-        if result is not None:
-            run.outcomes[stage] = result
-            if run.progress is not None:
-                run.progress.done(stage, result.outcome)
+        if result is not None and run.progress is not None:
+            run.progress.done(stage, result.outcome)
 
 
 def _bring_up_to_date(stage: str, run: Run, heavy: bool, logger) -> StageResult:
