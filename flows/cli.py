@@ -9,8 +9,9 @@ is recorded in that server; without it, in Prefect's temporary server, started f
 A run with nothing to do and nowhere to be seen (no ``PREFECT_API_URL``, no preset, no
 ``--force``) stops after DVC's status: every stage up to date, no flow run, no server, so that
 a no-op ``make repro`` costs about what a no-op ``dvc repro`` does. Otherwise the params are
-checked first (``python -m dfmsd.check``, what ``make check`` runs), then the flow runs;
-Prefect is imported only then.
+checked (``python -m dfmsd.check``, what ``make check`` runs): here, before Prefect's temporary
+server starts; with a server, by the flow, only if a stage is to run. Prefect is imported only
+when a flow runs.
 
 Holds the workspace's lock (:mod:`flows.guard`), ends every stage process on SIGINT or
 SIGTERM and exits with 130 or 143; a bad target, a busy workspace or an unreachable cluster
