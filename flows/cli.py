@@ -87,12 +87,11 @@ def up_to_date(args: argparse.Namespace) -> int | None:
 
 
 def check_params(args: argparse.Namespace) -> int:
-    """``python -m dfmsd.check`` (``make check``): params.yaml or the preset against the schema,
-    the teachers and the dataset, before DVC touches any output. Its exit status."""
-    if not (Path(args.repo) / 'dfmsd' / 'check.py').is_file():  # a DVC project of another shape: no schema
-        return 0
-    cmd = [sys.executable, '-m', 'dfmsd.check', *(['--preset', args.preset] if args.preset else [])]
-    return subprocess.run(cmd, cwd=args.repo).returncode
+    """The params check (:func:`flows.stages.params_check`), its output on this terminal; its exit status."""
+    from flows.stages import params_check
+
+    cmd = params_check(args.repo, args.preset)
+    return subprocess.run(cmd, cwd=args.repo).returncode if cmd else 0
 
 
 def _api_configured() -> bool:

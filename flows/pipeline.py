@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,23 +247,25 @@ def dvc_pipeline(
         run.progress = RunProgress(pipeline.graph.number_of_nodes(), key=f'run-progress-{slug(label)}')
         run.progress.start()
         results = _run_stages(pipeline, to_run, run, retries, retry_delay_seconds, slots=_task_slots(pipeline))
-        if any(r.outcome in ('ran', 'restored') for r in results):  # else dvc.lock is as it was
+        if _changed_outputs(results):  # else dvc.lock is as it was
             stages.normalise_lock(root, pipeline.order)
         _name_run(_outcome_name(label, results), [label, 'no-op' if _no_op(results) else 'worked'])
         return _finish(logger, root, preset, targets, pipeline, results, experiment)
 
 
 def check_params(repo: Path, preset: str | None) -> None:
-    """``python -m dfmsd.check`` (``make check``) of params.yaml or the preset: the schema, the
-    teachers and the dataset, before DVC touches any output. Raises PipelineError with what it
-    said; a DVC project of another shape (no dfmsd/check.py) has nothing to check."""
-    if not (repo / 'dfmsd' / 'check.py').is_file():
+    """The params check (:func:`flows.stages.params_check`), its output in the flow's log;
+    raises PipelineError with what it said."""
+    if (cmd := stages.params_check(repo, preset)) is None:
         return
-    code, lines = stages.stream(
-        [sys.executable, '-m', 'dfmsd.check', *(['--preset', preset] if preset else [])], repo, get_run_logger().info
-    )
+    code, lines = stages.stream(cmd, repo, get_run_logger().info)
     if code != 0:
         raise PipelineError('\n'.join(line for line in lines if line.strip()) or f'the params check exited with {code}')
+
+
+def _changed_outputs(results: list[StageResult]) -> bool:
+    """Whether a stage ran or was restored: the workspace's outputs and dvc.lock changed."""
+    return any(r.outcome in ('ran', 'restored') for r in results)
 
 
 def _no_op(results: list[StageResult]) -> bool:
@@ -362,7 +363,7 @@ def _run_stages(
                     retry_delay_seconds=delay,
                     # a tag costs a call to the server's concurrency limits per task run (a 53-stage
                     # no-op run took 3x longer tagged): only a stage that is to run gets them
-                    tags=pipeline.tags.get(stage, []) if must_run else [],
+                    tags=pipeline.tags(stage) if must_run else [],
                 )
                 upstream = upstream_of[stage]
                 started[stage] = time.monotonic()
@@ -427,8 +428,7 @@ def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageRe
     logger.info('summary:\n%s', markdown)
 
     exp_name = exp_error = None
-    ran_any = any(r.outcome in ('ran', 'restored') for r in results)
-    if all_ok and experiment and ran_any:
+    if all_ok and experiment and _changed_outputs(results):
         flow_run = FlowRunContext.get().flow_run
         name = f'{slug(preset) if preset else "flow"}-{str(flow_run.id)[:8]}'
         try:

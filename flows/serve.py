@@ -87,8 +87,6 @@ def deployment(root: Path, name: str, jobs: int):
     preset['anyOf'] = [{'type': 'string', 'enum': presets}, {'type': 'null'}]  # a choice in the run form
     return served
 
-    return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -17,7 +17,6 @@ process (one ``dvc status`` of the whole pipeline), not from a DVC command per s
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import re
@@ -47,6 +46,15 @@ SAID = {
 }
 #: What ``dvc repro`` prints before a stage's command: a lock error after it is not retried.
 STARTED = "Running stage '"
+
+
+def params_check(repo: Path, preset: str | None) -> list[str] | None:
+    """The command of ``python -m dfmsd.check`` (``make check``) for params.yaml or the preset:
+    the schema, the teachers and the dataset, before DVC touches any output. None for a DVC
+    project of another shape (no dfmsd/check.py: nothing to check)."""
+    if not (Path(repo) / 'dfmsd' / 'check.py').is_file():
+        return None
+    return [sys.executable, '-m', 'dfmsd.check', *(['--preset', preset] if preset else [])]
 
 
 class PipelineError(RuntimeError):
@@ -169,7 +177,8 @@ class Pipeline:
     changed: set[str]
     meta: dict[str, dict]
     order: list[str]  #: dvc.yaml's order of every stage (for dvc.lock)
-    tags: dict[str, list[str]] = field(default_factory=dict)
+    stages: dict[str, object] = field(default_factory=dict, repr=False)  #: DVC's Stage objects, by name
+    _items: dict[str, dict] = field(default_factory=dict, repr=False)  # DVC resolves a group's anew at each call
 
     @classmethod
     def read(cls, root: str | Path, targets: list[str] | None = None) -> Pipeline:
@@ -188,9 +197,7 @@ class Pipeline:
             named = {s.addressing: name for name, s in stages.items()}  # DVC's keys: relative to the cwd
             changed = {named[k] for k in repo.status() if k in named}  # at once: per target is 7x slower
             meta = {name: dict(stages[name].meta or {}) for name in graph.nodes}
-            items = functools.lru_cache(maxsize=None)(_matrix_items)  # DVC resolves a group's items anew each call
-            tags = {name: _tags(stages[name], items) for name in graph.nodes}
-        return cls(root, graph, changed & set(graph.nodes), meta, list(stages), tags)
+        return cls(root, graph, changed & set(graph.nodes), meta, list(stages), stages)
 
     def to_run(self, force: bool = False) -> set[str]:
         """Changed stages and everything downstream of them (``dvc repro`` decides again for
@@ -208,6 +215,20 @@ class Pipeline:
         graph = self.graph
         return list(nx.lexicographical_topological_sort(graph, key=lambda s: (-len(nx.descendants(graph, s)), s)))
 
+    def tags(self, stage: str) -> list[str]:
+        """Tags to filter a stage's task runs by: its dvc.yaml group (``distill``) and, for a
+        ``matrix`` stage, each axis as ``axis:value`` (``method:mgd``, ``seed:0``); for a
+        ``foreach`` stage, its key. Asked for the stages that run only (0.3 s for all 53)."""
+        group, _, key = self.stages[stage].name.partition('@')
+        if not key:
+            return [group]
+        if group not in self._items:
+            self._items[group] = _matrix_items(self.stages[stage].dvcfile, group)
+        item = self._items[group].get(key)
+        if item is None:
+            return [group, key]
+        return [group] + [f'{axis}:{value}' for axis, value in item.items()]
+
     def direct_upstream(self) -> dict[str, list[str]]:
         """Each stage's upstream stages that no other upstream stage already depends on (the
         graph's transitive reduction): waiting for those is waiting for all, and the run graph
@@ -223,19 +244,6 @@ def _name(stage, root: Path) -> str:
     if path.parent == root and path.name == 'dvc.yaml':
         return stage.name
     return f'{os.path.relpath(path, root)}:{stage.name}'
-
-
-def _tags(stage, items) -> list[str]:
-    """Tags to filter a stage's task runs by: its dvc.yaml group (``distill``) and, for a
-    ``matrix`` stage, each axis as ``axis:value`` (``method:mgd``, ``seed:0``); for a
-    ``foreach`` stage, its key. ``items(dvcfile, group)``: :func:`_matrix_items`."""
-    group, _, key = stage.name.partition('@')
-    if not key:
-        return [group]
-    item = items(stage.dvcfile, group).get(key)
-    if item is None:
-        return [group, key]
-    return [group] + [f'{axis}:{value}' for axis, value in item.items()]
 
 
 def _matrix_items(dvcfile, group: str) -> dict[str, dict]:
