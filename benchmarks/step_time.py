@@ -220,16 +220,11 @@ def losses_only(distiller, batch, views):
     def run():
         total = 0.0
         for index, (s_all, t_all) in enumerate(feats):
-            for level, pair in enumerate(distiller.level_pairs):
-                s = s_all[pair['student_idx']].detach().requires_grad_(True)
-                t = distiller._resized(t_all[pair['teacher_idx']], s)
-                inputs = distiller._level_inputs(level, samples, 0, s.device)
-                for name, per_level in distiller.losses.items():
-                    if index and name != distiller.aug_loss_name:
-                        continue
-                    if isinstance(per_level, torch.nn.ModuleList):
-                        loss = per_level[level]
-                        total = total + loss(s, t, **{k: inputs[k] for k in loss.needs})
+            s_all = [s.detach().requires_grad_(True) for s in s_all]
+            terms = distiller.distillation_losses(s_all, t_all, samples, 0)
+            if index:  # the views: the ME loss's modules alone
+                terms = {k: v for k, v in terms.items() if k.startswith(f'loss_distill_{distiller.aug_loss_name}_s')}
+            total = total + sum(terms.values())
         total.backward()
 
     return run

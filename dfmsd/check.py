@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 from dfmsd.core.errors import DfmsdError, ParamsError
+from dfmsd.core.kinds import METHOD_GROUPS, ROLES
 from dfmsd.core.params import (
     DEFAULT_PARAMS,
-    METHOD_GROUPS,
-    ROLES,
     SPLITS,
     Data,
     LocalTeacher,

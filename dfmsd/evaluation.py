@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dfmsd.core.io import WORK_ROOT, read_json, sha256_file, work_dir_label, write_json
-from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS
+from dfmsd.report.metrics import METRIC_NAMES, REPORTED_METRICS, run_record
 
 
 def predict_splits(
@@ -155,6 +155,7 @@ def evaluate_model(
     for split in splits:
         shutil.copyfile(work / f'{split}.bbox.json', Path(predictions) / f'{split}.bbox.json')
         record[split] = coco_metrics(split_files(data, split)[0], work / f'{split}.bbox.json')
+    run_record(record, str(metrics))  # what the report reads: a record it would reject is not written
     write_json(metrics, record)
     shutil.rmtree(work, ignore_errors=True)
     print(f'[evaluate] {model_dir}: test ' + ', '.join(f'{k} {v:.1f}' for k, v in record['test'].items()))

@@ -1,6 +1,6 @@
 """What a stage's output lines mean: the log level each goes out at, and why a failed stage failed.
 
-A stage's output reaches the Prefect task log line by line (:func:`flows.pipeline.dvc_stage`).
+A stage's output reaches the Prefect task log line by line (:func:`flows.stage_task.dvc_stage`).
 :class:`LineLevels` gives each line a level, so that Prefect's level filter works:
 
 * mmengine's own level (``... - mmengine - WARNING - ...``), and ``WARNING`` for a Python

@@ -9,19 +9,14 @@ Prefect alone schedules the DAG, and Dask runs the heavy stages:
   direct upstream stages' futures as ``wait_for`` (the UI draws those arrows; ``make ui``
   lists each once, :mod:`flows.ui`); a stage that is to run is tagged with its dvc.yaml group
   and matrix values (``distill``, ``method:mgd``, ``seed:0``);
-* a task runs ``dvc repro --single-item <stage>``: in the workspace for a light stage, on a
-  Dask worker for a stage whose ``meta`` says ``engine: dask`` (:mod:`flows.engine`);
-* its state says what happened: Completed named ``Skipped`` (up to date) or ``Restored``
-  (from DVC's run-cache), Completed (ran), or Failed with the cause (retried ``retries``
-  times). A stage downstream of a failure is Prefect's ``NotReady`` (Pending), made final
-  (Cancelled-type, same name) once the run is over; independent branches go on;
-* the stage's output streams into the task's log, each line at its level
-  (:mod:`flows.output`); a failure's cause and last lines are one ERROR entry;
+* a task runs ``dvc repro --single-item <stage>``, here or on a Dask worker, and its state
+  says what happened (:mod:`flows.stage_task`); a stage downstream of a failure does not
+  run, independent branches go on;
 * progress artifacts: each training's (``progress-<stage>``) and the run's
   (``run-progress-<preset or default>``: stages done of the total, trainings in flight);
 * the run is named after the preset and what its stages did (``smoke · 48 restored · 2
-  failed``) and tagged ``no-op`` or ``worked``; its artifacts and experiment:
-  :mod:`flows.results`.
+  failed``) and tagged ``no-op`` or ``worked`` (:mod:`flows.run_display`); its artifacts and
+  experiment: :mod:`flows.results`.
 
 With ``preset``, the run happens in the preset's own git worktree (:func:`flows.presets.preset_run`).
 The flow holds its workspace's lock for the whole run (:mod:`flows.guard`: a second run there
@@ -34,147 +29,27 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.context import FlowRunContext
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows import engine, guard, stages
-from flows.output import LineLevels
-from flows.progress import RunProgress, StageProgress
+from flows.progress import RunProgress
 from flows.results import SUMMARY_KEY, publish_reports, save_experiment, slug, summary_rows
+from flows.run_display import end_not_ready, name_ended_run, name_run
+from flows.stage_task import Run, dvc_stage, result_of
 from flows.stages import PipelineError, StageResult, summary_table
 
-__all__ = ['NOT_READY', 'RESTORED', 'SKIPPED', 'StageFailed', 'dvc_pipeline', 'dvc_stage']
+__all__ = ['dvc_pipeline']
 
-#: Name of the (Completed-type) state of a stage that was up to date and did not run.
-SKIPPED = 'Skipped'
-#: Name of the (Completed-type) state of a stage DVC restored from its run-cache.
-RESTORED = 'Restored'
-#: Name of the state of a stage whose upstream did not complete: Prefect's Pending, then
-#: Cancelled-type (final) once the run is over.
-NOT_READY = 'NotReady'
-#: Seconds to wait for the server to record the NotReady states it is to finalise.
-NOT_READY_WAIT_S = 30.0
 #: Stage tasks at once, at most (threads of the Prefect task runner).
 MAX_TASK_THREADS = 256
-
-
-class StageFailed(RuntimeError):
-    """A stage failed (:func:`flows.stages.repro` said so): raised for Prefect to retry it."""
-
-    def __init__(self, result: StageResult):
-        self.result = result
-        super().__init__(f"DVC stage '{result.stage}' failed: {result.message}")
-
-    def report(self) -> str:
-        """The cause first, then the last lines of output (what the ERROR log entry says)."""
-        r = self.result
-        code = f' (exit code {r.exit_code})' if r.exit_code is not None else ''
-        tail = '\n'.join(f'    {line}' for line in r.output) or '    (no output)'
-        return f"DVC stage '{r.stage}' failed{code}: {r.message}\nLast {len(r.output)} lines of its output:\n{tail}"
-
-
-# --------------------------------------------------------------------------- the task
-
-
-@dataclass
-class Run:
-    """What the stage tasks of one flow run share: the workspace ``root``; for heavy stages, the
-    Dask ``client`` with the ``workspace`` its workers use and the slots a stage asks for; the
-    run's progress artifact, which each task reports its end to."""
-
-    root: Path
-    client: Any = None
-    workspace: engine.Workspace | None = None
-    need: int = 1
-    force: bool = False
-    progress: RunProgress | None = None
-
-
-@task(name='dvc-stage', cache_policy=NO_CACHE, persist_result=False)
-def dvc_stage(stage: str, run: Run, must_run: bool = True, heavy: bool = False) -> State:
-    """Bring one DVC stage up to date; the returned state says what happened (Failed with the
-    stage's error, no traceback), its data is the :class:`StageResult`. A failed stage with
-    retries left raises :class:`StageFailed` instead, for Prefect to retry it."""
-    logger = get_run_logger()
-    result = None
-    try:
-        if not must_run:
-            result = StageResult(stage, 'skipped', message='up to date (dvc status)')
-            return Completed(name=SKIPPED, message=result.message, data=result)
-        result = _bring_up_to_date(stage, run, heavy, logger)
-        if result.outcome == 'cancelled':  # the run is being stopped: nothing to retry, no traceback
-            return Cancelled(message=result.message, data=result)
-        if result.outcome == 'failed':
-            context = TaskRunContext.get()
-            if context.task_run.run_count <= context.task.retries:  # Prefect retries on an exception only
-                logger.warning('%s failed, to be retried: %s', stage, result.message)
-                raise StageFailed(result)
-            logger.error('%s', StageFailed(result).report())  # the cause, once, readable
-            return Failed(message=result.message, data=result)
-        name = {'skipped': SKIPPED, 'restored': RESTORED}.get(result.outcome, 'Completed')
-        return Completed(name=name, message=result.message, data=result)
-    finally:
-        if result is not None and run.progress is not None:
-            run.progress.done(stage, result.outcome)
-
-
-def _bring_up_to_date(stage: str, run: Run, heavy: bool, logger) -> StageResult:
-    """``dvc repro`` of the stage, here or on a Dask worker, its output into the task's log at
-    each line's level (:class:`flows.output.LineLevels`) and its training into progress artifacts."""
-    progress = StageProgress(stage, key=f'progress-{slug(stage)}', run=run.progress)
-    level_of = LineLevels()
-
-    def on_line(line: str) -> None:
-        logger.log(level_of(line), line)
-        try:
-            progress.feed(line)
-        except Exception as exc:  # progress is a nicety; never fail a stage over it
-            logger.warning('could not update the progress artifact: %s', exc)
-
-    if run.force:  # a forced run starts afresh, not from a checkpoint (once: a rerun after a lost worker resumes)
-        stages.clear_work_dirs(run.root, stage)
-    if heavy:
-        result = engine.run_stage(run.client, stage, run.workspace, run.need, force=run.force, on_line=on_line)
-        if result.ok and run.workspace.root is None:  # its outputs are in the remote's run-cache
-            restored = stages.repro(run.root, stage, pull=True, on_line=on_line)
-            result.outcome, result.message = restored.outcome, restored.message
-            if restored.outcome == 'ran':
-                logger.warning('%s: not in the run-cache the worker pushed, so it ran here', stage)
-    else:
-        result = stages.repro(run.root, stage, force=run.force, on_line=on_line)
-        if result.ok and run.workspace is not None and run.workspace.root is None:  # for the workers
-            code, out = stages.dvc(run.root, 'push', '--run-cache', stage, on_line=on_line)
-            if code != 0:
-                result = StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
-    logger.info('%s: %s (%.1f s) %s %s', stage, result.outcome, result.seconds, result.where, result.message)
-    try:
-        progress.finish(ok=result.ok)
-    except Exception as exc:
-        logger.warning('could not update the progress artifact: %s', exc)
-    return result
-
-
-def _result_of(stage: str, future, seconds: float) -> StageResult:
-    """What a stage task's future says: its StageResult, or why it did not complete."""
-    state = future.state
-    value = future.result(raise_on_failure=False) if state.is_final() else None
-    if isinstance(value, StageResult):
-        return value
-    if state.name == NOT_READY:
-        return StageResult(stage, 'not run', message='an upstream stage did not complete')
-    return StageResult(stage, 'failed', seconds, f'the task run ended {state.name}: {state.message}')
-
-
-# --------------------------------------------------------------------------- the flow
 
 
 @flow(name='dvc-pipeline')
@@ -228,7 +103,7 @@ def dvc_pipeline(
         try:
             pipeline = stages.Pipeline.read(root, targets or None)
             to_run = pipeline.to_run(force)
-            _name_run(f'{label} · {len(to_run)} of {pipeline.graph.number_of_nodes()} stages to run', [label])
+            name_run(f'{label} · {len(to_run)} of {pipeline.graph.number_of_nodes()} stages to run', [label])
             if check and to_run:
                 check_params(Path(repo_dir).resolve(), preset)
             run = Run(root, force=force, need=_slots_per_stage(root))
@@ -249,7 +124,7 @@ def dvc_pipeline(
         results = _run_stages(pipeline, to_run, run, retries, retry_delay_seconds, slots=_task_slots(pipeline))
         if _changed_outputs(results):  # else dvc.lock is as it was
             stages.normalise_lock(root, pipeline.order)
-        _name_run(_outcome_name(label, results), [label, 'no-op' if _no_op(results) else 'worked'])
+        name_ended_run(label, results)
         return _finish(logger, root, preset, targets, pipeline, results, experiment)
 
 
@@ -266,32 +141,6 @@ def check_params(repo: Path, preset: str | None) -> None:
 def _changed_outputs(results: list[StageResult]) -> bool:
     """Whether a stage ran or was restored: the workspace's outputs and dvc.lock changed."""
     return any(r.outcome in ('ran', 'restored') for r in results)
-
-
-def _no_op(results: list[StageResult]) -> bool:
-    return all(r.outcome == 'skipped' for r in results)
-
-
-def _outcome_name(label: str, results: list[StageResult]) -> str:
-    """The run's name once it has ended: ``smoke · 48 restored · 4 ran · 2 failed``."""
-    counts: dict[str, int] = {}
-    for r in results:
-        outcome = 'up to date' if r.outcome == 'skipped' else r.outcome
-        counts[outcome] = counts.get(outcome, 0) + 1
-    order = ['failed', 'cancelled', 'not run', 'ran', 'restored', 'up to date']
-    return ' · '.join([label] + [f'{counts[o]} {o}' for o in order if o in counts])
-
-
-def _name_run(name: str, tags: list[str]) -> None:
-    """Rename the flow run (its list then tells a training run from a no-op) and add tags."""
-    from prefect.client.orchestration import get_client
-
-    flow_run = FlowRunContext.get().flow_run
-    try:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, name=name, tags=sorted({*flow_run.tags, *tags}))
-    except Exception as exc:  # a name is a nicety: never fail a run over it
-        get_run_logger().warning('could not rename the flow run: %s', exc)
 
 
 def _connect(held: contextlib.ExitStack, run: Run, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
@@ -385,41 +234,10 @@ def _run_stages(
                 run.client.close()  # its futures end cancelled; a local cluster's workers go next
             raise
     try:
-        _end_not_ready(futures, run)
+        end_not_ready(futures, run.progress)
     except Exception as exc:  # how the UI draws them: never fail a run over it
         get_run_logger().warning('could not give the NotReady stages a final state: %s', exc)
-    return [_result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
-
-
-def _end_not_ready(futures: dict, run: Run) -> None:
-    """Prefect leaves a task whose upstream failed Pending, named NotReady, and the UI draws a
-    pending task as still running; once the run is over, give each a final state of that name.
-    The server records task run states from events, later: wait (up to ``NOT_READY_WAIT_S``)
-    until it has recorded each NotReady, so that the final state comes after it."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    stage_of = {f.task_run_id: s for s, f in futures.items() if f.state.is_pending() and f.state.name == NOT_READY}
-    if not stage_of:
-        return
-    deadline = time.monotonic() + NOT_READY_WAIT_S
-    with get_client(sync_client=True) as client:
-        while True:
-            found = client.read_task_runs(  # sort and limit given: the sync client sends nulls the server rejects
-                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(stage_of))),
-                sort=TaskRunSort.ID_DESC,
-                limit=len(stage_of),
-            )
-            recorded = [tr.id for tr in found if tr.state and tr.state.is_pending() and tr.state.name == NOT_READY]
-            if len(recorded) == len(stage_of) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        for task_run_id in recorded:
-            message = 'not run: an upstream stage did not complete'
-            client.set_task_run_state(task_run_id, Cancelled(name=NOT_READY, message=message), force=True)
-            if run.progress is not None:
-                run.progress.done(stage_of[task_run_id], 'not run')
+    return [result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
 
 
 def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageResult], experiment: bool) -> Any:

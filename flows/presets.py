@@ -8,7 +8,7 @@ current commit that also carries the workspace's uncommitted changes, and that s
 repository's DVC cache (so identical stages are restored, not rerun). Its outputs (models,
 dvc.lock, reports) stay there, resumable; the repository's own params.yaml, dvc.lock,
 metrics and reports are never touched. When the run completes it is recorded as a DVC
-experiment (``dvc exp save``, :func:`flows.pipeline.save_experiment`), so ``dvc exp show``
+experiment (``dvc exp save``, :func:`flows.results.save_experiment`), so ``dvc exp show``
 lists it beside the committed results.
 """
 

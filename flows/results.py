@@ -56,7 +56,7 @@ def summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
 
 def report_summary_rows(summary: Any) -> list[dict[str, Any]]:
     """``reports/summary.json`` as table rows: ``{row: mAP}``, or ``{group: {row: mAP}}`` for
-    several student/pair groups (dfmsd.report.tables.summary); a row may hold several metrics."""
+    several student/pair groups (dfmsd.report.machine_readable.summary); a row may hold several metrics."""
     if not isinstance(summary, dict):
         return [{'row': 'summary', 'mAP': json.dumps(summary)}]
     groups = summary if all(isinstance(v, dict) for v in summary.values()) else {None: summary}

@@ -9,15 +9,16 @@ date, and compare every metrics file with the committed one.
    not check host keys itself) and that accepts the configured login. When there is no
    remote, or it cannot be reached, or the pull fails, the command says why, how to set one
    up (docs/reviewing.md), and offers the rebuild: ``--rebuild`` reruns the pipeline from the
-   commit's code and params instead, which gives byte-identical results.
+   commit's code and params instead, which gives byte-identical results
+   (:mod:`flows.review_remote`).
 2. the Prefect flow (:mod:`flows.pipeline`) brings every stage up to date. After a pull nothing should run except the
    stages whose outputs DVC does not cache (``data``: the synthetic set regenerates
    byte-identically in seconds); the command lists what ran.
 3. Every ``metrics/**/*.json`` and ``reports/summary.json`` is compared byte for byte with
-   the commit's (``git show HEAD:<path>``). Where the bytes differ (a rebuild on another CPU
-   model or with other library versions), each run's reported mAP is compared in seed stds
-   (its row's, and the student rows' pooled one, which the verdict reads) against a stated
-   tolerance, with the likely cause (:mod:`flows.tolerance`).
+   the commit's (``git show HEAD:<path>``, :mod:`flows.review_metrics`). Where the bytes
+   differ (a rebuild on another CPU model or with other library versions), each run's
+   reported mAP is compared in seed stds (its row's, and the student rows' pooled one, which
+   the verdict reads) against a stated tolerance, with the likely cause (:mod:`flows.tolerance`).
 
 Exit status: 0 reproduced (byte for byte, or within the tolerance); 1 not reproduced (a run
 beyond the tolerance, a metrics file missing or new, or a stage failed); 2 nothing to pull (no
@@ -28,27 +29,26 @@ checkout, invalid params).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from dfmsd.core.errors import EXIT_CODE, DfmsdError
-from dfmsd.core.params import read_yaml
+from dfmsd.core.errors import EXIT_CODE
 from flows import guard, tolerance
+from flows.review_metrics import (
+    METRICS_DIR,
+    SUMMARY,
+    ReviewError,
+    committed_metrics,
+    compare_metrics,
+    describe_difference,
+    git,
+    reported_split,
+)
+from flows.review_remote import dvc_config, pull, remote_problem, uncached_stages
 from flows.stages import PipelineError, StageResult, subprocess_env
 
-#: What the verdict compares: every metrics file in git.
-METRICS_DIR = 'metrics'
-SUMMARY = 'reports/summary.json'
-#: Seconds to wait for a remote to answer.
-CONNECT_TIMEOUT = 10
 REBUILD_HINT = 'python -m flows.review --rebuild   (make review REBUILD=1)'
 
 
@@ -57,258 +57,6 @@ def say(message: str = '') -> None:
         print(f'[review] {line}' if line else '[review]', flush=True)
 
 
-class ReviewError(Exception):
-    """A set-up problem the reviewer must fix (exit status 2)."""
-
-
-# ---------------------------------------------------------------- git
-def git(root: Path, *args: str, text: bool = True) -> str | bytes:
-    res = subprocess.run(['git', *args], cwd=root, capture_output=True, text=text)
-    if res.returncode != 0:
-        err = res.stderr if text else res.stderr.decode(errors='replace')
-        raise ReviewError(f'`git {" ".join(args)}` failed: {err.strip()}')
-    return res.stdout
-
-
-def is_metrics_file(path: str) -> bool:
-    return path == SUMMARY or (path.startswith(f'{METRICS_DIR}/') and path.endswith('.json'))
-
-
-def committed_metrics(root: Path) -> list[str]:
-    listed = git(root, 'ls-tree', '-r', '-z', '--name-only', 'HEAD', '--', METRICS_DIR, SUMMARY)
-    return sorted(p for p in listed.split('\0') if p and is_metrics_file(p))
-
-
-def workspace_metrics(root: Path) -> list[str]:
-    found = [p.relative_to(root).as_posix() for p in (root / METRICS_DIR).rglob('*.json') if p.is_file()]
-    return sorted(found + ([SUMMARY] if (root / SUMMARY).is_file() else []))
-
-
-def _leaves(value, prefix: str = '') -> dict[str, object]:
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            out.update(_leaves(item, f'{prefix}.{key}' if prefix else str(key)))
-        return out
-    if isinstance(value, list):
-        out = {}
-        for i, item in enumerate(value):
-            out.update(_leaves(item, f'{prefix}[{i}]'))
-        return out
-    return {prefix: value}
-
-
-def describe_difference(old: bytes, new: bytes, limit: int = 3) -> str:
-    """The first few keys whose values differ (JSON), or the sizes."""
-    try:
-        a, b = _leaves(json.loads(old)), _leaves(json.loads(new))
-    except ValueError:
-        return f'{len(old)} bytes committed, {len(new)} bytes now'
-    keys = [k for k in {**a, **b} if a.get(k, '(absent)') != b.get(k, '(absent)')]
-    if not keys:
-        return 'same values, different bytes (formatting)'
-    shown = ', '.join(f'{k}: {a.get(k, "(absent)")} -> {b.get(k, "(absent)")}' for k in keys[:limit])
-    return shown + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
-
-
-def compare_metrics(root: Path) -> tuple[list[str], list[str], dict[str, bytes]]:
-    """(identical files, one line per file missing or new, the committed bytes of every file that
-    differs)."""
-    committed, present = committed_metrics(root), workspace_metrics(root)
-    same, absent, changed = [], [], {}
-    for path in sorted(set(committed) | set(present)):
-        if path not in present:
-            absent.append(f'{path}: missing (the commit has it)')
-        elif path not in committed:
-            absent.append(f'{path}: not in the commit')
-        else:
-            old = git(root, 'show', f'HEAD:{path}', text=False)
-            if old == (root / path).read_bytes():
-                same.append(path)
-            else:
-                changed[path] = old
-    return same, absent, changed
-
-
-def reported_split(root: Path) -> str:
-    try:
-        return str((read_yaml(root / 'params.yaml').get('report') or {}).get('split') or 'test')
-    except DfmsdError:
-        return 'test'
-
-
-def judge_changes(root: Path, changed: dict[str, bytes]) -> bool:
-    """Say how far each changed run is from the commit (flows.tolerance); True if all are within
-    the tolerance."""
-    runs = [p for p in committed_metrics(root) if p != SUMMARY]
-    committed = {p: changed.get(p) or git(root, 'show', f'HEAD:{p}', text=False) for p in runs}
-    rebuilt = {p: (root / p).read_bytes() for p in changed if p != SUMMARY}
-    split = reported_split(root)
-    differences = tolerance.compare(committed, rebuilt, split)
-    say(
-        f'{len(changed)} metrics files are not byte-identical; each run compared by its {split} '
-        f'{tolerance.METRIC} in seed stds, within tolerance up to {tolerance.band(len(runs)):.1f} pooled stds '
-        f'(flows/tolerance.py):'
-    )
-    for d in differences:
-        detail = '' if d.delta is not None else f' ({describe_difference(changed[d.path], rebuilt[d.path])})'
-        print(f'    {d.line()}{detail}', flush=True)
-    if SUMMARY in changed:
-        old, new = changed[SUMMARY], (root / SUMMARY).read_bytes()
-        print(f'    {SUMMARY}: follows the runs ({describe_difference(old, new)})', flush=True)
-    return all(d.within for d in differences)
-
-
-# ---------------------------------------------------------------- the DVC remote
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, '-m', 'dvc', *args],
-        cwd=root,
-        env=subprocess_env(root),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def dvc_config(root: Path) -> dict[str, str]:
-    """DVC's merged config (system, global, project, ``--local``), later levels winning."""
-    res = dvc(root, 'config', '--list', '--show-origin')
-    if res.returncode != 0:
-        raise ReviewError(f'`dvc config --list` failed: {(res.stderr or res.stdout).strip()}')
-    config = {}
-    for line in res.stdout.splitlines():
-        entry = line.split('\t', 1)[-1]
-        if '=' in entry:
-            key, value = entry.split('=', 1)
-            config[key.strip()] = value.strip()
-    return config
-
-
-def remote_problem(root: Path, config: dict[str, str]) -> tuple[str | None, str | None]:
-    """(the default remote's name, None) when it can be pulled from, else (name, why not)."""
-    name = config.get('core.remote')
-    if not name:
-        remotes = sorted({k.split('.')[1] for k in config if k.startswith('remote.') and k.endswith('.url')})
-        if remotes:
-            return None, (
-                f'no default DVC remote is set (configured: {", ".join(remotes)}; '
-                f'make one the default: dvc remote default --local {remotes[0]})'
-            )
-        return None, 'no DVC remote is configured, so there is nothing to pull from'
-    url = config.get(f'remote.{name}.url')
-    if not url:
-        return name, f"the default DVC remote '{name}' has no url (dvc remote modify --local {name} url <url>)"
-    parts = urlsplit(url)
-    if parts.scheme == 'ssh':
-        return name, ssh_problem(
-            name, url, {k.split('.', 2)[2]: v for k, v in config.items() if k.startswith(f'remote.{name}.')}
-        )
-    if parts.scheme in ('', 'file') or (len(parts.scheme) == 1 and os.name == 'nt'):
-        path = Path(parts.path if parts.scheme == 'file' else url)
-        path = path if path.is_absolute() else root / path
-        if not path.is_dir():
-            return name, (
-                f"DVC remote '{name}' ({url}) is unreachable: the directory {path} does not exist on this machine"
-            )
-    return name, None  # another kind of remote (s3, gs, http...): `dvc pull` tells
-
-
-def ssh_problem(name: str, url: str, options: dict[str, str]) -> str | None:
-    """Reach the SSH server, check its host key against ~/.ssh/known_hosts, and log in."""
-    parts = urlsplit(url)
-    host = parts.hostname or ''
-    port = int(options.get('port') or parts.port or 22)
-    user = options.get('user') or parts.username
-    where = f"DVC remote '{name}' ({url})"
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        return f'{where} is unreachable: {host}:{port} does not answer ({reason})'
-
-    import asyncssh
-
-    keyfile = options.get('keyfile')
-    login = {
-        'username': user,
-        'port': port,
-        'connect_timeout': CONNECT_TIMEOUT,
-        'passphrase': options.get('passphrase'),
-        'password': options.get('password'),
-    }
-    if keyfile:
-        login['client_keys'] = [os.path.expanduser(keyfile)]
-
-    async def probe() -> None:
-        async with asyncssh.connect(host, **{k: v for k, v in login.items() if v is not None}):
-            pass
-
-    who = f'{user or "you"}@{host}' + (f' with key {keyfile}' if keyfile else '')
-    try:
-        asyncio.run(probe())
-    except asyncssh.HostKeyNotVerifiable as err:
-        return (
-            f"{where}: the server's host key is not trusted ({err.reason}). DVC does not check SSH host "
-            f"keys, so this command does: check the key with the server's admin and add it to "
-            f'~/.ssh/known_hosts (e.g. `ssh -p {port} {user + "@" if user else ""}{host} true`, which asks)'
-        )
-    except asyncssh.PermissionDenied:
-        if any(options.get(f'ask_{what}', '').lower() == 'true' for what in ('password', 'passphrase')):
-            return None  # the host key checked out; `dvc pull` asks for the password itself
-        return (
-            f'{where} refused the login as {who}: set the user and key with '
-            f'`dvc remote modify --local {name} user <name>` and `... keyfile <path>`'
-        )
-    except (TimeoutError, OSError, asyncssh.Error) as err:
-        reason = getattr(err, 'reason', None) or str(err) or type(err).__name__
-        return f'{where} is unreachable: {reason}'
-    return None
-
-
-def pull(root: Path, verbose: bool) -> str | None:
-    """``dvc pull``; None when it succeeded, else why not."""
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'dvc', 'pull'],
-        cwd=root,
-        env=subprocess_env(root),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    try:
-        for raw in proc.stdout:
-            line = raw.rstrip('\n').split('\r')[-1].rstrip()
-            if line:
-                lines.append(line)
-                if verbose or not line.startswith(('Collecting', 'Fetching', 'Building', 'Checking out')):
-                    print(f'  [dvc pull] {line}', flush=True)
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        tail = '\n'.join(f'    {line}' for line in lines[-8:])
-        return f'`dvc pull` exited with {code}:\n{tail}'
-    return None
-
-
-def uncached_stages(root: Path) -> set[str]:
-    """Stages none of whose outputs DVC caches (they rerun after a pull, by design)."""
-    try:
-        from dvc.repo import Repo
-
-        with contextlib.chdir(root), Repo('.') as repo:  # stage addresses as `dvc dag` in root names them
-            return {s.addressing for s in repo.index.stages if s.outs and not any(o.use_cache for o in s.outs)}
-    except Exception:  # noqa: BLE001 - only used to word the report
-        return set()
-
-
-# ---------------------------------------------------------------- the review
 def check_params(root: Path) -> None:
     """This project's params schema, before any stage runs (skipped where there is none)."""
     if not (root / 'dfmsd' / 'core' / 'params.py').is_file() or not (root / 'params.yaml').is_file():
@@ -342,6 +90,28 @@ def run_pipeline(root: Path, jobs: int, verbose: bool) -> list[StageResult]:
         if result.outcome == 'failed':
             print('\n'.join(f'    {line}' for line in result.output), flush=True)
     return summary['results']
+
+
+def judge_changes(root: Path, changed: dict[str, bytes]) -> bool:
+    """Say how far each changed run is from the commit (flows.tolerance); True if all are within
+    the tolerance."""
+    runs = [p for p in committed_metrics(root) if p != SUMMARY]
+    committed = {p: changed.get(p) or git(root, 'show', f'HEAD:{p}', text=False) for p in runs}
+    rebuilt = {p: (root / p).read_bytes() for p in changed if p != SUMMARY}
+    split = reported_split(root)
+    differences = tolerance.compare(committed, rebuilt, split)
+    say(
+        f'{len(changed)} metrics files are not byte-identical; each run compared by its {split} '
+        f'{tolerance.METRIC} in seed stds, within tolerance up to {tolerance.band(len(runs)):.1f} pooled stds '
+        f'(flows/tolerance.py):'
+    )
+    for d in differences:
+        detail = '' if d.delta is not None else f' ({describe_difference(changed[d.path], rebuilt[d.path])})'
+        print(f'    {d.line()}{detail}', flush=True)
+    if SUMMARY in changed:
+        old, new = changed[SUMMARY], (root / SUMMARY).read_bytes()
+        print(f'    {SUMMARY}: follows the runs ({describe_difference(old, new)})', flush=True)
+    return all(d.within for d in differences)
 
 
 def review(root: Path, *, rebuild: bool, jobs: int, verbose: bool) -> int:

@@ -15,22 +15,22 @@ def main() -> None:
     parser.add_argument('--log', required=True, help='training-loss CSV')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Detector, Runtime, Train, section, stage_params
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.kinds import BASELINE
+    from dfmsd.core.params import StageParams
     from dfmsd.engine.students import train_baseline
 
-    p = stage_params()
+    p = StageParams()
     train_baseline(
-        section(Detector, p['students'][args.student], f'students.{args.student}'),
-        section(Data, p['data'], 'data'),
-        section(Train, p['train'], 'train'),
-        section(Runtime, p['runtime'], 'runtime'),
-        launch_settings(p.get('launch')),
+        p.student(args.student),
+        p.data,
+        p.train,
+        p.runtime,
+        p.launch,
         seed=args.seed,
         init=args.init,
         out=args.out,
         loss_log=args.log,
-        identity={'kind': 'baseline', 'student': args.student, 'seed': args.seed},
+        identity={'kind': BASELINE.name, 'student': args.student, 'seed': args.seed},
     )
 
 

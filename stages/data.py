@@ -15,10 +15,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from dfmsd.core.io import write_json
-    from dfmsd.core.params import Data, section, stage_params
+    from dfmsd.core.params import StageParams
     from dfmsd.data.coco import split_files, split_manifest, validate_split
 
-    data = section(Data, stage_params()['data'], 'data')
+    data = StageParams().data
     if data.generate:
         from dfmsd.data.synthetic import generate_from_params
 

@@ -9,13 +9,12 @@ this stage declares in dvc.yaml.
 import argparse
 
 from dfmsd.core import cli
-
-GROUPS = {'distill': 'methods', 'distill_me': 'me_methods', 'sal1': 'sal_methods', 'sal2': 'sal_methods'}
+from dfmsd.core.kinds import DISTILL_KINDS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--kind', required=True, choices=GROUPS)
+    parser.add_argument('--kind', required=True, choices=DISTILL_KINDS)
     parser.add_argument('--student', required=True)
     parser.add_argument('--pair', required=True)
     parser.add_argument('--method', required=True)
@@ -27,22 +26,20 @@ def main() -> None:
     parser.add_argument('--log', required=True, help='training-loss CSV')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Detector, Distill, Method, Runtime, SALMethod, Train, section, stage_params
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.params import StageParams
     from dfmsd.engine.students import distill_student
 
-    p = stage_params()
-    group = GROUPS[args.kind]
-    method = section(SALMethod if group == 'sal_methods' else Method, p[group][args.method], f'{group}.{args.method}')
+    p = StageParams()
+    kind = DISTILL_KINDS[args.kind]
     distill_student(
-        kind=args.kind,
-        method=method,
-        student=section(Detector, p['students'][args.student], f'students.{args.student}'),
-        data=section(Data, p['data'], 'data'),
-        train=section(Train, p['train'], 'train'),
-        distill=section(Distill, p['distill'], 'distill'),
-        runtime=section(Runtime, p['runtime'], 'runtime'),
-        launch=launch_settings(p.get('launch')),
+        kind=kind,
+        method=p.method(kind.group, args.method),
+        student=p.student(args.student),
+        data=p.data,
+        train=p.train,
+        distill=p.distill,
+        runtime=p.runtime,
+        launch=p.launch,
         seed=args.seed,
         teacher=args.teacher,
         init=args.init,
@@ -50,11 +47,11 @@ def main() -> None:
         out=args.out,
         loss_log=args.log,
         identity={
-            'kind': args.kind,
+            'kind': kind.name,
             'student': args.student,
             'pair': args.pair,
             'method': args.method,
-            'group': group,
+            'group': kind.group,
             'seed': args.seed,
         },
     )

@@ -13,17 +13,16 @@ def main() -> None:
     parser.add_argument('--metrics', required=True, help='metrics JSON file')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Evaluate, Runtime, section, stage_params
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.params import StageParams
     from dfmsd.evaluation import evaluate_model
 
-    p = stage_params()
+    p = StageParams()
     evaluate_model(
         args.model,
-        data=section(Data, p['data'], 'data'),
-        evaluate=section(Evaluate, p['evaluate'], 'evaluate'),
-        runtime=section(Runtime, p['runtime'], 'runtime'),
-        launch=launch_settings(p.get('launch')),
+        data=p.data,
+        evaluate=p.evaluate,
+        runtime=p.runtime,
+        launch=p.launch,
         predictions=args.predictions,
         metrics=args.metrics,
     )

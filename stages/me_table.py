@@ -15,10 +15,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from dfmsd.core.io import read_json, write_json
-    from dfmsd.core.params import ME, section, stage_params
+    from dfmsd.core.params import StageParams
     from dfmsd.data.me import decision_table
 
-    me = section(ME, stage_params()['me'], 'me')
+    me = StageParams().me
     ratios = {int(k): float(v) for k, v in read_json(args.ratios)['area_ratios'].items()}
     table = decision_table(ratios, me, seed=args.seed)
     write_json(args.out, table, indent=None)

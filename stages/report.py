@@ -3,7 +3,7 @@
     python stages/report.py --metrics metrics --logs logs --me data/me --out reports
 
 Writes <out>/results.md, results.csv, runs.csv, summary.json (the DVC metric), plots/map.csv and
-plots/loss.csv (DVC plot data) and figures/*.png; see dfmsd.report.tables.write_report. Reads
+plots/loss.csv (DVC plot data) and figures/*.png; see dfmsd.report.write.write_report. Reads
 only the params its dvc.yaml entry declares (report, seeds, pairs, students, the method groups,
 me.threshold); imports neither torch nor mmdet.
 """
@@ -25,7 +25,8 @@ def main() -> None:
     import warnings
 
     from dfmsd.core.params import stage_params
-    from dfmsd.report.tables import ReportWarning, write_report
+    from dfmsd.report.loading import ReportWarning
+    from dfmsd.report.write import write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ReportWarning)

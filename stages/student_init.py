@@ -14,12 +14,11 @@ def main() -> None:
     parser.add_argument('--out', required=True, help='model directory (model.pth, model.py)')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Detector, section, stage_params
+    from dfmsd.core.params import StageParams
     from dfmsd.engine.students import init_student
 
-    p = stage_params()
-    spec = section(Detector, p['students'][args.student], f'students.{args.student}')
-    init_student(spec, section(Data, p['data'], 'data'), args.seed, args.out, f'students.{args.student}')
+    p = StageParams()
+    init_student(p.student(args.student), p.data, args.seed, args.out, f'students.{args.student}')
 
 
 if __name__ == '__main__':

@@ -13,17 +13,16 @@ def main() -> None:
     parser.add_argument('--out', required=True, help='directory for predictions.bbox.json, area_ratios.json')
     args = parser.parse_args()
 
-    from dfmsd.core.params import Data, Runtime, section, stage_params
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.params import StageParams
     from dfmsd.evaluation import teacher_area_ratios
 
-    p = stage_params()
+    p = StageParams()
     teacher_area_ratios(
         args.teacher,
-        data=section(Data, p['data'], 'data'),
-        score_thr=float(p['me']['teacher_score_thr']),
-        runtime=section(Runtime, p['runtime'], 'runtime'),
-        launch=launch_settings(p.get('launch')),
+        data=p.data,
+        score_thr=p.me.teacher_score_thr,  # the one me key this stage declares; the others keep their defaults
+        runtime=p.runtime,
+        launch=p.launch,
         out=args.out,
     )
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,3 +63,40 @@ def preset_params(name: str) -> dict:
     from dfmsd.core.presets import preset_params as merged
 
     return merged(name, REPO / 'params.yaml', REPO / 'presets')
+
+
+def set_key(path: str, value) -> Callable[[dict], None]:
+    """An edit of a params dict: ``path`` (dotted) set to ``value``."""
+    *parents, last = path.split('.')
+
+    def change(params: dict) -> None:
+        node = params
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return change
+
+
+# ---------------------------------------------------------------- tiny models on the tiny dataset
+SMALL = dict(depth=18, width=8, fpn_channels=16)  # the tiny detectors' backbone and FPN widths
+SIZE = 64  # px: the tiny dataset's images and training size
+
+
+def tiny_data(root: Path):
+    """The ``data`` params of the tiny dataset (conftest's ``tiny_dataset``) at ``root``."""
+    from dfmsd.core.params import Data
+
+    return Data(
+        root=str(root),
+        generate=False,
+        image_size=SIZE,
+        splits={s: dict(ann=f'annotations/instances_{s}.json', img=f'{s}/') for s in ('train', 'val', 'test')},
+    )
+
+
+def small(detector: str):
+    """``configs/small/<detector>.py`` at the tiny widths."""
+    from dfmsd.core.params import Detector
+
+    return Detector(config=str(REPO / 'configs' / 'small' / f'{detector}.py'), **SMALL)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import copy_project, preset_params, run
+from support import copy_project, preset_params, run, set_key
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -81,48 +81,37 @@ def project_master(tmp_path_factory):
     return copy_project(tmp_path_factory.mktemp('bad-params') / 'project', params=preset_params('smoke'))
 
 
-def _set(path: str, value) -> Callable[[dict], None]:
-    def fn(params: dict) -> None:
-        *parents, last = path.split('.')
-        node = params
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return fn
-
-
 PARAM_CASES = [
     pytest.param(
-        _set('train.iters', 0),
+        set_key('train.iters', 0),
         [],
         ['train.iters', 'greater than 0', '(got 0)'],
         id='iters-zero',
         marks=pytest.mark.fast,
     ),
     pytest.param(
-        _set('train.iters', -5),
+        set_key('train.iters', -5),
         [],
         ['train.iters', 'greater than 0', '(got -5)'],
         id='iters-negative',
         marks=pytest.mark.fast,
     ),
     pytest.param(
-        _set('train.batch_size', 0),
+        set_key('train.batch_size', 0),
         [],
         ['train.batch_size', 'greater than 0'],
         id='batch-size-zero',
         marks=pytest.mark.fast,
     ),
     pytest.param(
-        _set('train.lr', 'fast'),
+        set_key('train.lr', 'fast'),
         [],
         ['train.lr', 'valid number', "'fast'"],
         id='lr-not-a-number',
         marks=pytest.mark.fast,
     ),
     pytest.param(
-        _set('sal_methods.dfmsd.ablation_of', 'dfmsd_v2'),
+        set_key('sal_methods.dfmsd.ablation_of', 'dfmsd_v2'),
         [],
         ['sal_methods.dfmsd.ablation_of', "no method 'dfmsd_v2'", 'known: ', 'dfmsd_no_sal'],
         id='unknown-ablation-of',
@@ -130,37 +119,37 @@ PARAM_CASES = [
     ),
     pytest.param(None, ['PRESET=nope'], ["no preset 'nope'", 'smoke'], id='unknown-preset', marks=pytest.mark.fast),
     pytest.param(
-        _set('methods.fkd.losses.feature.type', 'FeatureKDLos'),
+        set_key('methods.fkd.losses.feature.type', 'FeatureKDLos'),
         [],
         ['methods.fkd.losses.feature.type', "unknown loss 'FeatureKDLos'", 'FeatureKDLoss'],
         id='unknown-loss-type',
     ),
     pytest.param(
-        _set('methods.fkd.losses.feature.temperature', 2.0),
+        set_key('methods.fkd.losses.feature.temperature', 2.0),
         [],
         ['methods.fkd.losses.feature', 'FeatureKDLoss takes no temperature', 'it takes: loss_weight'],
         id='unknown-loss-argument',
     ),
     pytest.param(
-        _set('students.retinanet.config', 'configs/small/retinanet_v2.py'),
+        set_key('students.retinanet.config', 'configs/small/retinanet_v2.py'),
         [],
         ['students.retinanet.config', 'configs/small/retinanet_v2.py does not exist'],
         id='unknown-config-path',
     ),
     pytest.param(
-        _set('pairs.tiny.strong', {'zoo': 'nonsense'}),
+        set_key('pairs.tiny.strong', {'zoo': 'nonsense'}),
         [],
         ['params.yaml: pairs.tiny.strong.zoo', "unknown mmdet model zoo entry 'nonsense'"],
         id='unknown-zoo-teacher',
     ),
     pytest.param(
-        _set('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_cooc'}),
+        set_key('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_cooc'}),
         [],
         ['params.yaml: pairs.tiny.strong.zoo', "'gfl_r50_fpn_1x_cooc'", 'close matches: ', 'gfl_r50_fpn_1x_coco'],
         id='misspelt-zoo-teacher',
     ),
     pytest.param(
-        _set(
+        set_key(
             'pairs.tiny.weak', {'config': 'configs/small/faster_rcnn.py', 'checkpoint': 'mine.pth', 'sha256': 'a' * 64}
         ),
         [],
@@ -168,7 +157,7 @@ PARAM_CASES = [
         id='missing-local-checkpoint',
     ),
     pytest.param(
-        _set('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_coco', 'sha256': 0}),  # YAML: sha256: 000...0
+        set_key('pairs.tiny.strong', {'zoo': 'gfl_r50_fpn_1x_coco', 'sha256': 0}),  # YAML: sha256: 000...0
         [],
         ['params.yaml: pairs.tiny.strong.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
         id='unquoted-digit-sha256',
@@ -217,7 +206,7 @@ def local_teacher(root: Path, content: bytes, sha256: str | None = None, role: s
     """The pair's ``role`` teacher becomes a local checkpoint ``mine.pth`` holding ``content``."""
     (root / 'mine.pth').write_bytes(content)
     entry = {'config': 'configs/small/gfl.py', 'checkpoint': 'mine.pth'}
-    edit_params(root, _set(f'pairs.tiny.{role}', {**entry, 'sha256': sha256 or hashlib.sha256(content).hexdigest()}))
+    edit_params(root, set_key(f'pairs.tiny.{role}', {**entry, 'sha256': sha256 or hashlib.sha256(content).hexdigest()}))
 
 
 def test_make_check_refuses_a_local_checkpoint_that_does_not_load(project_master, tmp_path):
@@ -264,7 +253,7 @@ def built(built_master, tmp_path):
 
 def test_make_repro_fails_before_dvc_touches_outputs_and_dvc_checkout_restores_them(built):
     original = snapshot(built)
-    edit_params(built, _set('pairs.tiny.weak.config', 'configs/small/nope.py'))
+    edit_params(built, set_key('pairs.tiny.weak.config', 'configs/small/nope.py'))
     before = snapshot(built)
     res = make(built, 'repro', 'JOBS=1')
     assert_clean_error(res, 'error [params]: ', 'pairs.tiny.weak.config', 'configs/small/nope.py does not exist')
@@ -343,7 +332,7 @@ def flow_up_to_teacher_boxes(root: Path):
     ids=['corrupt-annotation-json', 'image-does-not-decode', 'box-outside-its-image'],
 )
 def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
-    edit_params(built, _set('data.generate', False))  # a dataset in place: checked, never regenerated
+    edit_params(built, set_key('data.generate', False))  # a dataset in place: checked, never regenerated
     needle = damage(built)
     before = snapshot(built)
     res = run_up_to_teacher_boxes(built)
@@ -355,12 +344,12 @@ def test_a_bad_dataset_stops_the_data_stage_before_any_training(built, damage):
 @pytest.mark.parametrize(
     'edit, needles',
     [
-        (_set('pairs.tiny.strong', {'zoo': 'nonsense'}), ['pairs.tiny.strong.zoo', "entry 'nonsense'"]),
+        (set_key('pairs.tiny.strong', {'zoo': 'nonsense'}), ['pairs.tiny.strong.zoo', "entry 'nonsense'"]),
         (
-            _set('pairs.tiny.strong.checkpoint', 'absent.pth'),
+            set_key('pairs.tiny.strong.checkpoint', 'absent.pth'),
             ['pairs.tiny.strong.checkpoint', 'absent.pth', 'own file'],
         ),
-        (_set('pairs.tiny.strong.sha256', 'b' * 64), ['pairs.tiny.strong.sha256', 'mine.pth', 'b' * 64]),
+        (set_key('pairs.tiny.strong.sha256', 'b' * 64), ['pairs.tiny.strong.sha256', 'mine.pth', 'b' * 64]),
         (None, ['pairs.tiny.strong.checkpoint', 'mine.pth', 'cannot be loaded']),  # garbage with its true hash
     ],
     ids=['unknown-zoo-teacher', 'missing-local-checkpoint', 'local-checkpoint-with-another-hash', 'garbage-checkpoint'],
@@ -394,7 +383,7 @@ def _unannotated_train_split(root: Path) -> None:
     ids=['no-images', 'no-boxes'],
 )
 def test_an_empty_train_split_stops_make_check_and_the_data_stage(built, damage, needle):
-    edit_params(built, _set('data.generate', False))
+    edit_params(built, set_key('data.generate', False))
     damage(built)
     ann = 'data/synthetic/annotations/instances_train.json'
     assert_check_fails(built, 'params.yaml: data.splits.train.ann', ann, needle)

@@ -1,6 +1,7 @@
 """StageDistiller on its own: the hidden teacher follows the model and stays frozen, the stage and
-ME terms share one normalisation, levels are matched by stride, the ME transform makes the
-reference pixels, and damaged checkpoints fail with a message that says what to do."""
+ME terms share one normalisation, levels are matched by stride, each loss gets the inputs its
+forward names, the ME transform makes the reference pixels, and damaged checkpoints fail with a
+message that says what to do."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from mmengine.logging import MessageHub
 from mmengine.model import BaseDataPreprocessor
 from mmengine.registry import init_default_scope
 from mmengine.runner.checkpoint import CheckpointLoader
-from support import REPO
+from support import REPO, SIZE, small, tiny_data
 
 import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform)
 from dfmsd.core.errors import CheckpointError
 from dfmsd.core.io import write_json
-from dfmsd.core.params import ME, Data, Detector, Train, load_params
+from dfmsd.core.params import ME, Data, Train, load_params
 from dfmsd.data.coco import load_json
 from dfmsd.data.me import OPS, decision_table, write_views
 from dfmsd.engine.checkpoint import (
@@ -36,23 +37,9 @@ from dfmsd.engine.checkpoint import (
 from dfmsd.engine.configs import detector_config, training_config, with_me_views
 from dfmsd.engine.training import run_training
 from dfmsd.models.distiller import StageDistiller, draw_seed
+from dfmsd.models.losses import DistillLoss
 
 init_default_scope('mmdet')
-SMALL = dict(depth=18, width=8, fpn_channels=16)
-SIZE = 64  # px: the tiny dataset's images and training size
-
-
-def tiny_data(root: Path) -> Data:
-    return Data(
-        root=str(root),
-        generate=False,
-        image_size=SIZE,
-        splits={s: dict(ann=f'annotations/instances_{s}.json', img=f'{s}/') for s in ('train', 'val', 'test')},
-    )
-
-
-def small(detector: str) -> Detector:
-    return Detector(config=str(REPO / 'configs' / 'small' / f'{detector}.py'), **SMALL)
 
 
 def build(data: Data, tmp_path: Path, *, teacher: str = 'faster_rcnn', checkpoint=None, **kwargs) -> StageDistiller:
@@ -232,6 +219,72 @@ def test_levels_with_enough_cells_are_matched_by_stride(tiny_dataset, tmp_path, 
     assert sorted(k for k in losses if k.startswith('loss_distill')) == sorted(
         f'loss_distill_feature_s{s}' for s in strides
     )
+
+
+# ---------------------------------------------------------------- loss inputs
+class PyramidRecorder(DistillLoss):
+    """A whole-pyramid loss that keeps what the distiller handed it."""
+
+    per_level = False
+
+    def __init__(self, student_channels, teacher_channels):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, preds_S, preds_T, *, stride, strides, level, generator):
+        draw = torch.rand(1, generator=generator).item()
+        self.calls.append(dict(levels=len(preds_S), stride=stride, strides=strides, level=level, draw=draw))
+        return {'zero': sum(s.sum() for s in preds_S) * 0.0}
+
+
+MODELS.register_module(module=PyramidRecorder, force=True)
+
+
+@pytest.mark.fast
+def test_each_loss_gets_the_inputs_its_forward_names(tiny_dataset, tmp_path, hub):
+    data = tiny_data(tiny_dataset)
+    seed, it, strides = 5, 3, [8, 16, 32]
+    mgd = dict(type='MGDLoss', loss_weight=1.0)
+    model = build(
+        data, tmp_path, teacher='retinanet', seed=seed, losses={'a': mgd, 'b': mgd, 'all': dict(type='PyramidRecorder')}
+    )
+    assert (MODELS.get('MGDLoss').needs, PyramidRecorder.needs) == (
+        {'generator'},
+        {'stride', 'strides', 'level', 'generator'},
+    )
+    model.train()
+    hub.update_info('iter', it)
+    batch = a_batch(data)
+    losses = model(**model.data_preprocessor(batch, True), mode='loss')
+    # level by level every per-level loss, then the whole-pyramid ones
+    assert [k for k in losses if k.startswith('loss_distill')] == [
+        f'loss_distill_{name}_s{s}' for s in strides for name in 'ab'
+    ] + ['loss_distill_all_zero']
+    (call,) = model.losses['all'][0].calls
+    first = torch.rand(1, generator=torch.Generator().manual_seed(draw_seed(seed, it, 'all'))).item()
+    assert call == dict(levels=3, stride=strides, strides=strides, level=None, draw=first)
+    # a level's losses share its generator: b's mask takes the draws after a's
+    with torch.no_grad():
+        s_feats = model.student.extract_feat(model.student.data_preprocessor(batch, True)['inputs'])
+        t_feats = model.teacher.extract_feat(model.teacher.data_preprocessor(batch, True)['inputs'])
+        for level, pair in enumerate(model.level_pairs):
+            s, t = s_feats[pair['student_idx']], t_feats[pair['teacher_idx']]
+            a, b = model.losses['a'][level], model.losses['b'][level]
+            gen = torch.Generator().manual_seed(draw_seed(seed, it, level))
+            for name, loss in (('a', a), ('b', b)):
+                got = losses[f'loss_distill_{name}_s{pair["stride"]}'].detach()
+                torch.testing.assert_close(got, loss.error(loss.reconstruct(s, t, gen), t), rtol=1e-5, atol=0)
+            alone = b.error(b.reconstruct(s, t, torch.Generator().manual_seed(draw_seed(seed, it, level))), t)
+            assert not torch.isclose(losses[f'loss_distill_b_s{pair["stride"]}'].detach(), alone, rtol=1e-3)
+
+
+@pytest.mark.fast
+def test_a_loss_that_names_an_unknown_input_is_refused_where_it_is_defined():
+    with pytest.raises(TypeError, match=r"unknown inputs \['anchors'\]"):
+
+        class NeedsAnchors(DistillLoss):
+            def forward(self, preds_S, preds_T, *, stride, anchors):
+                return preds_S.sum()
 
 
 # ---------------------------------------------------------------- ME transform

@@ -307,8 +307,8 @@ def test_me_views_are_the_same_bytes_whatever_the_order_workers_or_rank(tiny_dat
 @pytest.mark.fast
 def test_launch_settings_and_torchrun_command(monkeypatch):
     from dfmsd.core.errors import ParamsError
-    from dfmsd.core.params import Launch
-    from dfmsd.engine.launch import launch_settings, torchrun_command, world_size
+    from dfmsd.core.params import Launch, launch_settings
+    from dfmsd.engine.launch import torchrun_command, world_size
 
     for key in [k for k in os.environ if k.startswith('DFMSD_LAUNCH_')]:
         monkeypatch.delenv(key)

@@ -48,6 +48,8 @@ class ServerState:
     # paths whose first request is hung up on before any response is written
     hangup_first: set[str] = field(default_factory=set)
     ignore_range: set[str] = field(default_factory=set)
+    # paths answered with a 206 that starts at byte 0 whatever Range asked for
+    range_from_zero: set[str] = field(default_factory=set)
     status_for: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,7 +91,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if rng and self.path not in st.ignore_range:
             m = re.fullmatch(r'bytes=(\d+)-(\d*)', rng.strip())
             assert m, rng
-            start = int(m.group(1))
+            start = 0 if self.path in st.range_from_zero else int(m.group(1))
             end = int(m.group(2)) if m.group(2) else len(data) - 1
             if start >= len(data):
                 self.send_response(416)
@@ -279,6 +281,15 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     assert (tmp_path / 'm.pth').read_bytes() == PAYLOAD and leftovers(tmp_path) == ['m.pth']
 
 
+def test_wrong_range_is_not_spliced_in(server, tmp_path):
+    server.state.files['/m.pth'] = PAYLOAD
+    server.state.range_from_zero.add('/m.pth')
+    (tmp_path / 'm.pth.part').write_bytes(PAYLOAD[:1000])
+    fetch(server, '/m.pth', tmp_path / 'm.pth', sha256=P_SHA)
+    assert server.state.ranges('/m.pth') == ['bytes=1000-', None]
+    assert (tmp_path / 'm.pth').read_bytes() == PAYLOAD and leftovers(tmp_path) == ['m.pth']
+
+
 def test_416_with_oversized_part_restarts(server, tmp_path):
     server.state.files['/m.pth'] = PAYLOAD
     (tmp_path / 'm.pth.part').write_bytes(PAYLOAD + b'extra')
@@ -442,7 +453,6 @@ def test_fetch_zoo_teacher_uses_index_prefix_and_cache_dir(server, tmp_path, mon
         box_ap=36.5,
     )
     monkeypatch.setattr(zoo, 'find_model', lambda query: fake)
-    monkeypatch.setattr(dl, '_progress_bar', lambda *a, **k: dl._NoBar())
     out = dl.fetch_zoo_teacher('retinanet_r50_fpn_1x_coco', tmp_path / 'cache')
     assert out == tmp_path / 'cache' / name and out.read_bytes() == PAYLOAD
     # full sha256 from params: used (and cached file verifies without a request)
@@ -460,7 +470,6 @@ def test_fetch_zoo_teacher_unquotes_file_name(server, tmp_path, monkeypatch):
         name='rp', config='/nonexistent/cfg.py', url=server.url(quoted), sha256_prefix=P_SHA[:8], box_ap=None
     )
     monkeypatch.setattr(zoo, 'find_model', lambda q: fake)
-    monkeypatch.setattr(dl, '_progress_bar', lambda *a, **k: dl._NoBar())
     out = dl.fetch_zoo_teacher('rp', tmp_path)
     assert out.name == f'r50_gn-neck+head_2x_coco_20200329-{P_SHA[:8]}.pth'
     assert out.read_bytes() == PAYLOAD

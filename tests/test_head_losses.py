@@ -1,6 +1,7 @@
-"""Head-level distillation (dfmsd.models.losses.heads) on small real mmdet heads: dense class
-logits, PCD, CrossKD (RetinaHead and GFLHead teachers) and MAR's relation term. References are
-computed here from the heads' own forward / get_targets and formulas written out by hand."""
+"""Head-level distillation on small real mmdet heads: dense class logits (losses/dense_heads.py),
+PCD (pcd.py), CrossKD with RetinaHead and GFLHead teachers (crosskd.py) and MAR's relation term
+(mar.py). References are computed here from the heads' own forward / get_targets and formulas
+written out by hand."""
 
 from __future__ import annotations
 
@@ -19,16 +20,10 @@ from mmengine.structures import InstanceData
 import dfmsd.models  # noqa: F401  (registers the losses)
 from dfmsd.core.errors import DistillError
 from dfmsd.models.losses import CrossKDLoss, MARRelationLoss, PCDLoss
-from dfmsd.models.losses.heads import (
-    crosskd_targets,
-    dense_class_logits,
-    giou_sum,
-    head_class_logits,
-    kd_quality_focal_sum,
-    pcd_num_active_groups,
-    pool_to_max_pixels,
-    valid_locations,
-)
+from dfmsd.models.losses.crosskd import crosskd_targets, kd_quality_focal_loss
+from dfmsd.models.losses.dense_heads import dense_head, head_class_logits
+from dfmsd.models.losses.mar import pool_to_max_pixels
+from dfmsd.models.losses.pcd import pcd_num_active_groups, valid_locations
 
 pytestmark = pytest.mark.fast
 init_default_scope('mmdet')
@@ -171,7 +166,7 @@ def test_two_stage_detectors_and_heads_with_their_own_forward_are_refused():
     cfg = Config.fromfile('configs/small/faster_rcnn.py')
     model = MODELS.build(cfg.model)
     with pytest.raises(DistillError, match='FasterRCNN'):
-        dense_class_logits(model, [torch.zeros(1, 64, 8, 8)])
+        dense_head(model, 'teacher')
     rpn = MODELS.build(
         dict(
             type='RPNHead',
@@ -478,12 +473,9 @@ def test_crosskd_gfl_value_against_an_independent_reference(activated):
 def test_crosskd_term_formulas_by_hand():
     # BCE(0; sigma(t)) = log 2 for any target; |sigma(0) - sigma(t)| with t = log 3: |.5 - .75| = .25
     r, tt = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
-    # class 0: log 2 * .25; class 1: log 2 * 0; weight 2
-    assert kd_quality_focal_sum(r, tt, torch.tensor([2.0]), beta=1.0).item() == pytest.approx(2 * math.log(2) * 0.25)
-    # [0,0,2,2] vs [1,1,3,3]: IoU 1/7, enclosure 9, union 7 -> GIoU = 1/7 - 2/9; the zero-weight row drops out
-    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0]])
-    assert giou_sum(a, b, torch.tensor([0.5, 0.0])).item() == pytest.approx(0.5 * (1 - (1 / 7 - 2 / 9)), rel=1e-5)
+    # class 0: log 2 * .25; class 1: log 2 * 0; weight 2, averaged over avg_factor 4
+    got = kd_quality_focal_loss(r, tt, torch.tensor([[2.0]]), avg_factor=4.0, beta=1.0)
+    assert got.item() == pytest.approx(2 * math.log(2) * 0.25 / 4)
 
 
 def test_crosskd_gradients_reach_student_and_align_not_the_teacher():

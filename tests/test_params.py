@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 import yaml
-from support import REPO, copy_project, env
+from support import REPO, copy_project, env, set_key
 
 from dfmsd.core.errors import EXIT_CODE, ParamsError
-from dfmsd.core.params import lookup, read_yaml, stage_params, teacher, validate
+from dfmsd.core.params import SALMethod, StageParams, lookup, read_yaml, stage_params, teacher, validate
 
 PAIR, STUDENT = 'rn18_gfl34', 'retinanet'  # names in the repository's params.yaml
 
@@ -30,62 +30,50 @@ def rename(group: str, old: str, new: str) -> Callable[[dict], None]:
     return lambda p: p[group].update({new: p[group].pop(old)})
 
 
-def setter(path: str, value) -> Callable[[dict], None]:
-    *parents, last = path.split('.')
-
-    def change(params: dict) -> None:
-        node = params
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return change
-
-
 # (change, what the error must name): the key path first, then the allowed or offending value(s)
 CASES = {
-    'iters zero': (setter('train.iters', 0), ['train.iters', 'got 0']),
-    'iters negative': (setter('train.iters', -5), ['train.iters', 'got -5']),
-    'batch size zero': (setter('train.batch_size', 0), ['train.batch_size', 'got 0']),
-    'lr not a number': (setter('train.lr', 'fast'), ['train.lr', "got 'fast'"]),
-    'unknown top-level key': (setter('optimiser', {'type': 'SGD'}), ['optimiser', 'not permitted']),
-    'unknown key in a method': (setter('methods.mgd.lambda_mgd', 0.65), ['methods.mgd.lambda_mgd', 'got 0.65']),
+    'iters zero': (set_key('train.iters', 0), ['train.iters', 'got 0']),
+    'iters negative': (set_key('train.iters', -5), ['train.iters', 'got -5']),
+    'batch size zero': (set_key('train.batch_size', 0), ['train.batch_size', 'got 0']),
+    'lr not a number': (set_key('train.lr', 'fast'), ['train.lr', "got 'fast'"]),
+    'unknown top-level key': (set_key('optimiser', {'type': 'SGD'}), ['optimiser', 'not permitted']),
+    'unknown key in a method': (set_key('methods.mgd.lambda_mgd', 0.65), ['methods.mgd.lambda_mgd', 'got 0.65']),
     'teacher of no known kind': (
-        setter(f'pairs.{PAIR}.weak', {'url': 'https://example.org/t.pth'}),
+        set_key(f'pairs.{PAIR}.weak', {'url': 'https://example.org/t.pth'}),
         [f'pairs.{PAIR}.weak', 'url', 'config + iters', 'zoo', 'checkpoint'],
     ),
     'zoo teacher with a short sha256': (
-        setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 'abc'}),
+        set_key(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 'abc'}),
         [f'pairs.{PAIR}.strong.sha256', "got 'abc'"],
     ),
     'zoo teacher with an unquoted all-digit sha256': (
-        setter(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 0}),
+        set_key(f'pairs.{PAIR}.strong', {'zoo': 'retinanet_r50_fpn_1x_coco', 'sha256': 0}),
         [f'pairs.{PAIR}.strong.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
     ),
     'local teacher with an unquoted all-digit sha256': (
-        setter(f'pairs.{PAIR}.weak', {'config': 'c.py', 'checkpoint': 't.pth', 'sha256': 1234}),
+        set_key(f'pairs.{PAIR}.weak', {'config': 'c.py', 'checkpoint': 't.pth', 'sha256': 1234}),
         [f'pairs.{PAIR}.weak.sha256', 'reads as a number in YAML', "quote it (sha256: '"],
     ),
     'missing split': (lambda p: p['data']['splits'].pop('val'), ['data.splits', 'val']),
     'unknown split': (
-        setter('data.splits.holdout', {'ann': 'h.json', 'img': 'h/'}),
+        set_key('data.splits.holdout', {'ann': 'h.json', 'img': 'h/'}),
         ['data.splits.holdout', 'train', 'val', 'test'],
     ),
-    'sal me_stages 3': (setter('sal_methods.dfmsd.me_stages', [3]), ['sal_methods.dfmsd.me_stages', 'got 3']),
+    'sal me_stages 3': (set_key('sal_methods.dfmsd.me_stages', [3]), ['sal_methods.dfmsd.me_stages', 'got 3']),
     'aug weight without ME views': (
-        setter('methods.mgd.aug_loss_weight', 0.25),
+        set_key('methods.mgd.aug_loss_weight', 0.25),
         ['methods.mgd.aug_loss_weight', '0.25', 'ME views'],
     ),
     'aug weight with no SAL ME stage': (
-        setter('sal_methods.dfmsd.me_stages', []),
+        set_key('sal_methods.dfmsd.me_stages', []),
         ['sal_methods.dfmsd.aug_loss_weight', 'me_stages'],
     ),
     'ME views without aug weight': (
-        setter('me_methods.dfmsd_no_sal.aug_loss_weight', 0),
+        set_key('me_methods.dfmsd_no_sal.aug_loss_weight', 0),
         ['me_methods.dfmsd_no_sal.aug_loss_weight', '0', 'ME views'],
     ),
     'ablation of no method': (
-        setter('me_methods.dfmsd_no_sal.ablation_of', 'dfmsd2'),
+        set_key('me_methods.dfmsd_no_sal.ablation_of', 'dfmsd2'),
         ['me_methods.dfmsd_no_sal.ablation_of', "'dfmsd2'", 'dfmsd, '],
     ),
     'a name in two groups': (
@@ -94,19 +82,13 @@ CASES = {
     ),
     'a dash in a name': (rename('methods', 'mgd', 'mgd-v2'), ['methods.mgd-v2', 'must match']),
     'an @ in a name': (rename('students', STUDENT, 'retina@18'), ['students.retina@18', 'must match']),
-    'duplicate seeds': (setter('seeds', [0, 1, 0]), ['seeds', '[0, 1, 0]']),
+    'duplicate seeds': (set_key('seeds', [0, 1, 0]), ['seeds', '[0, 1, 0]']),
     'crop range reversed': (lambda p: p['me'].update(crop_min=0.4, crop_max=0.2), ['me', '0.4', '0.2']),
     'widths half given': (
         lambda p: p['students'][STUDENT].pop('width'),
         [f'students.{STUDENT}', 'depth, width and fpn_channels'],
     ),
 }
-
-
-@pytest.mark.fast
-def test_the_repository_params_are_valid():
-    params = validate(repository_params())
-    assert params.pairs[PAIR].weak.iters > 0
 
 
 @pytest.mark.fast
@@ -149,7 +131,7 @@ def test_every_problem_gets_its_own_line():
 )
 def test_a_stage_reading_one_teacher_gets_the_same_key_paths(entry, needles):
     with pytest.raises(ParamsError) as err:
-        teacher(entry, 'pairs.p.weak')
+        StageParams({'pairs': {'p': {'weak': entry}}}).teacher('p', 'weak')
     message = str(err.value)
     assert message.startswith('params.yaml: pairs.p.weak'), message
     for needle in needles:
@@ -234,20 +216,20 @@ def buildable(monkeypatch):
     'change, needles',
     [
         (
-            setter(f'students.{STUDENT}.config', 'configs/small/yolo.py'),
+            set_key(f'students.{STUDENT}.config', 'configs/small/yolo.py'),
             [f'students.{STUDENT}.config', 'configs/small/yolo.py'],
         ),
         (
-            setter(f'pairs.{PAIR}.strong.config', 'mmdet::gfl/gfl_r50_fpn_9x_coco.py'),
+            set_key(f'pairs.{PAIR}.strong.config', 'mmdet::gfl/gfl_r50_fpn_9x_coco.py'),
             [f'pairs.{PAIR}.strong.config', 'gfl_r50_fpn_9x_coco.py'],
         ),
         (
-            setter('methods.mgd.losses.feature.type', 'MGDLos'),
+            set_key('methods.mgd.losses.feature.type', 'MGDLos'),
             ['methods.mgd.losses.feature.type', "'MGDLos'", 'MGDLoss'],
         ),
-        (setter('methods.pkd.losses.feature.temperature', 2.0), ['methods.pkd.losses.feature', 'temperature']),
+        (set_key('methods.pkd.losses.feature.temperature', 2.0), ['methods.pkd.losses.feature', 'temperature']),
         (
-            setter('me_methods.dfmsd_no_sal.losses', {'sfa': {'type': 'PKDLoss', 'loss_weight': 1.0}}),
+            set_key('me_methods.dfmsd_no_sal.losses', {'sfa': {'type': 'PKDLoss', 'loss_weight': 1.0}}),
             ['me_methods.dfmsd_no_sal.aug_loss_weight', 'DMKDLoss'],
         ),
     ],
@@ -290,3 +272,27 @@ def test_lookup_names_the_undeclared_key():
         with pytest.raises(ParamsError) as err:
             lookup(params, dotted)
         assert f"'{missing}'" in str(err.value) and 'dvc.yaml' in str(err.value)
+
+
+@pytest.mark.fast
+def test_a_stage_reads_each_section_as_its_model_naming_the_key_path():
+    declared = repository_params()  # what a stage declaring every key would get
+    p = StageParams(declared)
+    assert isinstance(p.method('sal_methods', 'dfmsd'), SALMethod)
+    assert not isinstance(p.method('methods', 'mgd'), SALMethod)
+    assert p.launch.nproc_per_node == declared['launch']['nproc_per_node']
+    assert StageParams({}).launch.nproc_per_node == 1  # no launch key: one process
+
+    declared['train']['iters'] = 0
+    declared['students'][STUDENT]['depth'] = 7
+    declared['sal_methods']['dfmsd']['split'] = 1.5
+    broken = StageParams(declared)
+    reads = {
+        'train.iters': lambda: broken.train,
+        f'students.{STUDENT}.depth': lambda: broken.student(STUDENT),
+        'sal_methods.dfmsd.split': lambda: broken.method('sal_methods', 'dfmsd'),
+        'distill': lambda: StageParams({'train': {'iters': 1}}).distill,  # not declared
+    }
+    for path, read in reads.items():
+        with pytest.raises(ParamsError, match=f"^params.yaml: ({path}: |no key '{path}')"):
+            read()

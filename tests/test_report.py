@@ -1,4 +1,4 @@
-"""The report layer (dfmsd.report.tables): tables, verdicts, CSVs, DVC plot data and figures,
+"""The report layer (dfmsd.report): tables, verdicts, CSVs, DVC plot data and figures,
 built from a fake metrics/logs/data/me tree in tmp_path (no torch, no DVC)."""
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from support import REPO
 
 from dfmsd.core.errors import DfmsdError
-from dfmsd.report.metrics import PAPER_COLUMNS, REPORTED_METRICS
-from dfmsd.report.tables import (
-    ReportWarning,
-    build_report,
-    me_cell,
-    report_config,
-    results_markdown,
-    sal_cell,
-    sfa_cell,
-    write_report,
-)
+from dfmsd.core.kinds import ROW_KIND_OF_GROUP
+from dfmsd.report.config import report_config
+from dfmsd.report.loading import ReportWarning
+from dfmsd.report.markdown import me_cell, results_markdown, sal_cell, sfa_cell
+from dfmsd.report.metrics import PAPER_COLUMNS, REPORTED_METRICS, run_record
+from dfmsd.report.write import build_report, write_report
 
 pytestmark = pytest.mark.fast
 
@@ -57,7 +53,6 @@ PARAMS = {
     'me': {'threshold': 0.5},
 }
 GROUP_OF = {'mgd': 'methods', 'dfmsd_no_sal': 'me_methods', 'dfmsd': 'sal_methods', 'dfmsd_me12': 'sal_methods'}
-KIND_OF = {'methods': 'distill', 'me_methods': 'distill_me', 'sal_methods': 'sal2'}
 
 # test mAP per seed, built so that: DFMSD >> baseline; MGD ~ baseline (noise); w/o SAL < DFMSD;
 # ME in both stages ~ DFMSD.
@@ -157,7 +152,7 @@ def make_tree(root: Path, *, params: dict = PARAMS, pairs=(PAIR,), methods=None)
         for p_i, pair in enumerate(pairs):
             for name in methods:
                 group = GROUP_OF[name]
-                kind = KIND_OF[group]
+                kind = ROW_KIND_OF_GROUP[group].name
                 m_ap = MAP[name][s_i] + 0.5 * p_i
                 rec = {
                     'kind': kind,
@@ -365,6 +360,27 @@ def test_a_file_that_contradicts_params_is_a_clear_error(tmp_path):
     with pytest.warns(UserWarning, match='not a run record'):  # an old layout's leftover: ignored, noted
         report = build_report(PARAMS, **dirs)
     assert any('mgd.json' in note and 'not a run record' in note for note in report['notes'])
+
+
+def test_a_malformed_record_is_an_error_naming_the_file_and_the_key(tmp_path):
+    dirs = make_tree(tmp_path, methods=['mgd'])
+    path = dirs['metrics_dir'] / 'students' / STUDENT / 'seed1' / PAIR / 'mgd.json'
+    record = json.loads(path.read_text())
+    write(path, {**record, 'test': {**record['test'], 'mAP': 'n/a'}})
+    with pytest.raises(DfmsdError, match=r'mgd\.json: test\.mAP: Input should be a valid number'):
+        build_report(PARAMS, **dirs)
+    write(path, {k: v for k, v in record.items() if k != 'seed'})
+    with pytest.raises(DfmsdError, match=r'mgd\.json: a distill metrics file needs seed'):
+        build_report(PARAMS, **dirs)
+
+
+def test_every_committed_metrics_file_is_a_run_record():
+    """What evaluation writes and the report reads: the committed records pass the one model."""
+    paths = sorted((REPO / 'metrics').rglob('*.json'))
+    assert paths
+    records = [run_record(json.loads(path.read_text()), str(path)) for path in paths]
+    assert all(r.val is not None and r.test is not None for r in records)
+    assert len({r.key for r in records}) == len(records)  # each says which run it is
 
 
 def test_several_pairs_add_a_teacher_sequence_table_and_missing_seeds_are_noted(tmp_path):

@@ -27,12 +27,13 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.logging import MessageHub
 from mmengine.registry import init_default_scope
-from support import REPO, env
+from support import REPO, env, small, tiny_data
 
 import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform, hooks, loop)
 from dfmsd.core.errors import TrainingDiverged
 from dfmsd.core.io import read_json, write_json
-from dfmsd.core.params import ME, Data, Detector, Distill, Launch, Method, Runtime, SALMethod, Train
+from dfmsd.core.kinds import run_kind
+from dfmsd.core.params import ME, Data, Distill, Launch, Method, Runtime, SALMethod, Train
 from dfmsd.data.coco import dataset_classes, load_json
 from dfmsd.data.me import decision_table
 from dfmsd.engine import training
@@ -45,9 +46,7 @@ from dfmsd.models.distiller import StageDistiller
 from dfmsd.models.loops import StagedIterBasedTrainLoop
 
 init_default_scope('mmdet')
-SMALL = dict(depth=18, width=8, fpn_channels=16)
-SIZE = 64
-STUDENT = Detector(config=str(REPO / 'configs/small/retinanet.py'), **SMALL)
+STUDENT = small('retinanet')
 #: SAL: stage 1 is iterations 1-4, stage 2 iterations 5-8; checkpoints every 2 iterations
 SAL_TRAIN = Train(batch_size=2, iters=8, checkpoint_interval=2, lr=1e-3, warmup_iters=2)
 DFMSD = SALMethod(
@@ -64,18 +63,9 @@ MGD = Method(label='MGD', losses={'feature': dict(type='MGDLoss', loss_weight=1e
 DMKD = Method(label='DMKD', losses={'feature': dict(type='DMKDLoss', loss_weight=1e-3)})
 
 
-def tiny_data(root: Path) -> Data:
-    return Data(
-        root=str(root),
-        generate=False,
-        image_size=SIZE,
-        splits={s: dict(ann=f'annotations/instances_{s}.json', img=f'{s}/') for s in ('train', 'val', 'test')},
-    )
-
-
 def export_teacher(out: Path, data: Data, detector: str, seed: int) -> Path:
     """A random-weight teacher as the teacher stages leave it: ``model.pth`` + ``model.py``."""
-    cfg = detector_config(Detector(config=str(REPO / f'configs/small/{detector}.py'), **SMALL), data, 'teacher')
+    cfg = detector_config(small(detector), data, 'teacher')
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -144,7 +134,7 @@ def distill(
     name = stage.replace('@', '-')
     out = Path.cwd() / 'models' / name
     distill_student(
-        kind=kind,
+        kind=run_kind(kind),
         method=method,
         student=STUDENT,
         data=world.data,

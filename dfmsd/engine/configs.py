@@ -20,7 +20,18 @@ from dfmsd.data.coco import dataset_classes, split_files
 
 RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
 MMDET_SCOPE = 'mmdet::'
+#: What makes mmengine import the project's registered types (distiller, losses, loop, hooks,
+#: trackers): a config's ``custom_imports``, as mmdet's own tools load plugins.
+PROJECT_IMPORTS = dict(imports=['dfmsd.models'], allow_failed_imports=False)
 ME_META_KEYS = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip', 'flip_direction', 'me_view')
+
+
+def register_project_types() -> None:
+    """Import :data:`PROJECT_IMPORTS` as mmengine imports a config's ``custom_imports``: the
+    engine reaches dfmsd.models (the layer above it) only through mmengine's registries."""
+    from mmengine.utils import import_modules_from_strings
+
+    import_modules_from_strings(**PROJECT_IMPORTS)
 
 
 def resolve_config(config: str, where: str) -> str:
@@ -199,7 +210,7 @@ def distill_config(
     the ME views and the ME loss (Eq. 8) with weight ``method.aug_loss_weight``.
     """
     cfg = copy.deepcopy(student)  # Config.copy() would share nested dicts with the student's
-    cfg.custom_imports = dict(imports=['dfmsd.models'], allow_failed_imports=False)
+    cfg.custom_imports = copy.deepcopy(PROJECT_IMPORTS)
     teacher_dir = Path(teacher_dir)
     cfg.model = dict(
         type='StageDistiller',

@@ -1,44 +1,36 @@
-"""Verified, resumable downloads of model checkpoints (standard library HTTP only).
+"""Verified, resumable downloads of model checkpoints.
 
-Every file fetched here is checked against a SHA-256 digest -- the full digest when
-one is known, otherwise the hex prefix embedded in OpenMMLab / torch.hub file names
-(``<name>_<date>-<first 8 hex digits of sha256>.pth``). Files that cannot be checked
-are refused.
+Why not ``torch.hub.download_url_to_file`` or ``pooch.retrieve``: neither resumes a partial
+file (both start from zero every time), torch.hub has no retries or timeout, and pooch takes
+only full digests (the zoo index gives 8-hex prefixes) and retries a 404 too. So the resume
+and retry protocol below is ours, on urllib (requests' iter_content drops the bytes it buffered
+when a body is cut short); the bar is tqdm, the digest ``sha256_file``.
+
+Every file fetched here is checked against a SHA-256 digest -- the full digest when one is
+known, otherwise the hex prefix embedded in OpenMMLab / torch.hub file names
+(``<name>_<date>-<first 8 hex digits of sha256>.pth``). Files that cannot be checked are
+refused.
 
 Download protocol (:func:`download_verified`)
 ---------------------------------------------
 * ``dest`` already present and verifying -> returned as is, no network access at all.
-* Otherwise the body is streamed into ``<dest>.part`` in the same directory. A
-  leftover ``.part`` is resumed with ``Range: bytes=<size>-``:
+* Otherwise the body is streamed into ``<dest>.part`` beside it. A leftover ``.part`` is
+  resumed with ``Range: bytes=<size>-``: a ``206`` is appended, a ``200`` (server ignored
+  ``Range``) rewrites the part from byte zero, a ``416`` means there is nothing more to fetch.
+* Connection-level failures (refused / reset / timed out, a body shorter than its
+  ``Content-Length``) and the statuses 429, 500, 502, 503, 504 are retried up to ``retries``
+  more times, each retry resuming from whatever is on disk.
+* The complete body is hashed; on a match it is moved onto ``dest`` with :func:`os.replace`
+  (``dest`` is never a partial file). A resumed body that does not match (a stale or
+  oversized ``.part``, a server that sent the wrong range) is dropped and fetched once more
+  from zero before giving up.
 
-  - ``206`` whose ``Content-Range`` starts at ``<size>`` -> appended;
-  - ``200`` (server ignored ``Range``) -> the part file is rewritten from byte zero;
-  - ``416`` -> if ``Content-Range: bytes */<total>`` says the part already holds the
-    whole file it goes straight to verification, otherwise it is discarded and the
-    download restarts from zero.
+Only a network interruption (what resuming is for) keeps the ``.part`` for the next call; a
+hash mismatch or an HTTP error status (any 4xx, or a 5xx still failing after the retries)
+deletes it.
 
-* Connection-level failures (refused / reset / timed out, a response that ends before
-  ``Content-Length`` or the ``Content-Range`` total) and the transient statuses 429,
-  500, 502, 503, 504 are retried up to ``retries`` more times, each retry resuming
-  from whatever is on disk.
-* The complete body is hashed; on a match it is moved onto ``dest`` with
-  :func:`os.replace` (atomic: ``dest`` is never a partial file). If the body was
-  assembled from a resumed ``.part`` and does not match, the stale part is dropped and
-  the file is fetched once more from zero before giving up.
-
-Which failures leave a ``.part`` behind
----------------------------------------
-Only a failure that is a *network interruption* (connection error, timeout, truncated
-body -- i.e. what resuming is for) keeps the ``.part`` so that the next call resumes.
-A hash mismatch, or an HTTP error status (any 4xx, or a 5xx still failing after the
-retries), deletes it. ``dest`` itself is only ever created by the final atomic rename
-of a verified file.
-
-Unpickling policy
------------------
-Checkpoints are pickles. The project's rule is that only files whose SHA-256 has been
-verified are ever unpickled with full pickle (``torch.load(weights_only=False)``);
-:func:`dfmsd.engine.checkpoint.load_verified` is the one place that does it.
+Checkpoints are pickles: only files whose SHA-256 has been verified are ever unpickled with
+full pickle, in :func:`dfmsd.engine.checkpoint.load_verified`.
 """
 
 from __future__ import annotations
@@ -47,14 +39,14 @@ import http.client
 import logging
 import os
 import re
-import socket
 import ssl
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from tqdm import tqdm
 
 from dfmsd.core.errors import DownloadError
 from dfmsd.core.io import sha256_file
@@ -73,24 +65,14 @@ _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 #: tests set it to 0.
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 30.0
-_USER_AGENT = 'dfmsd-download/0.1 (+urllib)'
 _HEX = re.compile(r'^[0-9a-f]+$')
-_CONTENT_RANGE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.I)
-_CONTENT_RANGE_UNSAT = re.compile(r'^\s*bytes\s+\*/(\d+)\s*$', re.I)
-
-# Exceptions that mean "the network let us down": retried, and the .part is kept.
-_NETWORK_ERRORS = (
-    ConnectionError,  # reset / refused / aborted, incl. http.client.RemoteDisconnected
-    TimeoutError,  # == socket.timeout on 3.10+
-    socket.timeout,
-    http.client.IncompleteRead,
-    http.client.HTTPException,
-    ssl.SSLError,
-)
+# "The network let us down": retried, and the .part is kept. (URLError: refused / DNS;
+# TimeoutError is socket.timeout; HTTPException covers IncompleteRead and RemoteDisconnected.)
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, ssl.SSLError)
 
 
-class _Truncated(Exception):
-    """The response ended before the announced size (retryable network failure)."""
+class _Truncated(ConnectionError):
+    """The response ended before its ``Content-Length`` (urllib does not check)."""
 
 
 class _HTTPStatus(Exception):
@@ -98,7 +80,6 @@ class _HTTPStatus(Exception):
 
     def __init__(self, code: int, reason: str):
         super().__init__(f'HTTP {code} {reason}'.strip())
-        self.code = code
         self.transient = code in _TRANSIENT_STATUS
 
 
@@ -120,10 +101,7 @@ def _normalise_hashes(sha256: str | None, sha256_prefix: str | None) -> tuple[st
 
 
 def _matches(actual: str, full: str | None, prefix: str | None) -> bool:
-    if full is not None:
-        return actual == full
-    assert prefix is not None
-    return actual.startswith(prefix)
+    return actual == full if full is not None else actual.startswith(prefix)
 
 
 def _expected_str(full: str | None, prefix: str | None) -> str:
@@ -161,12 +139,7 @@ def download_verified(
         actual = sha256_file(dest)
         if _matches(actual, full, prefix):
             return dest
-        log.warning(
-            '%s exists but has sha256 %s, expected %s; downloading it again',
-            dest,
-            actual,
-            _expected_str(full, prefix),
-        )
+        log.warning('%s has sha256 %s, expected %s; downloading it again', dest, actual, _expected_str(full, prefix))
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + '.part')
 
@@ -177,7 +150,7 @@ def download_verified(
         if _matches(actual, full, prefix):
             os.replace(part, dest)
             return dest
-        _unlink(part)
+        part.unlink()
         if resumed and fresh_retry_left:
             log.warning('%s: resumed download does not verify (stale .part?); refetching from zero', url)
             fresh_retry_left = False
@@ -186,22 +159,18 @@ def download_verified(
 
 
 def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, progress: bool, label: str) -> bool:
-    """Bring ``part`` to the complete body of ``url``; return whether any resume happened."""
+    """Bring ``part`` to the complete body of ``url``; return whether it kept earlier bytes."""
     attempt = 0
-    resumed = False
     while True:
         try:
-            resumed |= _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
-            return resumed
+            return _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
         except _HTTPStatus as e:
-            if not e.transient or attempt >= retries:
-                _unlink(part)
+            if not e.transient or attempt == retries:
+                part.unlink(missing_ok=True)
                 raise DownloadError(f'{e} for {url}') from None
-            err: BaseException = e
-        except (_Truncated, urllib.error.URLError, *_NETWORK_ERRORS) as e:
-            # (urlopen's HTTPError, a URLError subclass, never gets here: _fetch_once
-            # turns it into _HTTPStatus.)
-            if attempt >= retries:
+            err: Exception = e
+        except _NETWORK_ERRORS as e:
+            if attempt == retries:
                 have = part.stat().st_size if part.exists() else 0
                 raise DownloadError(
                     f'download of {url} failed after {attempt + 1} attempt(s): {_describe(e)}'
@@ -211,122 +180,53 @@ def _fetch_with_retries(url: str, part: Path, *, timeout: float, retries: int, p
         attempt += 1
         delay = min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S)
         log.warning('%s: %s; retry %d/%d in %.1fs', url, _describe(err), attempt, retries, delay)
-        if delay > 0:
-            time.sleep(delay)
+        time.sleep(delay)
 
 
 def _describe(e: BaseException) -> str:
-    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-        return f'{type(e).__name__}: {e.reason}'
     return f'{type(e).__name__}: {e}'
 
 
 def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool, label: str) -> bool:
-    """One HTTP exchange; leaves ``part`` complete or raises. Returns True if it resumed."""
+    """One HTTP exchange; leaves ``part`` complete or raises. Returns True if it kept earlier bytes."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {'User-Agent': _USER_AGENT, 'Accept-Encoding': 'identity'}
+    # identity: offsets count the file's own bytes; a UA of our own, as some hosts refuse Python-urllib's
+    headers = {'User-Agent': 'dfmsd-download/0.1 (+urllib)', 'Accept-Encoding': 'identity'}
     if offset:
         headers['Range'] = f'bytes={offset}-'
-    req = urllib.request.Request(url, headers=headers)
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        with e:
-            if e.code == 416 and offset:
-                m = _CONTENT_RANGE_UNSAT.match(e.headers.get('Content-Range', '') or '')
-                if m and int(m.group(1)) == offset:
-                    return True  # the part already holds the whole body: go verify it
-                log.warning('%s: server refused Range from byte %d (416); restarting from zero', url, offset)
-                _unlink(part)
-                return _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
-            raise _HTTPStatus(e.code, str(e.reason or '')) from None
-
+        e.close()
+        if e.code == 416 and offset:
+            return True  # nothing past the part: verification decides whether it is whole
+        raise _HTTPStatus(e.code, str(e.reason or '')) from None
     with resp:
-        status = resp.status
-        length = resp.headers.get('Content-Length')
-        length = int(length) if length and length.isdigit() else None
-        if status == 206 and offset:
-            m = _CONTENT_RANGE.match(resp.headers.get('Content-Range', '') or '')
-            if not m or int(m.group(1)) != offset:
-                # A range we did not ask for: do not splice it in; start over cleanly.
-                log.warning(
-                    '%s: unexpected Content-Range %r for offset %d; restarting from zero',
-                    url,
-                    resp.headers.get('Content-Range'),
-                    offset,
-                )
-                resp.close()
-                _unlink(part)
-                return _fetch_once(url, part, timeout=timeout, progress=progress, label=label)
-            total = int(m.group(3)) if m.group(3) != '*' else (offset + length if length is not None else None)
-            mode, start, resumed = 'ab', offset, True
-        elif status == 200:
+        if resp.status == 206 and offset:
+            start = offset
+        elif resp.status == 200:
             if offset:
                 log.info('%s: server ignored Range; downloading from zero', url)
-            total = length
-            mode, start, resumed = 'wb', 0, False
+            start = 0
         else:
-            raise _HTTPStatus(status, getattr(resp, 'reason', '') or '')
-
+            raise _HTTPStatus(resp.status, resp.reason or '')
+        length = resp.headers.get('Content-Length')
+        total = start + int(length) if length and length.isdigit() else None
         written = start
-        bar = _progress_bar(total, start, label, enabled=progress)
-        try:
-            with open(part, mode) as f:
-                while True:
-                    block = resp.read(_CHUNK)
-                    if not block:
-                        break
-                    f.write(block)
-                    written += len(block)
-                    bar.update(len(block))
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            bar.close()
-
-    if total is not None:
-        if written < total:
-            raise _Truncated(f'response ended at byte {written} of {total}')
-        if written > total:
-            _unlink(part)
-            raise DownloadError(f'{url}: received {written} bytes, more than the announced {total}')
-    return resumed
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int | None, initial: int, label: str, *, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is cosmetic; never fail a download over it
-        return _NoBar()
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit='B',
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=label,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
-
-
-def _unlink(p: Path) -> None:
-    try:
-        p.unlink()
-    except FileNotFoundError:
-        pass
+        with (
+            open(part, 'ab' if start else 'wb') as f,
+            tqdm(total=total, initial=start, unit='B', unit_scale=True, unit_divisor=1024, desc=label,
+                 disable=not progress, leave=False) as bar,
+        ):  # fmt: skip
+            for block in iter(lambda: resp.read(_CHUNK), b''):
+                f.write(block)
+                written += len(block)
+                bar.update(len(block))
+            f.flush()
+            os.fsync(f.fileno())
+    if total is not None and written < total:
+        raise _Truncated(f'response ended at byte {written} of {total}')
+    return start > 0
 
 
 # --------------------------------------------------------------------------- zoo

@@ -23,7 +23,7 @@ import shlex
 import sys
 from typing import Any
 
-from dfmsd.core.params import Launch, launch_settings  # noqa: F401  (the stages import it from here)
+from dfmsd.core.params import Launch
 
 
 def in_worker() -> bool:

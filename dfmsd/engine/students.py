@@ -14,8 +14,9 @@ import copy
 from pathlib import Path
 
 from dfmsd.core.errors import DistillError
+from dfmsd.core.kinds import RunKind
 from dfmsd.core.params import Data, Detector, Distill, Launch, Method, Runtime, SALMethod, Train
-from dfmsd.engine.configs import detector_config, distill_config, probe_size_of, training_config
+from dfmsd.engine.configs import detector_config, distill_config, probe_size_of, register_project_types, training_config
 from dfmsd.engine.launch import apply_launcher, maybe_relaunch
 from dfmsd.engine.training import train_and_export
 
@@ -25,10 +26,10 @@ def init_student(spec: Detector, data: Data, seed: int, out: str | Path, where: 
     from mmengine.registry import init_default_scope
     from mmengine.runner import set_random_seed
 
-    import dfmsd.models  # noqa: F401
     from dfmsd.data.coco import dataset_classes, split_files
     from dfmsd.engine.checkpoint import export_plain_checkpoint
 
+    register_project_types()
     cfg = detector_config(spec, data, where)
     init_default_scope('mmdet')
     set_random_seed(seed, deterministic=True)
@@ -56,7 +57,7 @@ def train_baseline(
     identity: dict,
 ) -> None:
     maybe_relaunch(launch)
-    import dfmsd.models  # noqa: F401
+    register_project_types()
 
     cfg = training_config(spec, data, train, train.iters, seed, f'students.{identity["student"]}')
     cfg.load_from = str(Path(init) / 'model.pth')
@@ -73,7 +74,7 @@ def sal_boundary(method: SALMethod, iters: int) -> int:
 
 def distill_student(
     *,
-    kind: str,
+    kind: RunKind,
     method: Method,
     student: Detector,
     data: Data,
@@ -89,17 +90,16 @@ def distill_student(
     loss_log: str,
     identity: dict,
 ) -> None:
-    """One distillation stage (see the module docstring); ``kind``: distill, distill_me, sal1, sal2."""
+    """One distillation stage (see the module docstring); ``kind``: one of dfmsd.core.kinds.DISTILL_KINDS."""
     maybe_relaunch(launch)
-    import dfmsd.models  # noqa: F401
+    register_project_types()
 
     where = f'students.{identity["student"]}'
     student_cfg = training_config(student, data, train, train.iters, seed, where)
-    stop_at = start = None
-    if kind in ('sal1', 'sal2'):
-        boundary = sal_boundary(method, train.iters)
-        stop_at, start = (boundary, None) if kind == 'sal1' else (None, boundary)
-    uses_me = kind == 'distill_me' or (kind in ('sal1', 'sal2') and int(kind[-1]) in method.me_stages)
+    boundary = sal_boundary(method, train.iters) if kind.sal_stage else None
+    stop_at = boundary if kind.keeps_state else None  # stage 1 ends at the boundary, stage 2 starts there
+    start = boundary if kind.resumes else None
+    uses_me = kind.uses_me(method)
     if uses_me and not me_table:
         raise DistillError(f'{kind} of {identity["method"]} adds ME views: its dvc.yaml command must pass --me-table')
     cfg = distill_config(
@@ -116,7 +116,7 @@ def distill_student(
         lr=student.lr,
     )
     resume_from = None
-    if kind == 'sal2':
+    if kind.resumes:
         resume_from = str(Path(init) / 'state.pth')
         cfg.custom_hooks.append(dict(type='SALHandoff', boundary=start, reset_modules=method.reset_modules, seed=seed))
     else:
@@ -130,7 +130,7 @@ def distill_student(
         threads=runtime.threads,
         identity={**identity, 'uses_me': uses_me},
         prefix='student.',
-        keep_state=kind == 'sal1',
+        keep_state=kind.keeps_state,
         resume_from=resume_from,
         start_iter=start or 0,
     )

@@ -14,7 +14,7 @@ from mmengine.config import Config
 from dfmsd.core.io import write_json, write_text
 from dfmsd.core.params import Data, Launch, LocalTeacher, Runtime, Train, TrainedTeacher, ZooTeacher
 from dfmsd.engine.checkpoint import export_plain_checkpoint, load_verified, state_dict_of
-from dfmsd.engine.configs import point_at_dataset, resolve_config, training_config
+from dfmsd.engine.configs import point_at_dataset, register_project_types, resolve_config, training_config
 from dfmsd.engine.launch import apply_launcher, maybe_relaunch
 from dfmsd.engine.training import log, train_and_export
 
@@ -32,7 +32,7 @@ def train_teacher(
     where: str,
 ) -> None:
     maybe_relaunch(launch)
-    import dfmsd.models  # noqa: F401
+    register_project_types()
 
     cfg = training_config(spec, data, train, spec.iters, train.teacher_seed, where)
     apply_launcher(cfg, launch)

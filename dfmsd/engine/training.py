@@ -47,6 +47,7 @@ from dfmsd.engine.checkpoint import (
     register_verified_checkpoints,
     save_portable_state,
 )
+from dfmsd.engine.configs import PROJECT_IMPORTS
 from dfmsd.engine.launch import single_process_config
 
 
@@ -210,10 +211,6 @@ def export(
     return record
 
 
-#: What makes mmengine import the project's registered types (loop, hooks, trackers, distiller).
-PROJECT_IMPORTS = dict(imports=['dfmsd.models'], allow_failed_imports=False)
-
-
 def _rerunnable(cfg: Config) -> Config:
     """The training config as stock tools/train.py takes it: no work dir or resume of ours, and
     ``custom_imports`` for the project's types (a baseline's config names our loop and hooks too)."""
@@ -222,7 +219,7 @@ def _rerunnable(cfg: Config) -> Config:
         out.pop(key, None)
     if out.default_hooks.checkpoint.get('type') == 'HashedCheckpointHook':
         out.default_hooks.checkpoint.type = 'CheckpointHook'
-    out.custom_imports = out.get('custom_imports') or PROJECT_IMPORTS
+    out.custom_imports = out.get('custom_imports') or copy.deepcopy(PROJECT_IMPORTS)
     return single_process_config(out)
 
 

@@ -4,7 +4,8 @@
 
 ``losses`` maps a name to a loss config (``stage``: DMKD for DFMSD, ``sfa``: PKD, ``feature``:
 MGD/PKD/FGD/... for the baselines, ``relation``/``logit`` for head-level terms); each is built
-once per distilled level and called with the inputs its ``needs`` declares. ``beta`` is
+once per distilled level (or once for the whole pyramid) and called with the inputs its
+``forward`` names, from that level's ``LossInputs``. ``beta`` is
 ``aug_loss_weight``: DFMSD's ME loss (Eq. 8) on the masking-enhanced views that the
 ``MaskingEnhancement`` transform attached to the samples, computed with the same masked
 reconstruction loss as the stage term. Every original image gets the stage terms; views
@@ -24,7 +25,7 @@ there are distilled, for every method alike.
 
 from __future__ import annotations
 
-import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ from torch import nn
 
 from dfmsd.core.errors import DistillError
 from dfmsd.models.losses.common import MaskedReconstructionLoss
-from dfmsd.models.losses.heads import dense_head
+from dfmsd.models.losses.dense_heads import dense_head
+from dfmsd.models.losses.inputs import LossInputs, draw_seed
 
 
 def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> nn.Module:
@@ -107,25 +109,10 @@ def match_levels(student_levels, teacher_levels, min_cells: int) -> list[dict[st
     return pairs
 
 
-def draw_seed(*parts: Any) -> int:
-    """A 63-bit seed from (run seed, iteration, level, ...): the same draw on a rerun or resume."""
-    digest = hashlib.blake2b(':'.join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') & (2**63 - 1)
-
-
 def _current_iter() -> int | None:
     hub = MessageHub.get_current_instance()
     it = hub.get_info('iter')
     return None if it is None else int(it)
-
-
-def training_progress() -> float | None:
-    """iter / max_iters of the running loop (0 at the first iteration); None outside one."""
-    hub = MessageHub.get_current_instance()
-    it, total = hub.get_info('iter'), hub.get_info('max_iters')
-    if it is None or not total:
-        return None
-    return min(1.0, max(0.0, float(it) / float(total)))
 
 
 def views_batch(samples) -> dict[str, Any] | None:
@@ -142,7 +129,7 @@ class StageDistiller(BaseDetector):
     Args:
         student: mmdet model config of the student.
         teacher: dict(config=..., checkpoint=...) of this stage's teacher.
-        losses: name -> loss config, each built once per distilled level.
+        losses: name -> loss config, each built once per distilled level (or for the whole pyramid).
         aug_loss_weight: beta of the ME loss on views (needs one masked reconstruction loss).
         seed: the run seed; random draws of the losses come from (seed, iteration, level).
         min_cells: distil levels with at least min_cells x min_cells cells at probe_size.
@@ -177,7 +164,8 @@ class StageDistiller(BaseDetector):
             )
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
-        object.__setattr__(self, 'teacher', build_teacher(**teacher))  # hidden: not a submodule
+        # hidden: a submodule teacher (measured) needs state-dict, optimizer, DDP, init_weights filters; no faster
+        object.__setattr__(self, 'teacher', build_teacher(**teacher))
         self.seed = int(seed)
         self.student_init = student_init
         self.level_pairs = match_levels(
@@ -186,7 +174,7 @@ class StageDistiller(BaseDetector):
         self.losses = nn.ModuleDict({name: self._build_loss(cfg) for name, cfg in (losses or {}).items()})
         self.aug_loss_weight = float(aug_loss_weight)
         self.aug_loss_name = self._reconstruction_loss_name() if self.aug_loss_weight else None
-        self.needs = frozenset().union(*(self._modules_of(m)[0].needs for m in self.losses.values()))
+        self.needs = frozenset().union(*(modules[0].needs for modules in self.losses.values()))
         for role, model in (('student', self.student), ('teacher', self.teacher)):
             if f'{role}_head' in self.needs:  # refuse a two-stage model at build time, not mid-run
                 dense_head(model, role)
@@ -202,32 +190,20 @@ class StageDistiller(BaseDetector):
             self.student.bbox_head.register_forward_hook(self._record_head_out)
         self._calls = 0  # iteration stand-in outside a training loop (tests, benchmarks)
 
-    def _build_loss(self, cfg: dict) -> nn.Module:
+    def _build_loss(self, cfg: dict) -> nn.ModuleList:
         """One module per level, or one for the whole pyramid (``per_level = False``: losses
-        that need every level at once, e.g. CrossKD's label assignment)."""
+        that need every level at once, e.g. CrossKD's label assignment; the channels are then
+        lists over the levels)."""
+        channels = [(p['student_channels'], p['teacher_channels']) for p in self.level_pairs]
         if getattr(MODELS.get(cfg['type']), 'per_level', True):
             return nn.ModuleList(
-                MODELS.build(dict(cfg, student_channels=p['student_channels'], teacher_channels=p['teacher_channels']))
-                for p in self.level_pairs
+                MODELS.build(dict(cfg, student_channels=cs, teacher_channels=ct)) for cs, ct in channels
             )
-        return MODELS.build(
-            dict(
-                cfg,
-                student_channels=[p['student_channels'] for p in self.level_pairs],
-                teacher_channels=[p['teacher_channels'] for p in self.level_pairs],
-            )
-        )
-
-    @staticmethod
-    def _modules_of(loss: nn.Module) -> list[nn.Module]:
-        return list(loss) if isinstance(loss, nn.ModuleList) else [loss]
+        cs, ct = (list(c) for c in zip(*channels))
+        return nn.ModuleList([MODELS.build(dict(cfg, student_channels=cs, teacher_channels=ct))])
 
     def _reconstruction_loss_name(self) -> str:
-        names = [
-            n
-            for n, m in self.losses.items()
-            if isinstance(m, nn.ModuleList) and isinstance(m[0], MaskedReconstructionLoss)
-        ]
+        names = [n for n, modules in self.losses.items() if isinstance(modules[0], MaskedReconstructionLoss)]
         if len(names) != 1:
             raise DistillError(
                 f'aug_loss_weight needs exactly one masked reconstruction loss '
@@ -279,41 +255,38 @@ class StageDistiller(BaseDetector):
         with torch.no_grad():
             return self.teacher.extract_feat(self.teacher.data_preprocessor(raw, True)['inputs'])
 
-    def _level_inputs(self, level: int | None, samples, it: int, device) -> dict[str, Any]:
-        """The inputs of :data:`INPUTS` the losses need, for one level (or, ``level=None``, as
-        lists over the distilled levels)."""
-        inputs: dict[str, Any] = {}
-        needs = self.needs
-        pairs = self.level_pairs if level is None else [self.level_pairs[level]]
-        pick = (lambda xs: xs) if level is None else (lambda xs: xs[0])
-        if 'generator' in needs:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(draw_seed(self.seed, it, 'all' if level is None else level))
-            inputs['generator'] = gen
-        if 'boxes' in needs:
-            inputs['boxes'] = [s.gt_instances.bboxes for s in samples]
-        if 'img_shapes' in needs:
-            inputs['img_shapes'] = [s.img_shape for s in samples]
-        if 'stride' in needs:
-            inputs['stride'] = pick([p['stride'] for p in pairs])
-        if 'progress' in needs:
-            inputs['progress'] = training_progress()
-        if 'level' in needs:
-            inputs['level'] = level
-        if 'strides' in needs:
-            inputs['strides'] = [p['stride'] for p in self.level_pairs]
-        if 'student_head' in needs:
-            inputs['student_head'] = self.student.bbox_head
-        if 'teacher_head' in needs:
-            inputs['teacher_head'] = getattr(self.teacher, 'bbox_head', None)
-        if 'student_head_out' in needs:
-            cls_scores, bbox_preds = self._student_head_out[:2]
-            inputs['student_head_out'] = pick(
-                [(cls_scores[p['student_idx']], bbox_preds[p['student_idx']]) for p in pairs]
-            )
-        if 'samples' in needs:
-            inputs['samples'] = samples
-        return inputs
+    def distillation_losses(self, s_feats, t_feats, samples, iteration: int) -> dict[str, torch.Tensor]:
+        """The distillation terms of a batch from both models' FPN outputs: level by level, each
+        per-level loss; then each whole-pyramid loss. The losses of a level share its inputs."""
+        s_levels = [s_feats[p['student_idx']] for p in self.level_pairs]
+        t_levels = [self._resized(t_feats[p['teacher_idx']], s) for p, s in zip(self.level_pairs, s_levels)]
+        inputs = partial(
+            LossInputs,
+            pairs=self.level_pairs,
+            samples=samples,
+            seed=self.seed,
+            iteration=iteration,
+            student=self.student,
+            teacher=self.teacher,
+            head_outs=self._student_head_out,
+            device=s_levels[0].device,
+        )
+        out = {}
+        for level, (pair, s, t) in enumerate(zip(self.level_pairs, s_levels, t_levels)):
+            at_level = inputs(level=level)
+            for name, modules in self.losses.items():
+                if modules[0].per_level:
+                    loss = modules[level]
+                    out[f'loss_distill_{name}_s{pair["stride"]}'] = loss(s, t, **at_level.of(loss))
+        whole = inputs(level=None)
+        for name, modules in self.losses.items():
+            if not modules[0].per_level:
+                terms = modules[0](s_levels, t_levels, **whole.of(modules[0]))
+                if isinstance(terms, dict):
+                    out.update({f'loss_distill_{name}_{k}': v for k, v in terms.items()})
+                else:
+                    out[f'loss_distill_{name}'] = terms
+        return out
 
     def loss(self, inputs, data_samples) -> dict[str, torch.Tensor]:
         raw = dict(inputs=inputs, data_samples=data_samples)
@@ -325,29 +298,7 @@ class StageDistiller(BaseDetector):
         it = _current_iter()
         if it is None:
             it, self._calls = self._calls, self._calls + 1
-        s_levels, t_levels = [], []
-        for level, pair in enumerate(self.level_pairs):
-            s = s_feats[pair['student_idx']]
-            t = self._resized(t_feats[pair['teacher_idx']], s)
-            s_levels.append(s)
-            t_levels.append(t)
-            level_inputs = self._level_inputs(level, samples, it, s.device)
-            for name, per_level in self.losses.items():
-                if isinstance(per_level, nn.ModuleList):
-                    loss = per_level[level]
-                    losses[f'loss_distill_{name}_s{pair["stride"]}'] = loss(
-                        s, t, **{k: level_inputs[k] for k in loss.needs}
-                    )
-        pyramid = {n: m for n, m in self.losses.items() if not isinstance(m, nn.ModuleList)}
-        if pyramid:
-            all_inputs = self._level_inputs(None, samples, it, s_levels[0].device)
-            for name, loss in pyramid.items():
-                out = loss(s_levels, t_levels, **{k: all_inputs[k] for k in loss.needs})
-                losses.update(
-                    {f'loss_distill_{name}_{k}': v for k, v in out.items()}
-                    if isinstance(out, dict)
-                    else {f'loss_distill_{name}': out}
-                )
+        losses.update(self.distillation_losses(s_feats, t_feats, samples, it))
         views = views_batch(samples) if self.aug_loss_weight else None
         if views is not None:
             losses.update(self._aug_losses(views, it))

@@ -116,8 +116,8 @@ class SALHandoff(Hook):
         if self.reset_modules:
             with torch.random.fork_rng():
                 torch.manual_seed(self.seed)
-                for per_level in model.losses.values():
-                    for module in per_level:
+                for modules in model.losses.values():
+                    for module in modules:
                         reset_module(module)
                         for param in module.parameters():
                             dropped += optimizer.state.pop(param, None) is not None

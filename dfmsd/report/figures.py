@@ -1,4 +1,4 @@
-"""The report's figures, from plain data (lists and dicts) prepared by :mod:`dfmsd.report.tables`.
+"""The report's figures, from plain data (lists and dicts) prepared by :mod:`dfmsd.report.write`.
 
 Deterministic: the same data give the same PNG bytes. Figures are drawn on a bare
 :class:`matplotlib.figure.Figure` (no pyplot, no global backend switch), under fixed rc

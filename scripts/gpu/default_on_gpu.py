@@ -193,8 +193,7 @@ def main() -> int:
     import torch
 
     from dfmsd.core.io import read_json, write_json
-    from dfmsd.core.params import load_params
-    from dfmsd.engine.launch import launch_settings
+    from dfmsd.core.params import launch_settings, load_params
 
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +327,7 @@ def main() -> int:
             lambda: init_student(student, data, seed, str(init), f'students.{student_name}'),
         )
 
+    from dfmsd.core.kinds import run_kind
     from dfmsd.engine.students import distill_student, train_baseline
 
     sdir = models / 'students' / student_name / f'seed{seed}'
@@ -364,7 +364,7 @@ def main() -> int:
         ok = step(
             label,
             lambda: distill_student(
-                kind=kind,
+                kind=run_kind(kind),
                 method=method,
                 student=student,
                 data=data,

@@ -1,12 +1,14 @@
 """Distillation losses, each registered in mmdet's ``MODELS`` (interface: ``common.py``)."""
 
-from .common import INPUTS, DistillLoss, MaskedReconstructionLoss
+from .common import DistillLoss, MaskedReconstructionLoss
+from .crosskd import CrossKDLoss
 from .dmkd import AMDLoss, DMKDLoss
 from .fgd import FGDLoss
 from .fkd import FeatureKDLoss
-from .heads import CrossKDLoss, MARRelationLoss, PCDLoss
-from .mar import MARLoss
+from .inputs import INPUTS
+from .mar import MARLoss, MARRelationLoss
 from .mgd import MGDLoss
+from .pcd import PCDLoss
 from .pkd import PKDLoss
 
 LOSS_TYPES = tuple(

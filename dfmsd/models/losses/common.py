@@ -3,9 +3,10 @@
 Interface. A loss is built once per distilled FPN level as
 ``MODELS.build(dict(type=..., student_channels=Cs, teacher_channels=Ct, **kwargs))`` and
 called as ``loss(S, T, **inputs)``, where S (N x Cs x H x W, with grad) and T (N x Ct x H x W)
-are the level's student and teacher features. ``needs`` declares which of
-:data:`INPUTS` the loss takes; the distiller computes exactly those. The result is a
-scalar already multiplied by ``loss_weight``; teacher features are detached inside.
+are the level's student and teacher features. The keyword-only parameters of its ``forward``
+say which of :data:`INPUTS` it takes (``needs``, read from the signature); the distiller
+computes exactly those. The result is a scalar already multiplied by ``loss_weight``; teacher
+features are detached inside.
 
 A :class:`MaskedReconstructionLoss` (MGD, DMKD, AMD) also exposes ``reconstruct`` and
 ``error``: the stage loss is ``loss_weight * error(reconstruct(S, T), T)`` and DFMSD's ME
@@ -17,6 +18,7 @@ Notation: f_align = 1x1 conv Cs -> Ct (identity if Cs == Ct).
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -24,25 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-#: What a loss may ask the distiller for, besides S and T (see ``DistillLoss.needs``).
-INPUTS = {
-    'boxes': 'ground-truth boxes per image, N tensors k x 4 (xyxy, input pixels)',
-    'img_shapes': 'per image (h, w) of the unpadded input',
-    'stride': "the level's stride in pixels",
-    'generator': 'a torch.Generator for random draws, seeded by (run seed, iteration, level)',
-    'progress': 'training progress iter / max_iters in [0, 1] (None outside training)',
-    'level': 'index of the level among the distilled ones',
-    'strides': 'the strides of all distilled levels (whole-pyramid losses)',
-    'student_head': "the student's dense head (its modules, with grad)",
-    'teacher_head': "the teacher's dense head (frozen)",
-    'student_head_out': "the student head's own (cls_score, bbox_pred) of this level, from its forward",
-    'samples': 'the data samples (gt_instances, metainfo) of the original images',
-}
+from .inputs import INPUTS
+
 REDUCTIONS = ('sum_over_batch', 'mean')
 
 
 class DistillLoss(nn.Module):
-    """Base class of the distillation losses; ``needs`` is a subset of INPUTS.
+    """Base class of the distillation losses; ``needs``: the keyword-only parameters of ``forward``,
+    each one of INPUTS.
 
     ``per_level = False``: built once for the whole pyramid (``student_channels`` and
     ``teacher_channels`` are then lists over the distilled levels), called with the lists of
@@ -55,9 +46,11 @@ class DistillLoss(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        params = inspect.signature(cls.forward).parameters.values()
+        cls.needs = frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY)
         unknown = cls.needs - set(INPUTS)
         if unknown:
-            raise TypeError(f'{cls.__name__}.needs names unknown inputs {sorted(unknown)}')
+            raise TypeError(f'{cls.__name__}.forward takes unknown inputs {sorted(unknown)} (known: {sorted(INPUTS)})')
 
 
 def reduce_squared_error(pred: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -73,8 +66,6 @@ def reduce_squared_error(pred: Tensor, target: Tensor, reduction: str) -> Tensor
 
 class MaskedReconstructionLoss(DistillLoss):
     """L = loss_weight * error(reconstruct(S, T), T)."""
-
-    needs = frozenset({'generator'})
 
     def __init__(self, loss_weight: float, reduction: str):
         super().__init__()

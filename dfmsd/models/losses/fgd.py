@@ -80,8 +80,6 @@ class FGDLoss(DistillLoss):
     Masks from the boxes (``fgd_masks``). Defaults = FGD's RetinaNet config.
     """
 
-    needs = frozenset({'boxes', 'img_shapes'})
-
     def __init__(
         self,
         student_channels: int,
