@@ -14,7 +14,7 @@ from PIL import Image
 
 from dfmsd.core.errors import DatasetError
 from dfmsd.data import coco as coco_mod
-from dfmsd.data import synthetic
+from dfmsd.data import shapes, synthetic
 from dfmsd.data.coco import area_ratio, rounded_box, split_files, validate_coco
 from dfmsd.data.synthetic import generate_dataset
 
@@ -108,9 +108,9 @@ def test_size_modes_keep_their_area_ratio_ranges(tmp_path):
             assert boxes[img['id']], f'{split} image {img["id"]} has no box'
             ratio = area_ratio(boxes[img['id']], img['width'], img['height'])
             if img['size_mode'] == 'small':  # 1e-3: boxes are rounded to 0.01 px in the JSON
-                assert ratio <= synthetic.SMALL_MODE_MAX_RATIO + 1e-3, (split, img)
+                assert ratio <= shapes.SMALL_MODE_MAX_RATIO + 1e-3, (split, img)
             else:
-                assert ratio >= synthetic.LARGE_MODE_MIN_RATIO - 1e-3, (split, img)
+                assert ratio >= shapes.LARGE_MODE_MIN_RATIO - 1e-3, (split, img)
         assert summary[split]['small_dominated'] == modes.count('small')
         assert summary[split]['large_dominated'] == modes.count('large')
         assert sum(summary[split]['per_class'].values()) == len(coco['annotations'])
