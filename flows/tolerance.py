@@ -27,6 +27,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from dfmsd.core.kinds import TEACHER
+
 METRIC = 'mAP'
 #: The family-wise probability that a float-only rebuild leaves some run outside the band.
 ALPHA = 0.05
@@ -39,8 +41,8 @@ def band(runs: int) -> float:
 
 def row_of(record: dict) -> tuple:
     """The row a run belongs to (its seed left out)."""
-    if record.get('kind') == 'teacher':
-        return ('teacher', record.get('pair'), record.get('role'))
+    if record.get('kind') == TEACHER.name:
+        return (TEACHER.name, record.get('pair'), record.get('role'))
     return (record.get('kind'), record.get('student'), record.get('pair'), record.get('method'))
 
 
