@@ -202,19 +202,24 @@ def _record_run_cache(clone: Path, stage: str) -> None:
 def _ending_on(event_name: str) -> Iterator[None]:
     """While the block runs, a thread that ends this worker's stage processes once the run's
     stop event is set (Dask cannot stop a running task: the flow sets it when interrupted)."""
-    from distributed import Event
+    from distributed import Event, get_client
 
     from flows import guard
 
     done = threading.Event()
+    # The task's thread has the worker's context; the watcher's does not, and an Event made there
+    # raises at once: the loop then spun at about 30% of a core per worker, and never saw the event.
+    client = get_client()
 
     def watch() -> None:
-        stop = Event(event_name)
+        stop = Event(event_name, client=client)
         while not done.is_set():
-            with contextlib.suppress(Exception):  # a timeout, or the scheduler gone for a moment
+            try:
                 if stop.wait(timeout=1.0):
                     guard.end_all()
                     return
+            except Exception:  # the scheduler gone for a moment: try again in a second, not at once
+                done.wait(1.0)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -99,3 +99,33 @@ def test_a_scheduler_without_workers_fails_within_the_timeout_naming_it(tmp_path
         res, seconds = run_flow(root, '--scheduler', dask.address, '--connect-timeout', '5')
     assert_fails_fast(res, seconds, 60, f'the Dask scheduler at {dask.address} has no worker', 'waited 5 s')
     assert not (root / 'dvc.lock').exists()
+
+
+def _stage_until_stopped(event_name: str) -> tuple[int, float]:
+    """On a worker: a stage process under the run's stop event; its exit status and how long it ran."""
+    from flows import engine, guard
+
+    with engine._ending_on(event_name):
+        proc = guard.start_stage_process([sys.executable, '-c', 'import time; time.sleep(120)'])
+        started = time.monotonic()
+        try:
+            return proc.wait(timeout=60), time.monotonic() - started
+        finally:
+            guard.forget(proc)
+
+
+def test_the_runs_stop_event_ends_a_workers_stage_processes():
+    """What an interrupted flow sets (flows.engine.stop_workers) reaches a running task's processes."""
+    import cloudpickle
+    from distributed import Client, Event, LocalCluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker process cannot import tests/
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        future = client.submit(_stage_until_stopped, 'test-run-stop')
+        time.sleep(3)
+        Event('test-run-stop', client=client).set()
+        status, ran = future.result(timeout=90)
+    assert status != 0 and ran < 30, (status, ran)
