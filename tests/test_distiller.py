@@ -133,9 +133,11 @@ def test_teacher_is_hidden_frozen_and_stays_in_eval_mode(tiny_dataset, tmp_path,
     assert all(m.fusion_logits.grad is not None for m in model.losses['stage'])
 
 
-# ---------------------------------------------------------------- one normalisation
+# ---------------------------------------------------------------- the two normalisations
 @pytest.mark.fast
-def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, hub):
+def test_stage_term_sums_each_level_and_me_term_averages_it(tiny_dataset, tmp_path, hub):
+    """L_stage (Eq. 7): MGD's sum over C, H, W, mean over N, so larger levels weigh more;
+    L_aug (Eq. 8): a per-element mean per level."""
     data = tiny_data(tiny_dataset)
     table, _ = me_table(data, tmp_path / 'me.json', noise_prob=1.0)  # every image gets a view
     alpha, beta, seed, it = 0.7, 0.3, 5, 11
@@ -145,7 +147,7 @@ def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, h
         teacher='retinanet',
         seed=seed,
         aug_loss_weight=beta,
-        losses={'stage': dict(type='DMKDLoss', loss_weight=alpha, reduction='mean')},
+        losses={'stage': dict(type='DMKDLoss', loss_weight=alpha)},
     )
     model.train()
     hub.update_info('iter', it)
@@ -158,8 +160,8 @@ def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, h
         f'loss_distill_{term}_s{s}' for term in ('stage', 'aug') for s in strides
     }
 
-    def expected(weight: float, images: list[torch.Tensor], *tag: str) -> dict[int, torch.Tensor]:
-        """weight * mean over N, C, H, W of (reconstruct(S, T) - T)^2, with the draws of (seed, it, level)."""
+    def expected(weight: float, images: list[torch.Tensor], reduce, *tag: str) -> dict[int, torch.Tensor]:
+        """weight * reduce((reconstruct(S, T) - T)^2), with the draws of (seed, it, level)."""
         batch = dict(inputs=images, data_samples=None)
         with torch.no_grad():
             s_feats = model.student.extract_feat(model.student.data_preprocessor(batch, True)['inputs'])
@@ -169,11 +171,12 @@ def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, h
                 s, t = s_feats[pair['student_idx']], t_feats[pair['teacher_idx']]
                 gen = torch.Generator().manual_seed(draw_seed(seed, it, level, *tag))
                 rebuilt = model.losses['stage'][level].reconstruct(s, t, gen)
-                out[pair['stride']] = weight * ((rebuilt - t) ** 2).mean()
+                out[pair['stride']] = weight * reduce((rebuilt - t) ** 2)
         return out
 
-    stage = expected(alpha, originals)
-    aug = expected(beta, [torch.from_numpy(v.transpose(2, 0, 1).copy()) for v in views], 'aug')
+    stage = expected(alpha, originals, lambda sq: sq.sum() / sq.shape[0])
+    view_images = [torch.from_numpy(v.transpose(2, 0, 1).copy()) for v in views]
+    aug = expected(beta, view_images, torch.mean, 'aug')
     for s in strides:
         torch.testing.assert_close(losses[f'loss_distill_stage_s{s}'].detach(), stage[s], rtol=1e-5, atol=0)
         torch.testing.assert_close(losses[f'loss_distill_aug_s{s}'].detach(), aug[s], rtol=1e-5, atol=0)
@@ -181,7 +184,27 @@ def test_stage_and_me_terms_are_both_per_element_means(tiny_dataset, tmp_path, h
 
 
 @pytest.mark.fast
-def test_baselines_keep_mgd_normalisation_and_dfmsd_uses_means():
+@pytest.mark.parametrize(
+    ('reduction', 'shares'), [('sum_over_batch', [16 / 21, 4 / 21, 1 / 21]), ('mean', [1 / 3] * 3)]
+)
+def test_level_weighting_of_the_stage_loss_by_hand(reduction, shares):
+    """The same per-element error e on 4x4, 2x2 and 1x1 maps of 2 channels, batch 2: MGD's
+    reduction gives each level C*H*W*e (32e, 8e, 2e: shares 16/21, 4/21, 1/21), the withdrawn
+    per-element reading e on each (1/3 each)."""
+    from dfmsd.models.losses.common import reduce_squared_error
+
+    e = 0.25  # (0.5)^2
+    terms = [
+        reduce_squared_error(torch.full((2, 2, hw, hw), 0.5), torch.zeros(2, 2, hw, hw), reduction).item()
+        for hw in (4, 2, 1)
+    ]
+    total = sum(terms)
+    assert [t / total for t in terms] == pytest.approx(shares)
+    assert terms[0] == pytest.approx(2 * 4 * 4 * e if reduction == 'sum_over_batch' else e)
+
+
+@pytest.mark.fast
+def test_the_committed_methods_keep_mgd_reduction():
     params = load_params(REPO / 'params.yaml')
     torch.manual_seed(0)
     preds_s, preds_t = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
@@ -198,7 +221,7 @@ def test_baselines_keep_mgd_normalisation_and_dfmsd_uses_means():
         check(params.methods[name].losses['feature'], 'sum_over_batch')
     dfmsd = [params.sal_methods['dfmsd'], params.me_methods['dfmsd_no_sal']]
     for method in dfmsd:
-        check(method.losses['stage'], 'mean')
+        check(method.losses['stage'], 'sum_over_batch')
         assert method.aug_loss_weight > 0
 
 

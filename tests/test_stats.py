@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dfmsd.report.stats import ONE_SEED, confidence_label, paired, summarize, verdict_of
+from dfmsd.report.stats import ONE_SEED, confidence_label, holm, paired, resolution, summarize, verdict_of
 
 pytestmark = pytest.mark.fast
 
@@ -110,3 +110,36 @@ def test_pairing_is_by_seed():
     # unpaired (Welch) would be wider here: the pairing removes the seed-to-seed spread
     welch = stats.ttest_ind([25.1, 24.3, 26.0], [24.0, 24.1, 24.9], equal_var=False).confidence_interval(0.95)
     assert (p['ci'][1] - p['ci'][0]) != pytest.approx(welch.high - welch.low)
+
+
+def test_holm_adjusts_a_family_by_hand():
+    # sorted: 0.021 x 4 = 0.084, 0.04 x 3 = 0.12, 0.3 x 2 = 0.6, 0.5 x 1 = 0.5 -> 0.6 (monotone)
+    family = [
+        {'p_value': p, 'mean_diff': d, 'verdict': v}
+        for p, d, v in [(0.021, -1.9, 'worse'), (0.3, 0.2, 'n.d.'), (0.5, 0.1, 'n.d.'), (0.04, 1.0, 'better')]
+    ]
+    family.append({'p_value': None, 'mean_diff': 0.4, 'verdict': 'one seed: not tested'})
+    holm(family)
+    assert [r.get('p_holm') for r in family] == pytest.approx([0.084, 0.6, 0.6, 0.12, None])
+    assert {r['verdict'] for r in family[:4]} == {'not distinguishable at 95%'}
+    assert family[0]['verdict_unadjusted'] == 'worse' and family[4]['verdict'] == 'one seed: not tested'
+    assert family[0]['family_size'] == 4
+    two = [
+        {'p_value': 0.01, 'mean_diff': -2.0, 'verdict': 'worse'},
+        {'p_value': 0.02, 'mean_diff': 1.0, 'verdict': 'x'},
+    ]
+    holm(two)  # 0.01 x 2 = 0.02, 0.02 x 1 = 0.02: both below 0.05
+    assert [r['verdict'] for r in two] == ['worse', 'better']
+
+
+def test_resolution_is_the_half_width_at_the_pooled_spread():
+    a = {0: 10.0, 1: 11.0, 2: 12.5}
+    b = {0: 9.0, 1: 10.5, 2: 11.0}  # differences 1.0, 0.5, 1.5: SD 0.5
+    c = {0: 10.0, 1: 11.0, 2: 13.0}  # against a: 0, 0, -0.5: SD 0.288675...
+    family = [paired(a, b), paired(a, c)]
+    res = resolution(family)
+    sd = ((0.5**2 + (0.5 / 3**0.5) ** 2) / 2) ** 0.5
+    assert res['sd'] == pytest.approx(sd)
+    assert res['single'] == pytest.approx(4.302653 * sd / 3**0.5, rel=1e-6)  # t(0.975, 2)
+    assert res['holm_first'] == pytest.approx(6.205347 * sd / 3**0.5, rel=1e-6)  # t(1 - 0.05 / 4, 2)
+    assert resolution([paired({0: 1.0}, {0: 2.0})]) is None

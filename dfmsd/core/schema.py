@@ -200,6 +200,13 @@ class Method(Strict):
     losses: dict[str, Loss] = Field(min_length=1)
     aug_loss_weight: NonNegativeFloat = Field(0.0, description='beta of the ME loss (Eq. 8)')
     ablation_of: str | None = Field(None, description='the method whose ablation table lists this row')
+    budget: PositiveFloat = Field(
+        1.0, description="the row's iterations as a multiple of train.iters (an ablation's stated budget)"
+    )
+
+    def iters(self, train_iters: int) -> int:
+        """This row's schedule: ``budget`` x train.iters."""
+        return max(1, round(self.budget * train_iters))
 
     @field_validator('losses')
     @classmethod
@@ -214,6 +221,23 @@ class SALMethod(Method):
     me_stages: list[Literal[1, 2]] = Field([2], description='SAL stages that add ME views')
     split: Annotated[float, Field(gt=0, lt=1)] = Field(0.5, description="stage 1's share of the budget")
     reset_modules: bool = Field(False, description='re-initialise the loss modules at the teacher switch')
+    stage1_losses: dict[str, Loss] | None = Field(
+        None, description="stage 1's losses where their weights differ from stage 2's (the alpha-per-stage ablation)"
+    )
+
+    @model_validator(mode='after')
+    def _stage1_losses_match(self):
+        if self.stage1_losses is not None:
+            types = {name: loss.type for name, loss in self.losses.items()}
+            if {name: loss.type for name, loss in self.stage1_losses.items()} != types:
+                raise ValueError(f'stage1_losses must name the same losses of the same types as losses ({types})')
+        return self
+
+    def at_stage(self, stage: int) -> SALMethod:
+        """The method as SAL stage ``stage`` runs it: stage 1 with ``stage1_losses`` where given."""
+        if stage == 1 and self.stage1_losses is not None:
+            return self.model_copy(update={'losses': self.stage1_losses})
+        return self
 
 
 class Distill(Strict):

@@ -1,7 +1,8 @@
 """The student's runs: its seeded initialisation, the baseline, and its distillations.
 
 Every distillation row has the same budget (``train.iters``) and the same schedule (warm-up,
-then cosine decay over all of it). A SAL row is that one schedule cut in two at
+then cosine decay over all of it), unless its method states another (``budget``: a multiple of
+``train.iters``, for the ablations that ask what a longer schedule buys). A SAL row is that one schedule cut in two at
 ``split * iters``: stage 1 learns from the pair's weak teacher and ends with its resumable
 training state; stage 2 continues that state (optimizer, learning-rate position, loss
 modules, cost counters) with the strong teacher. So a single-stage row differs from a SAL
@@ -95,8 +96,11 @@ def distill_student(
     register_project_types()
 
     where = f'students.{identity["student"]}'
-    student_cfg = training_config(student, data, train, train.iters, seed, where)
-    boundary = sal_boundary(method, train.iters) if kind.sal_stage else None
+    iters = method.iters(train.iters)
+    if kind.sal_stage:
+        method = method.at_stage(kind.sal_stage)
+    student_cfg = training_config(student, data, train, iters, seed, where)
+    boundary = sal_boundary(method, iters) if kind.sal_stage else None
     stop_at = boundary if kind.keeps_state else None  # stage 1 ends at the boundary, stage 2 starts there
     start = boundary if kind.resumes else None
     uses_me = kind.uses_me(method)
@@ -107,7 +111,7 @@ def distill_student(
         teacher,
         method,
         train=train,
-        iters=train.iters,
+        iters=iters,
         seed=seed,
         min_cells=distill.min_cells,
         probe_size=probe_size_of(data, student_cfg),

@@ -40,7 +40,7 @@ from torch import distributed as dist
 from torch import nn
 
 from dfmsd.core.errors import DistillError
-from dfmsd.models.losses.common import MaskedReconstructionLoss
+from dfmsd.models.losses.common import MaskedReconstructionLoss, reduce_squared_error
 from dfmsd.models.losses.dense_heads import dense_head
 from dfmsd.models.losses.inputs import LossInputs, draw_seed
 
@@ -323,7 +323,8 @@ class StageDistiller(BaseDetector):
         return F.interpolate(t, size=s.shape[-2:], mode='bilinear', align_corners=False)
 
     def _aug_losses(self, views: dict, it: int) -> dict[str, torch.Tensor]:
-        """L_aug (Eq. 8): beta * error(reconstruct(S~, T~), T~) per level, on the views."""
+        """L_aug (Eq. 8): beta * mean over N, C, H, W of (reconstruct(S~, T~) - T~)^2 per level, on the
+        views: Eq. 8 normalises by each level's element count, whatever the stage loss's reduction."""
         s_views = self.student.extract_feat(self.student.data_preprocessor(views, True)['inputs'])
         self._student_feats = None  # the neck hook fired again
         t_views = self._teacher_feats(views)
@@ -334,7 +335,8 @@ class StageDistiller(BaseDetector):
             t = self._resized(t_views[pair['teacher_idx']], s)
             gen = torch.Generator(device=s.device)
             gen.manual_seed(draw_seed(self.seed, it, level, 'aug'))
-            out[f'loss_distill_aug_s{pair["stride"]}'] = self.aug_loss_weight * rec.error(rec.reconstruct(s, t, gen), t)
+            rebuilt = rec.reconstruct(s, t, gen)
+            out[f'loss_distill_aug_s{pair["stride"]}'] = self.aug_loss_weight * reduce_squared_error(rebuilt, t, 'mean')
         return out
 
     # BaseDetector's abstract hooks, answered by the student.

@@ -46,6 +46,7 @@ def results_csv(groups: list[Group], config: ReportConfig) -> str:
         'gain_ci_low',
         'gain_ci_high',
         'gain_p',
+        'gain_p_holm',
         'gain_n',
         'verdict_vs_baseline',
         *(f'{k}_mean' for k in COST_KEYS),
@@ -77,6 +78,7 @@ def results_csv(groups: list[Group], config: ReportConfig) -> str:
                 gci[0],
                 gci[1],
                 gain.get('p_value'),
+                gain.get('p_holm'),
                 gain.get('n'),
                 gain.get('verdict', ''),
             ] + [r.cost[k] for k in COST_KEYS]

@@ -190,10 +190,31 @@ def verdict_line(v: dict, config: ReportConfig) -> str:
             f'{p["mean_a"]:.2f} vs {p["mean_b"]:.2f}).'
         )
     cl = confidence_label(config.confidence)
+    adjusted = f', Holm {fmt_p(p["p_holm"])}' if 'p_holm' in p else ''
+    changed = p.get('verdict_unadjusted', p['verdict']) != p['verdict']
+    verdict = f'**{p["verdict"]}**' + (f' ({p["verdict_unadjusted"]} before the adjustment)' if changed else '')
     return (
-        head + f'**{p["verdict"]}**: Δ mAP = {p["mean_diff"]:+.2f}, {cl} CI {fmt_ci(p["ci"], sign=True)}, '
-        f'{fmt_p(p["p_value"])}, {p["n"]} paired seeds ({p["mean_a"]:.2f} vs {p["mean_b"]:.2f}).'
+        head + f'{verdict}: Δ mAP = {p["mean_diff"]:+.2f}, {cl} CI {fmt_ci(p["ci"], sign=True)}, '
+        f'{fmt_p(p["p_value"])}{adjusted}, {p["n"]} paired seeds ({p["mean_a"]:.2f} vs {p["mean_b"]:.2f}).'
     )
+
+
+def family_lines(family: dict, config: ReportConfig) -> list[str]:
+    """A family's heading, its verdicts, and what it can resolve."""
+    tested = sum(1 for v in family['verdicts'] if 'p_holm' in v['result'])
+    out = [f'#### Against {family["label"]} ({tested} comparison{"s" if tested != 1 else ""} tested, Holm)', '']
+    out += [verdict_line(v, config) for v in family['verdicts']]
+    res = family['resolution']
+    if res:
+        cl = confidence_label(config.confidence)
+        out += [
+            '',
+            f'Resolution: the paired differences have a pooled SD of {res["sd"]:.2f} mAP ({res["n"]} seeds, '
+            f'{res["m"]} comparisons). At this spread one comparison at {cl} detects a mean difference of '
+            f'{res["single"]:.2f} mAP or more; the first step of Holm over {res["m"]} needs '
+            f'{res["holm_first"]:.2f}. A true difference of exactly that size is detected about half the time.',
+        ]
+    return out + ['']
 
 
 def _strides_lines(groups: list[Group]) -> list[str]:
@@ -294,10 +315,12 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
         '',
         '## Verdicts',
         '',
-        f'Each verdict reads the {cl} CI of a paired mAP difference ({config.split}): **better** if it lies '
-        f'entirely above 0, **worse** if entirely below 0, else *{"not distinguishable at " + cl}*. '
-        f'{len(config.seeds)} seed{"s" if len(config.seeds) != 1 else ""} per row; {tests} paired t-test'
-        f'{"s" if tests != 1 else ""} below, each at {cl}, with **no correction for multiple comparisons**.'
+        f'Each comparison is a paired t-test of the mAP difference ({config.split}) over the seeds both rows '
+        f'have; {len(config.seeds)} seed{"s" if len(config.seeds) != 1 else ""} per row, {tests} test'
+        f'{"s" if tests != 1 else ""} below. The verdicts are **Holm-adjusted** within each family (against '
+        f'the baseline; against each SAL method, with its ablations): **better** or **worse** if the Holm p '
+        f'is below {1 - config.confidence:.2g} (familywise), else *{"not distinguishable at " + cl}*. The raw p '
+        f'and the {cl} CI beside each are per comparison, not adjusted.'
         + (
             ' A comparison with fewer than two common seeds is not tested: its difference is one run pair '
             'and establishes nothing.'
@@ -307,7 +330,7 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
     ]
     for g in groups:
         md += ['', f'### {g.student} / {g.pair}', '']
-        md += [verdict_line(v, config) for v in g.verdicts] or [
+        md += [line for family in g.families.values() for line in family_lines(family, config)] or [
             'No comparison: the baseline or every method is unmeasured.'
         ]
     md += ['', '## Distilled FPN strides', ''] + _strides_lines(groups)

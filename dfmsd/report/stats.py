@@ -11,14 +11,15 @@ runs that share a seed), never as two independent samples.
   interval: ``better`` (entirely above 0), ``worse`` (entirely below 0), or ``not
   distinguishable at 95%`` (it contains 0). With fewer than two common seeds nothing is
   tested.
-
-No correction for multiple comparisons is applied here; the report says so.
+* :func:`holm`: a family of paired comparisons, Holm-adjusted (``statsmodels``'
+  ``multipletests(method='holm')``): the verdicts then hold for the family at once.
+* :func:`resolution`: the smallest mean paired difference the seeds detect at this spread.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,7 @@ def paired(a: Mapping[Any, float], b: Mapping[Any, float], confidence: float = 0
         'mean_a': float(np.mean(x)) if n else None,
         'mean_b': float(np.mean(y)) if n else None,
         'mean_diff': float(np.mean(x - y)) if n else None,
+        'sd_diff': float(np.std(x - y, ddof=1)) if n > 1 else None,
         'ci': None,
         'p_value': None,
     }
@@ -123,3 +125,48 @@ def paired(a: Mapping[Any, float], b: Mapping[Any, float], confidence: float = 0
         out['p_value'] = p if math.isfinite(p) else None
     out['verdict'] = verdict_of(out['ci'], confidence)
     return out
+
+
+def holm(family: Sequence[dict[str, Any]], confidence: float = 0.95) -> None:
+    """Holm-adjust one family of :func:`paired` results in place, at familywise error
+    ``1 - confidence``. Each result with a p value gets ``p_holm`` (``multipletests(method='holm')``),
+    ``family_size`` (the tested comparisons) and a ``verdict`` read off ``p_holm``, with the
+    direction of ``mean_diff``; its per-comparison verdict stays as ``verdict_unadjusted``.
+    Results without a p value (one seed; zero spread) keep their verdict."""
+    from statsmodels.stats.multitest import multipletests
+
+    _check_confidence(confidence)
+    tested = [r for r in family if r.get('p_value') is not None]
+    if not tested:
+        return
+    reject, adjusted, _, _ = multipletests([r['p_value'] for r in tested], alpha=1 - confidence, method='holm')
+    for r, rejected, p in zip(tested, reject, adjusted):
+        r['verdict_unadjusted'] = r['verdict']
+        r['p_holm'] = float(p)
+        r['family_size'] = len(tested)
+        r['verdict'] = (BETTER if r['mean_diff'] > 0 else WORSE) if rejected else not_distinguishable(confidence)
+
+
+def resolution(family: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any] | None:
+    """What a family of paired comparisons can resolve at its measured spread.
+
+    ``sd``: the pooled (root mean square) standard deviation of the paired differences of the
+    tested comparisons, all with ``n`` seeds; ``single``: the smallest mean difference whose
+    ``confidence`` interval excludes 0, ``t(1 - a/2, n - 1) * sd / sqrt(n)`` with a = 1 - confidence;
+    ``holm_first``: the same at Holm's first (strictest) step, a / m for m comparisons. A true
+    difference of exactly this size is detected about half the time. None: nothing tested."""
+    _check_confidence(confidence)
+    tested = [r for r in family if r.get('sd_diff') is not None and r.get('ci') is not None]
+    seeds = {r['n'] for r in tested}
+    if not tested or len(seeds) != 1:
+        return None
+    n, m, a = seeds.pop(), len(tested), 1 - confidence
+    sd = math.sqrt(sum(r['sd_diff'] ** 2 for r in tested) / m)
+    width = sd / math.sqrt(n)
+    return {
+        'n': n,
+        'm': m,
+        'sd': sd,
+        'single': float(stats.t.ppf(1 - a / 2, n - 1) * width),
+        'holm_first': float(stats.t.ppf(1 - a / (2 * m), n - 1) * width),
+    }

@@ -5,6 +5,10 @@ student's baseline, then every method of params.yaml in params order (``methods`
 ``me_methods``, ``sal_methods``); rows with ``ablation_of`` set are ablations, shown in the
 ablation table of the method they name rather than in the main table. Every student row is
 compared with the baseline, paired by seed (:func:`dfmsd.report.stats.paired`).
+
+The verdicts come in families, each Holm-adjusted as a whole (:func:`dfmsd.report.stats.holm`):
+every row against the baseline; and, per SAL method (the paper's DFMSD), that method against
+every other main method together with its ablations against it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dfmsd.core.kinds import BASELINE, ROLES, TEACHER
 from dfmsd.report.config import MethodSpec, ReportConfig
 from dfmsd.report.loading import Run
 from dfmsd.report.metrics import REPORTED_METRICS
-from dfmsd.report.stats import paired, summarize
+from dfmsd.report.stats import holm, paired, resolution, summarize
 
 BASELINE_ROW = 'baseline'
 TEACHER_ROWS = {'weak': 'teacher_weak', 'strong': 'teacher_strong'}
@@ -69,7 +73,9 @@ class Group:
     student: str
     pair: str
     rows: list[Row]
-    verdicts: list[dict] = field(default_factory=list)
+    verdicts: list[dict] = field(default_factory=list)  # {'a', 'b', 'result', 'family'}
+    #: family name -> {'label', 'verdicts', 'resolution'}: what the Holm adjustment runs over
+    families: dict[str, dict] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -127,6 +133,7 @@ def build_groups(runs: Mapping[tuple, Run], config: ReportConfig) -> list[Group]
                         full = group.row(row.method.ablation_of)
                         row.vs_full = paired(row.values(config.split), full.values(config.split), config.confidence)
             group.verdicts = _verdicts(group, config)
+            group.families = _families(group, config)
             groups.append(group)
     return groups
 
@@ -138,7 +145,7 @@ def _verdicts(group: Group, config: ReportConfig) -> list[dict]:
     methods = [r for r in group.rows if r.is_method and r.n]
     base = group.baseline
     if base.n:
-        out += [{'a': r, 'b': base, 'result': r.gain} for r in methods]
+        out += [{'a': r, 'b': base, 'result': r.gain, 'family': BASELINE_ROW} for r in methods]
     mains = [r for r in methods if r.kind == 'method']
     done = set()
     for r in mains:
@@ -153,12 +160,28 @@ def _verdicts(group: Group, config: ReportConfig) -> list[dict]:
                     'a': r,
                     'b': other,
                     'result': paired(r.values(config.split), other.values(config.split), config.confidence),
+                    'family': r.name,
                 }
             )
     for r in methods:
         if r.kind == 'ablation' and group.row(r.method.ablation_of).n:
-            out.append({'a': r, 'b': group.row(r.method.ablation_of), 'result': r.vs_full})
+            full = group.row(r.method.ablation_of)
+            out.append({'a': r, 'b': full, 'result': r.vs_full, 'family': full.name})
     return out
+
+
+def _families(group: Group, config: ReportConfig) -> dict[str, dict]:
+    """The group's verdicts by family, each Holm-adjusted in place, with what it can resolve."""
+    families: dict[str, dict] = {}
+    for v in group.verdicts:
+        name = v['family']
+        label = group.baseline.label if name == BASELINE_ROW else group.row(name).label
+        families.setdefault(name, {'label': label, 'verdicts': []})['verdicts'].append(v)
+    for family in families.values():
+        results = [v['result'] for v in family['verdicts']]
+        holm(results, config.confidence)
+        family['resolution'] = resolution(results, config.confidence)
+    return families
 
 
 def me_placement_sets(config: ReportConfig) -> list[list[str]]:

@@ -3,6 +3,7 @@
 from .common import DistillLoss, MaskedReconstructionLoss
 from .crosskd import CrossKDLoss
 from .dmkd import AMDLoss, DMKDLoss
+from .fbkd import FBKDLoss
 from .fgd import FGDLoss
 from .fkd import FeatureKDLoss
 from .inputs import INPUTS
@@ -21,6 +22,7 @@ LOSS_TYPES = tuple(
             AMDLoss,
             PKDLoss,
             FGDLoss,
+            FBKDLoss,
             MARLoss,
             MARRelationLoss,
             PCDLoss,
@@ -37,6 +39,7 @@ __all__ = [
     'AMDLoss',
     'CrossKDLoss',
     'DMKDLoss',
+    'FBKDLoss',
     'FGDLoss',
     'FeatureKDLoss',
     'MARLoss',

@@ -1,4 +1,5 @@
-"""Plain feature distillation (FKD, DFMSD Eq. 1)."""
+"""Plain feature imitation (DFMSD's Eq. 1, which DFMSD labels FKD). Zhang & Ma's FKD (ICLR 2021), the
+method behind the FKD rows of DFMSD's tables, is ``FBKDLoss`` (fbkd.py)."""
 
 from __future__ import annotations
 
