@@ -7,8 +7,9 @@ Needs the teachers and the seed-0 student initialisation (`python -m flows --tar
 teacher --target student_init`). For each method and each of its loss terms it prints the
 term's mean over ``--batches`` val batches, its ratio to the detection loss, and the weight
 that would make that ratio ``--target`` (terms are linear in their weight). SAL methods are
-measured with the strong teacher, as their stage-2 terms and the single-stage rows are; the
-ME term with the same weights on the ME views. The val split is what anything tuned may read;
+measured with the strong teacher, as their stage-2 terms and the single-stage rows are
+(``--teacher weak``: as their stage-1 terms, for the alpha-per-stage ablation); the ME term with
+the same weights on the ME views. The val split is what anything tuned may read;
 the tables report test.
 """
 
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument('--preset')
     parser.add_argument('--batches', type=int, default=8)
     parser.add_argument('--target', type=float, default=1.0, help='wanted ratio to the detection loss')
+    parser.add_argument(
+        '--teacher', choices=('strong', 'weak'), default='strong', help="weak: SAL stage 1's terms (alpha per stage)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -46,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(params.runtime.threads)
     pair_name = next(iter(params.pairs))
     student_name, student = next(iter(params.students.items()))
-    teacher_dir = Path(f'models/teachers/{pair_name}/strong')
+    teacher_dir = Path(f'models/teachers/{pair_name}/{args.teacher}')
     init = Path(f'models/students/{student_name}/seed{params.seeds[0]}/init/model.pth')
     missing = [p for p in (teacher_dir / 'model.pth', init) if not p.is_file()]
     if missing:
@@ -71,7 +75,7 @@ def main() -> None:
     ds = DATASETS.build(val.train_dataloader.dataset)
     bs = params.train.batch_size
     batches = [pseudo_collate([ds[(b * bs + i) % len(ds)] for i in range(bs)]) for b in range(args.batches)]
-    print(f'{args.batches} val batches of {bs}; strong teacher {teacher_dir}; student {init}')
+    print(f'{args.batches} val batches of {bs}; {args.teacher} teacher {teacher_dir}; student {init}')
     for group in METHOD_GROUPS:
         for name, method in getattr(params, group).items():
             uses_me = group != 'methods' and method.aug_loss_weight > 0

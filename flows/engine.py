@@ -83,6 +83,7 @@ def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S
                 processes=True,
                 resources={SLOT: slots},
                 silence_logs=logging.WARNING,
+                preload=['flows.local_worker'],  # the flow handles a SIGINT to its group, not the workers
             ) as local,
             Client(local) as client,
         ):

@@ -4,6 +4,7 @@ offending value; the command-line check; how a stage reads its params."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -261,6 +262,38 @@ def test_stage_params_are_exactly_the_declared_keys(tmp_path, monkeypatch):
     params = stage_params()
     assert set(params) == {'data', 'train', 'runtime', 'launch', 'pairs'}
     assert params['pairs'] == {PAIR: {'weak': repository_params()['pairs'][PAIR]['weak']}}
+
+
+def test_stage_params_wait_while_another_dvc_process_rewrites_dvc_lock(tmp_path):
+    """A stage beside this one (``dvc --wait-for-lock repro --single-item``) holds the
+    repository lock while DVC rewrites dvc.lock in place: the read waits for the lock rather
+    than parse a half-written file (a YAMLValidationError that failed a stage in CI)."""
+    from dvc.repo import Repo
+
+    root = copy_project(tmp_path / 'project')
+    lock = root / 'dvc.lock'
+    whole = (REPO / 'dvc.lock').read_text()  # the committed one (the copy has none)
+    script = 'import json; from dfmsd.core.params import stage_params; print(json.dumps(stage_params()))'
+    with Repo(str(root)) as repo, repo.lock:  # what the writing DVC process holds
+        lock.write_text(whole[: len(whole) // 2] + '\n  bad: [')
+        reader = subprocess.Popen(
+            [sys.executable, '-c', script],
+            cwd=root,
+            env=env(PYTHONPATH=str(root), DVC_STAGE=f'teacher@{PAIR}-weak'),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            reader.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            pass
+        waited = reader.returncode is None
+        lock.write_text(whole)
+    out, err = reader.communicate(timeout=120)
+    assert waited, f'read dvc.lock while another process held the lock (exit {reader.returncode}): {err[-2000:]}'
+    assert reader.returncode == 0, err[-2000:]
+    assert json.loads(out.splitlines()[-1])['pairs'] == {PAIR: {'weak': repository_params()['pairs'][PAIR]['weak']}}
 
 
 @pytest.mark.fast

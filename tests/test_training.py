@@ -313,6 +313,37 @@ def test_sal_run_records_add_up_over_both_stages(sal):
     assert not (sal.carry.dir / 'state.pth').exists() and (sal.sal1 / 'state.pth').is_file()
 
 
+def test_a_doubled_sal_budget_gives_each_stage_the_whole_schedule_and_stage1_its_own_alpha(
+    world, tmp_path, monkeypatch
+):
+    """The paper's SAL protocol (``budget: 2``, ``split: 0.5``): stage 1 alone runs train.iters
+    iterations of a schedule twice as long; ``stage1_losses`` weigh stage 1's terms (alpha per stage)."""
+    stage1 = {
+        'stage': dict(type='DMKDLoss', loss_weight=0.0, reduction='mean'),
+        'sfa': dict(type='PKDLoss', loss_weight=0.5),
+    }
+    method = DFMSD.model_copy(update={'budget': 2.0, 'stage1_losses': SALMethod(label='x', losses=stage1).losses})
+    assert sal_boundary(method, method.iters(SAL_TRAIN.iters)) == SAL_TRAIN.iters
+    monkeypatch.chdir(tmp_path)
+    with iterations(monkeypatch) as ran:
+        model_dir = distill(world, monkeypatch, 'sal1@doubled', kind='sal1', method=method, teacher=world.weak)
+    assert ran == list(range(1, SAL_TRAIN.iters + 1))
+    record = read_json(model_dir / 'run.json')
+    assert (record['iters'], record['start_iter']) == (SAL_TRAIN.iters, 0)
+    rows = loss_rows(model_dir)
+    stage = [k for k in rows[0] if k.startswith('loss_distill_stage_s')]
+    sfa = [k for k in rows[0] if k.startswith('loss_distill_sfa_s')]
+    assert stage and sfa, list(rows[0])
+    assert all(float(r[k]) == 0.0 for r in rows for k in stage), "stage 1 ran with stage 2's alpha"
+    assert all(float(r[k]) > 0.0 for r in rows for k in sfa)
+    # the learning rate follows the doubled schedule: still near its peak where the 8-iteration one has decayed
+    reference = {
+        int(r['iter']): float(r['lr']) for r in loss_rows(distill(world, monkeypatch, 'distill@plain8', method=DFMSD))
+    }
+    doubled = {int(r['iter']): float(r['lr']) for r in rows}
+    assert doubled[SAL_TRAIN.iters] > reference[SAL_TRAIN.iters]
+
+
 def test_sal_stage1_rerun_writes_the_same_bytes(sal, world, tmp_path, monkeypatch):
     """Stage 1's outputs, the resumable training state included, are a DVC-cached output: a
     rerun elsewhere, at another time, must write the same bytes (no clock, eta or paths)."""

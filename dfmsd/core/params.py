@@ -142,10 +142,18 @@ def stage_name() -> str:
 
 
 def stage_params() -> dict[str, Any]:
-    """The params declared by this stage in dvc.yaml, and nothing else."""
-    import dvc.api
+    """The params declared by this stage in dvc.yaml, and nothing else.
 
-    return dvc.api.params_show(stages=stage_name())
+    Read under the repository lock, which ``dvc repro`` releases while a stage's command runs:
+    DVC reads dvc.lock to load the stage, and a stage running beside this one (``dvc
+    --wait-for-lock repro --single-item``) may be rewriting it (DVC writes it in place; a
+    half-written dvc.lock failed the read in CI)."""
+    import dvc.api
+    from dvc.repo import Repo, lock_repo
+
+    name = stage_name()
+    with Repo(_wait_for_lock=True) as repo, lock_repo(repo):
+        return dvc.api.params_show(stages=name, repo=repo.root_dir)
 
 
 def lookup(params: dict[str, Any], dotted: str) -> Any:
