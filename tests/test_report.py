@@ -446,3 +446,28 @@ def test_a_presets_params_name_it_and_the_smoke_preset_says_it_is_a_plumbing_che
     params = preset_params('smoke')
     assert params['report']['preset'] == 'smoke'
     assert 'Plumbing check' in params['report']['note']
+
+
+def test_each_stage_s_start_ratios_are_the_first_logged_terms_over_the_detection_loss(tmp_path):
+    """SAL stage 1 and stage 2 apart, levels summed per term, mean over the seeds (by hand)."""
+    dirs = make_tree(tmp_path, methods=['mgd', 'dfmsd'])
+    params = {**PARAMS, 'me_methods': {}, 'sal_methods': {'dfmsd': PARAMS['sal_methods']['dfmsd']}}
+    head = 'iter,lr,loss,loss_cls,loss_bbox,loss_distill_stage_s8,loss_distill_stage_s16,loss_distill_sfa_s8'
+    stage1 = {0: (20, 2.0, [0.1, 0.1, 1.0]), 1: (20, 4.0, [0.2, 0.6, 1.0]), 2: (20, 1.0, [0.0, 0.3, 0.3])}
+    for seed, (it, det, terms) in stage1.items():
+        row = [it, 0.001, det + sum(terms), det / 2, det / 2, *terms]
+        later = [it + 20, 0.001, 9.0, 1.0, 1.0, 5.0, 1.0, 1.0]  # only the first row counts
+        path = dirs['logs_dir'] / 'students' / STUDENT / f'seed{seed}' / PAIR / 'dfmsd.stage1.csv'
+        write(path, '\n'.join([head, ','.join(map(str, row)), ','.join(map(str, later))]) + '\n')
+    report = build_report(params, **dirs)
+    starts = dict(report['starts'])
+    (first, second) = starts['DFMSD']
+    assert first['iter'] == 20
+    # stage: (0.2/2 + 0.8/4 + 0.3/1) / 3; sfa: (1/2 + 1/4 + 0.3/1) / 3
+    assert first['ratios'] == pytest.approx({'stage': 0.2, 'sfa': 0.35})
+    assert second['iter'] == 700 and second['ratios'] == pytest.approx({'feat': 0.5, 'sfa': 0.25})
+    (only,) = starts['MGD']
+    assert only['iter'] == 100 and only['ratios'] == pytest.approx({'feat': 0.5, 'sfa': 0.25})
+    md = results_markdown(report['groups'], report['config'], report['me'], report['notes'], report['starts'])
+    section = md.split('## Loss terms at the start of each stage', 1)[1]
+    assert '| DFMSD | 1 | 20 | sfa 0.35x, stage 0.20x |' in section, section

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -201,6 +202,47 @@ def read_loss_log(path: str | Path) -> list[tuple[int, float, float]]:
             out.append((int(float(row['iter'])), total, total - distill))
         except (TypeError, ValueError):
             raise DfmsdError(f'{path}:{line}: not a number in {row}') from None
+    return out
+
+
+#: a loss log's per-level suffix (``loss_distill_stage_s8``: the stage term at stride 8)
+_LEVEL = re.compile(r'_s\d+$')
+
+
+def _first_terms(path: Path) -> tuple[int, float, dict[str, float]] | None:
+    """A log's first row: (iteration, detection loss, each distillation term summed over levels)."""
+    with open(path, newline='', encoding='utf-8') as f:
+        row = next(csv.DictReader(f), None)
+    if row is None:
+        return None
+    terms: dict[str, float] = defaultdict(float)
+    for key, value in row.items():
+        if key and key.startswith('loss_distill_') and value not in ('', None):
+            terms[_LEVEL.sub('', key[len('loss_distill_') :])] += float(value)
+    return int(float(row['iter'])), float(row['loss']) - sum(terms.values()), dict(terms)
+
+
+def start_ratios(runs: list[Run], logs_dir: str | Path) -> list[dict]:
+    """Each stage's distillation terms at its first logged iteration, as multiples of the detection
+    loss there, mean over the runs (SAL: stage 1, then stage 2): ``[{'iter', 'ratios': {term: x}}]``.
+    What a loss weight calibrated on val at the initialisation (benchmarks/loss_scale.py) became."""
+    stages: dict[int, list[tuple[int, dict[str, float]]]] = defaultdict(list)
+    for run in runs:
+        for i, path in enumerate(log_paths(logs_dir, run.record)):
+            first = _first_terms(path) if path.is_file() else None
+            if first and first[2] and first[1] > 0:
+                it, det, terms = first
+                stages[i].append((it, {k: v / det for k, v in terms.items()}))
+    out = []
+    for i in sorted(stages):
+        seen = stages[i]
+        names = sorted({k for _, ratios in seen for k in ratios})
+        out.append(
+            {
+                'iter': min(it for it, _ in seen),
+                'ratios': {k: sum(r.get(k, 0.0) for _, r in seen) / len(seen) for k in names},
+            }
+        )
     return out
 
 

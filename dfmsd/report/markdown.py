@@ -278,7 +278,23 @@ def _g(x) -> str:
 
 
 # ---------------------------------------------------------------- results.md
-def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], notes: list[str]) -> str:
+def start_lines(starts: list[tuple[str, list[dict]]]) -> list[str]:
+    """Each distilled row's loss terms at the first logged iteration of each stage."""
+    rows = []
+    for label, stages in starts:
+        for n, stage in enumerate(stages, start=1):
+            terms = ', '.join(f'{k} {x:.2f}x' for k, x in stage['ratios'].items())
+            rows.append([label, str(n) if len(stages) > 1 else DASH, str(stage['iter']), terms])
+    return _table(['Row', 'SAL stage', 'Iter', 'Distillation terms / detection loss'], rows)
+
+
+def results_markdown(
+    groups: list[Group],
+    config: ReportConfig,
+    me: list[dict],
+    notes: list[str],
+    starts: list[tuple[str, list[dict]]] | None = None,
+) -> str:
     cl = confidence_label(config.confidence)
     seeds = ', '.join(map(str, config.seeds))
     tests = sum(1 for g in groups for v in g.verdicts if v['result']['ci'] is not None)
@@ -335,6 +351,17 @@ def results_markdown(groups: list[Group], config: ReportConfig, me: list[dict], 
         ]
     md += ['', '## Distilled FPN strides', ''] + _strides_lines(groups)
     md += ['', '## Masking enhancement decisions', ''] + me_lines(me, config)
+    if starts:
+        md += [
+            '',
+            '## Loss terms at the start of each stage',
+            '',
+            'Each distillation term (weighted, summed over the distilled levels) over the detection loss at '
+            'the first logged iteration of each stage, mean over the seeds: what the weights calibrated on val '
+            'at the initialisation (benchmarks/loss_scale.py) gave in training. SAL stage 1 learns from the '
+            'weak teacher.',
+            '',
+        ] + start_lines(starts)
     if notes:
         md += ['', '## Notes', ''] + [n if n.startswith('- ') else f'- {n}' for n in notes]
     return '\n'.join(md) + '\n'

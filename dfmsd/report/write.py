@@ -17,7 +17,7 @@ from typing import Any
 from dfmsd.core.io import atomic_directory, write_json, write_text
 from dfmsd.report import figures
 from dfmsd.report.config import report_config
-from dfmsd.report.loading import load_me, load_runs, loss_curve
+from dfmsd.report.loading import load_me, load_runs, loss_curve, start_ratios
 from dfmsd.report.machine_readable import loss_csv, map_points_csv, results_csv, runs_csv, summary
 from dfmsd.report.markdown import results_markdown
 from dfmsd.report.stats import confidence_label
@@ -27,24 +27,28 @@ from dfmsd.report.tables import build_groups, missing_notes, row_id
 def build_report(
     params: Mapping[str, Any], *, metrics_dir: str | Path, logs_dir: str | Path, me_dir: str | Path
 ) -> dict[str, Any]:
-    """Everything the report writes, in memory: ``{'config', 'groups', 'me', 'notes', 'curves'}``."""
+    """Everything the report writes, in memory: ``{'config', 'groups', 'me', 'notes', 'curves', 'starts'}``."""
     config = report_config(params)
     runs, notes = load_runs(metrics_dir, config)
     groups = build_groups(runs, config)
     notes += missing_notes(groups, config)
     several = len(groups) > 1
-    curves, seen = [], set()
+    curves, starts, seen = [], [], set()
     for g in groups:
         for r in g.rows:
             rid = row_id(g, r, several)
             if not r.is_student or rid in seen or not r.n:
                 continue
             seen.add(rid)
-            curve, log_notes = loss_curve([run for _, run in r.seed_runs()], logs_dir)
+            runs_of_row = [run for _, run in r.seed_runs()]
+            curve, log_notes = loss_curve(runs_of_row, logs_dir)
             notes += log_notes
+            if stages := start_ratios(runs_of_row, logs_dir):
+                starts.append((r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}', stages))
             if curve is not None:
                 curves.append((rid, curve, r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}'))
-    return {'config': config, 'groups': groups, 'me': load_me(me_dir, config), 'notes': notes, 'curves': curves}
+    me = load_me(me_dir, config)
+    return {'config': config, 'groups': groups, 'me': me, 'notes': notes, 'curves': curves, 'starts': starts}
 
 
 def _figure_data(report: dict) -> dict[str, Any]:
@@ -109,7 +113,9 @@ def write_report(
     config, groups = report['config'], report['groups']
     out = Path(out_dir)
     written = [
-        write_text(out / 'results.md', results_markdown(groups, config, report['me'], report['notes'])),
+        write_text(
+            out / 'results.md', results_markdown(groups, config, report['me'], report['notes'], report['starts'])
+        ),
         write_text(out / 'results.csv', results_csv(groups, config)),
         write_text(out / 'runs.csv', runs_csv(groups)),
         write_json(out / 'summary.json', summary(groups)),
