@@ -23,10 +23,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('log', type=Path, help="a flow run's output, with its summary table")
     args = parser.parse_args()
-    times: dict[str, list[float]] = defaultdict(list)
+    ran: dict[str, float] = {}  # by stage: the flow prints its summary more than once
     for line in args.log.read_text(encoding='utf-8', errors='replace').splitlines():
         if (m := LINE.match(line)) and m['outcome'] == 'ran':
-            times[m['stage'].split('@', 1)[0]].append(float(m['seconds']))
+            ran[m['stage']] = float(m['seconds'])
+    times: dict[str, list[float]] = defaultdict(list)
+    for stage, seconds in ran.items():
+        times[stage.split('@', 1)[0]].append(seconds)
     if not times:
         raise SystemExit(f'{args.log}: no summary line of a stage that ran')
     total = sum(map(sum, times.values()))
