@@ -44,6 +44,7 @@ def main() -> None:
     from dfmsd.data.coco import ground_truth_ratios, load_json, split_files
     from dfmsd.data.me import decision_table
     from dfmsd.engine.configs import detector_config, probe_size_of, with_me_views
+    from dfmsd.report.loading import distill_term
 
     init_default_scope('mmdet')
     params = validate(preset_params(args.preset, args.params)) if args.preset else load_params(args.params)
@@ -102,9 +103,7 @@ def main() -> None:
                     for key, value in log_vars.items():
                         if key == 'loss':
                             continue
-                        term = (
-                            key.rsplit('_s', 1)[0][len('loss_distill_') :] if key.startswith('loss_distill') else 'det'
-                        )
+                        term = distill_term(key) or 'det'
                         sums[term] += float(value) / len(batches)
             det = sums.pop('det')
             weights = {k: v.loss_weight for k, v in method.losses.items()}

@@ -178,9 +178,19 @@ def log_paths(logs_dir: str | Path, record: RunRecord) -> list[Path]:
     return [final]
 
 
-def read_loss_log(path: str | Path) -> list[tuple[int, float, float]]:
-    """``[(iter, loss, detection loss)]``; the detection loss is ``loss`` minus the ``loss_distill_*``
-    terms. A header-only log (a downloaded teacher) gives ``[]``."""
+def distill_term(key: str) -> str | None:
+    """The distillation term a logged loss key belongs to (``loss_distill_stage_s8`` -> ``stage``;
+    levels are summed per term), or None for any other key (the detection losses, ``loss``)."""
+    return _LEVEL.sub('', key[len('loss_distill_') :]) if key.startswith('loss_distill_') else None
+
+
+#: a loss key's per-level suffix (``loss_distill_stage_s8``: the stage term at stride 8)
+_LEVEL = re.compile(r'_s\d+$')
+
+
+def read_loss_log(path: str | Path) -> list[tuple[int, float, float, dict[str, float]]]:
+    """``[(iter, loss, detection loss, {distillation term: value})]``; the detection loss is
+    ``loss`` minus the ``loss_distill_*`` columns. A header-only log (a downloaded teacher) gives ``[]``."""
     path = Path(path)
     try:
         text = path.read_text(encoding='utf-8')
@@ -196,30 +206,14 @@ def read_loss_log(path: str | Path) -> list[tuple[int, float, float]]:
     for line, row in enumerate(reader, start=2):
         try:
             total = float(row['loss'])
-            distill = sum(
-                float(v) for k, v in row.items() if k and k.startswith('loss_distill_') and v not in ('', None)
-            )
-            out.append((int(float(row['iter'])), total, total - distill))
+            terms: dict[str, float] = defaultdict(float)
+            for key, value in row.items():
+                if key and (term := distill_term(key)) and value not in ('', None):
+                    terms[term] += float(value)
+            out.append((int(float(row['iter'])), total, total - sum(terms.values()), dict(terms)))
         except (TypeError, ValueError):
             raise DfmsdError(f'{path}:{line}: not a number in {row}') from None
     return out
-
-
-#: a loss log's per-level suffix (``loss_distill_stage_s8``: the stage term at stride 8)
-_LEVEL = re.compile(r'_s\d+$')
-
-
-def _first_terms(path: Path) -> tuple[int, float, dict[str, float]] | None:
-    """A log's first row: (iteration, detection loss, each distillation term summed over levels)."""
-    with open(path, newline='', encoding='utf-8') as f:
-        row = next(csv.DictReader(f), None)
-    if row is None:
-        return None
-    terms: dict[str, float] = defaultdict(float)
-    for key, value in row.items():
-        if key and key.startswith('loss_distill_') and value not in ('', None):
-            terms[_LEVEL.sub('', key[len('loss_distill_') :])] += float(value)
-    return int(float(row['iter'])), float(row['loss']) - sum(terms.values()), dict(terms)
 
 
 def start_ratios(runs: list[Run], logs_dir: str | Path) -> list[dict]:
@@ -229,9 +223,9 @@ def start_ratios(runs: list[Run], logs_dir: str | Path) -> list[dict]:
     stages: dict[int, list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for run in runs:
         for i, path in enumerate(log_paths(logs_dir, run.record)):
-            first = _first_terms(path) if path.is_file() else None
-            if first and first[2] and first[1] > 0:
-                it, det, terms = first
+            rows = read_loss_log(path) if path.is_file() else []
+            if rows and rows[0][3] and rows[0][2] > 0:
+                it, _, det, terms = rows[0]
                 stages[i].append((it, {k: v / det for k, v in terms.items()}))
     out = []
     for i in sorted(stages):
@@ -257,7 +251,7 @@ def loss_curve(runs: list[Run], logs_dir: str | Path) -> tuple[dict | None, list
             if not path.is_file():
                 notes.append(f'{path}: loss log not found (left out of the loss plot).')
                 continue
-            for it, total, det in read_loss_log(path):
+            for it, total, det, _ in read_loss_log(path):
                 points[it] = (total, det)
             if i < len(paths) - 1 and run.record.start_iter is not None:
                 boundaries.add(run.record.start_iter)

@@ -40,13 +40,14 @@ def build_report(
             if not r.is_student or rid in seen or not r.n:
                 continue
             seen.add(rid)
+            label = r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}'
             runs_of_row = [run for _, run in r.seed_runs()]
             curve, log_notes = loss_curve(runs_of_row, logs_dir)
             notes += log_notes
-            if stages := start_ratios(runs_of_row, logs_dir):
-                starts.append((r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}', stages))
             if curve is not None:
-                curves.append((rid, curve, r.label if not several else f'{rid.rsplit("/", 1)[0]}: {r.label}'))
+                curves.append((rid, curve, label))
+            if stages := start_ratios(runs_of_row, logs_dir):
+                starts.append((label, stages))
     me = load_me(me_dir, config)
     return {'config': config, 'groups': groups, 'me': me, 'notes': notes, 'curves': curves, 'starts': starts}
 
