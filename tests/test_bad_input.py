@@ -127,7 +127,7 @@ PARAM_CASES = [
     pytest.param(
         set_key('methods.fkd.losses.feature.temperature', 2.0),
         [],
-        ['methods.fkd.losses.feature', 'FeatureKDLoss takes no temperature', 'it takes: loss_weight'],
+        ['methods.fkd.losses.feature', 'FBKDLoss takes no temperature', 'it takes: ', 'loss_weight', 'spatial_T'],
         id='unknown-loss-argument',
     ),
     pytest.param(

@@ -338,6 +338,8 @@ def test_sal_and_single_stage_rows_run_on_a_cpu_through_evaluation(tmp_path):
     for student in params['students'].values():
         student['pretrained'] = False
     root = copy_project(tmp_path / 'project', params=params)
+    # outputs hard-linked to the DVC cache, not copied: the Swin checkpoints come to 1.5 GB a copy
+    run([sys.executable, '-m', 'dvc', 'config', '--local', 'cache.type', 'hardlink,copy'], root)
     write_coco_sample(root / params['data']['root'])
     pair, student = next(iter(params['pairs'])), next(iter(params['students']))
     rows = {'sal': ('evaluate_sal', 'dfmsd'), 'single': ('evaluate', next(iter(params['methods'])))}
