@@ -221,6 +221,8 @@ def losses_only(distiller, batch, views):
         total = 0.0
         for index, (s_all, t_all) in enumerate(feats):
             s_all = [s.detach().requires_grad_(True) for s in s_all]
+            if 'student_head_out' in distiller.needs:  # PCD: the head's outputs on these features,
+                distiller.student.bbox_head(s_all)  # recorded by the distiller's hook (so counted here too)
             terms = distiller.distillation_losses(s_all, t_all, samples, 0)
             if index:  # the views: the ME loss's modules alone
                 terms = {k: v for k, v in terms.items() if k.startswith(f'loss_distill_{distiller.aug_loss_name}_s')}
