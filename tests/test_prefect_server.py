@@ -197,10 +197,13 @@ def test_runs_started_from_the_deployment(served, tmp_path):
         for run, stage in ((plain, 'lonely'), (preset, 'prepare')):
             task_runs = http.post('/task_runs/filter', json={'flow_runs': {'id': {'any_': [run['id']]}}}).json()
             assert [(tr['name'], tr['state']['name']) for tr in task_runs] == [(stage, 'Completed')]
-            logs = http.post(
-                '/logs/filter', json={'logs': {'task_run_id': {'any_': [task_runs[0]['id']]}}, 'limit': 200}
-            ).json()
-            assert any(f'[{stage}] done' in entry['message'] for entry in logs), logs  # the stage's own output
+
+            def own_output(task_run_id=task_runs[0]['id'], stage=stage):
+                logs = http.post('/logs/filter', json={'logs': {'task_run_id': {'any_': [task_run_id]}}, 'limit': 200})
+                return any(f'[{stage}] done' in entry['message'] for entry in logs.json())
+
+            # the stage's own output; Prefect sends logs in batches, which may land after the run's state
+            _wait(f"{stage}'s own output in its task run's logs", own_output, serve, tmp_path / 'serve.log', 60)
             found = http.post('/artifacts/filter', json={'artifacts': {'flow_run_id': {'any_': [run['id']]}}}).json()
             assert SUMMARY_KEY in {a['key'] for a in found}
 
