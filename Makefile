@@ -4,6 +4,7 @@
 # make flow                the same Prefect flow, recorded as a DVC experiment (PRESET=, TARGETS=, JOBS=, SCHEDULER=);
 #                          make serve: a Prefect deployment
 # make ui                  the Prefect UI on 127.0.0.1:4200 (export PREFECT_API_URL=http://127.0.0.1:4200/api)
+# make publish PRESET=name copy a finished preset run's report to reports/presets/<name>/, with its commit
 # make review              a reviewer's check of the checked-out commit: pull, repro, compare the metrics
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ JOBS   ?= 2
 FLOW_ARGS = --jobs $(JOBS) $(foreach t,$(TARGETS),--target $(t)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
             $(if $(NO_SHARED_FS),--no-shared-fs)
 
-.PHONY: setup check repro test test-fast lint flow serve ui review clean-work
+.PHONY: setup check repro test test-fast lint flow serve ui review publish clean-work
 
 setup:
 	@bash scripts/setup_env.sh
@@ -54,6 +55,9 @@ ui: setup
 
 review: setup  ## REBUILD=1: rebuild what cannot be pulled
 	$(PY) -m flows.review --jobs $(JOBS) $(if $(REBUILD),--rebuild)
+
+publish: setup  ## PRESET=name: its finished run's report -> reports/presets/<name>/ (refused if stale or uncommitted)
+	$(PY) -m flows.publish $(PRESET)
 
 clean-work:  ## training work dirs (resumable checkpoints); outputs stay in DVC
 	rm -rf work_dirs

@@ -249,3 +249,53 @@ def test_an_invalid_preset_creates_no_worktree(tmp_path):
         preset_worktree(root, 'broken')
     assert not (root / WORKTREES).exists()
     assert git('worktree', 'list', cwd=root).count('\n') == 1
+
+
+# ---------------------------------------------------------------- publishing a preset's report
+
+
+def test_publish_copies_a_finished_preset_run_with_its_commit_and_refuses_anything_else(tmp_path, capsys):
+    import dvc_demo as demo
+
+    from flows.presets import preset_worktree
+    from flows.publish import PublishError, main, publish
+
+    root = demo.make_project(tmp_path / 'proj', presets={'tiny': {'seeds': [0, 7]}})
+    out = root / 'reports' / 'presets' / 'tiny'
+
+    def repro(tree):
+        subprocess.run(
+            [sys.executable, '-m', 'dvc', 'repro'],
+            cwd=tree,
+            env=env(PYTHONPATH=str(REPO)),
+            check=True,
+            capture_output=True,
+        )
+
+    with pytest.raises(PublishError, match='no report'):  # never ran
+        publish(root, 'tiny')
+    tree = preset_worktree(root, 'tiny')
+    repro(tree)
+
+    assert publish(root, 'tiny') == out
+    assert (out / 'results.md').read_bytes() == (tree / 'reports' / 'results.md').read_bytes()
+    assert (out / 'preset-dvc.lock').read_bytes() == (tree / 'dvc.lock').read_bytes()
+    assert yaml.safe_load((out / 'params.merged.yaml').read_text())['seeds'] == [0, 7]
+    commit = git('rev-parse', 'HEAD', cwd=root).strip()
+    assert f'git checkout {commit} && make repro PRESET=tiny' in (out / 'RUN.md').read_text()
+    published = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
+
+    # the preset changes: its worktree's run is stale until it runs again
+    (root / 'presets' / 'tiny.yaml').write_text('seeds: [0, 8]\n')
+    preset_worktree(root, 'tiny')
+    with pytest.raises(PublishError, match=r'not up to date .*prepare'):
+        publish(root, 'tiny')
+    # a run that carried uncommitted code has no commit to name
+    (root / 'presets' / 'tiny.yaml').write_text('seeds: [0, 7]\n')
+    (root / 'step.py').write_text((root / 'step.py').read_text() + '\n# work in progress\n')
+    repro(preset_worktree(root, 'tiny'))
+    assert main(['tiny', '--repo', str(root)]) == 2
+    assert "error [publish]: preset 'tiny' ran with changes that are not in its commit (" in capsys.readouterr().err
+    # what was published stays as it was, and nothing half-written is left beside it
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == published
+    assert sorted(p.name for p in out.parent.iterdir()) == ['tiny']

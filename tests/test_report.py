@@ -19,7 +19,7 @@ from dfmsd.report.config import report_config
 from dfmsd.report.loading import ReportWarning
 from dfmsd.report.markdown import me_cell, results_markdown, sal_cell, sfa_cell
 from dfmsd.report.metrics import PAPER_COLUMNS, REPORTED_METRICS, run_record
-from dfmsd.report.write import build_report, write_report
+from dfmsd.report.write import _figure_data, build_report, write_report
 
 pytestmark = pytest.mark.fast
 
@@ -52,7 +52,15 @@ PARAMS = {
     },
     'me': {'threshold': 0.5},
 }
-GROUP_OF = {'mgd': 'methods', 'dfmsd_no_sal': 'me_methods', 'dfmsd': 'sal_methods', 'dfmsd_me12': 'sal_methods'}
+DEFAULT_ROWS = ['mgd', 'dfmsd_no_sal', 'dfmsd', 'dfmsd_me12']  # PARAMS' rows
+GROUP_OF = {
+    'mgd': 'methods',
+    'dfmsd_no_sal': 'me_methods',
+    'dfmsd': 'sal_methods',
+    'dfmsd_me12': 'sal_methods',
+    'dfmsd_no_sal_2x': 'me_methods',
+    'dfmsd_2x': 'sal_methods',
+}
 
 # test mAP per seed, built so that: DFMSD >> baseline; MGD ~ baseline (noise); w/o SAL < DFMSD;
 # ME in both stages ~ DFMSD.
@@ -64,6 +72,10 @@ MAP = {
 }
 MAP['dfmsd_no_sal'] = [v - d for v, d in zip(MAP['dfmsd'], [1.5, 1.8, 1.6])]
 MAP['dfmsd_me12'] = [v + d for v, d in zip(MAP['dfmsd'], [0.3, -0.2, 0.1])]
+# rows of another budget (2x): both above DFMSD, the SAL one above the single-stage one
+MAP['dfmsd_2x'] = [v + d for v, d in zip(MAP['dfmsd'], [1.1, 1.6, 1.2])]
+MAP['dfmsd_no_sal_2x'] = [v + d for v, d in zip(MAP['dfmsd'], [0.4, 0.3, 0.9])]
+ITERS = {'dfmsd_2x': 2400, 'dfmsd_no_sal_2x': 2400}  # the others: 1200
 TEACHER_MAP = {'weak': 23.1, 'strong': 35.0}
 
 
@@ -93,7 +105,7 @@ def loss_log(path: Path, iters: range, distill: bool, scale: float = 1.0) -> Non
 def make_tree(root: Path, *, params: dict = PARAMS, pairs=(PAIR,), methods=None) -> dict:
     """metrics/, logs/ and data/me/ for the given params; returns the dirs as kwargs."""
     metrics, logs, me = root / 'metrics', root / 'logs', root / 'data' / 'me'
-    methods = methods if methods is not None else list(GROUP_OF)
+    methods = methods if methods is not None else DEFAULT_ROWS
     for p_i, pair in enumerate(pairs):
         for role in ('weak', 'strong'):
             write(
@@ -162,8 +174,8 @@ def make_tree(root: Path, *, params: dict = PARAMS, pairs=(PAIR,), methods=None)
                     'group': group,
                     'seed': seed,
                     'uses_me': group != 'methods',
-                    'iters': 1200,
-                    'start_iter': 600 if kind == 'sal2' else 0,
+                    'iters': ITERS.get(name, 1200),
+                    'start_iter': ITERS.get(name, 1200) // 2 if kind == 'sal2' else 0,
                     'batch_size': 8,
                     'images_seen': 9600,
                     'views_seen': 3500 if group != 'methods' else 0,
@@ -471,3 +483,66 @@ def test_each_stage_s_start_ratios_are_the_first_logged_terms_over_the_detection
     md = results_markdown(report['groups'], report['config'], report['me'], report['notes'], report['starts'])
     section = md.split('## Loss terms at the start of each stage', 1)[1]
     assert '| DFMSD | 1 | 20 | sfa 0.35x, stage 0.20x |' in section, section
+
+
+def test_ablations_of_another_budget_are_compared_with_each_other_in_the_methods_family(tmp_path):
+    """The paper's SAL protocol (each stage a full budget) against one stage trained as long: the
+    two 2x rows are compared with each other, Holm-adjusted with DFMSD's family, and their cost shown."""
+    params = json.loads(json.dumps(PARAMS))
+    params['me_methods']['dfmsd_no_sal_2x'] = {
+        **params['me_methods']['dfmsd_no_sal'],
+        'label': 'w/o SAL 2x',
+        'budget': 2.0,
+    }
+    params['sal_methods']['dfmsd_2x'] = {
+        **params['sal_methods']['dfmsd'],
+        'label': 'DFMSD 2x',
+        'ablation_of': 'dfmsd',
+        'budget': 2.0,
+    }
+    dirs = make_tree(tmp_path, params=params, methods=[*DEFAULT_ROWS, 'dfmsd_no_sal_2x', 'dfmsd_2x'])
+    write_report(params, out_dir=tmp_path / 'reports', **dirs)
+    md = (tmp_path / 'reports' / 'results.md').read_text()
+
+    ablations = table_rows(md, '#### Ablations of DFMSD\n')
+    assert ablations['Row'][3] == 'Iters'
+    assert [ablations[k][3] for k in ('DFMSD', 'DFMSD w/o SAL', 'w/o SAL 2x', 'DFMSD 2x')] == [
+        '1200',
+        '1200',
+        '2400',
+        '2400',
+    ]
+    same = table_rows(md, '#### Ablations of DFMSD at equal budget')
+    assert list(same) == ['Row', 'DFMSD 2x']  # one pair; the 1x ablations are not paired with each other
+    ci = stats.ttest_rel(MAP['dfmsd_2x'], MAP['dfmsd_no_sal_2x']).confidence_interval(0.95)
+    diff = np.mean(np.subtract(MAP['dfmsd_2x'], MAP['dfmsd_no_sal_2x']))
+    assert same['DFMSD 2x'][:2] == ['w/o SAL 2x', '2400']
+    assert numbers(same['DFMSD 2x'][2]) == pytest.approx([diff, ci.low, ci.high], abs=0.0051)
+
+    family = md.split('#### Against DFMSD', 1)[1].split('####', 1)[0]
+    compared = {
+        'MGD': ('dfmsd', 'mgd'),
+        'DFMSD w/o SAL': ('dfmsd_no_sal', 'dfmsd'),
+        'DFMSD ME 1+2': ('dfmsd_me12', 'dfmsd'),
+        'w/o SAL 2x vs DFMSD': ('dfmsd_no_sal_2x', 'dfmsd'),
+        'DFMSD 2x vs DFMSD': ('dfmsd_2x', 'dfmsd'),
+        'DFMSD 2x vs w/o SAL 2x': ('dfmsd_2x', 'dfmsd_no_sal_2x'),
+    }
+    assert family.startswith(' (6 comparisons tested, Holm)')
+    raw = [stats.ttest_rel(MAP[a], MAP[b]).pvalue for a, b in compared.values()]
+    from statsmodels.stats.multitest import multipletests
+
+    holm_p = dict(zip(compared, multipletests(raw, method='holm')[1]))
+    line = next(x for x in family.splitlines() if x.startswith('- DFMSD 2x vs w/o SAL 2x:'))
+    assert float(re.search(r'Holm p = ([0-9.]+)', line).group(1)) == pytest.approx(
+        holm_p['DFMSD 2x vs w/o SAL 2x'], abs=6e-4
+    )
+    # and in the forest plot of paired differences
+    (diffs,) = _figure_data(build_report(params, **dirs))['diffs']
+    pairs = {(it['label'], it['reference']): it['mean'] for it in diffs['items']}
+    assert pairs[('DFMSD 2x', 'w/o SAL 2x')] == pytest.approx(diff)
+
+
+def test_rows_of_the_methods_own_budget_get_no_equal_budget_table(built):
+    _, _, out, _ = built
+    assert 'at equal budget' not in (out / 'results.md').read_text().split('## Verdicts')[0]

@@ -111,13 +111,14 @@ def ablation_tables(group: Group, config: ReportConfig) -> list[str]:
         if not ablations:
             continue
         full = group.row(m.name)
-        head = ['Row', 'SAL', 'ME', 'SFA', 'n', f'mAP ({cl} CI)', f'Δ mAP vs {full.label} ({cl} CI)']
+        head = ['Row', 'SAL', 'ME', 'SFA', 'Iters', 'n', f'mAP ({cl} CI)', f'Δ mAP vs {full.label} ({cl} CI)']
         lines = [
             [
                 r.label,
                 sal_cell(r.method),
                 me_cell(r.method),
                 sfa_cell(r.method),
+                _cost(r.cost['iters']),
                 str(r.n),
                 fmt_mean_ci(r.stats['mAP']),
                 DASH if r is full else fmt_diff(r.vs_full),
@@ -125,6 +126,13 @@ def ablation_tables(group: Group, config: ReportConfig) -> list[str]:
             for r in [full] + ablations
         ]
         out += ['', f'#### Ablations of {full.label}', ''] + _table(head, lines)
+        same_cost = [v for v in group.verdicts if v.get('equal_budget') and v['family'] == m.name]
+        if same_cost:  # rows whose budget differs from the full method's, against each other
+            head = ['Row', 'Against', 'Iters', f'Δ mAP ({cl} CI)']
+            lines = [
+                [v['a'].label, v['b'].label, _cost(v['a'].cost['iters']), fmt_diff(v['result'])] for v in same_cost
+            ]
+            out += ['', f'#### Ablations of {full.label} at equal budget', ''] + _table(head, lines)
     for names in me_placement_sets(config):
         rows = [group.row(n) for n in names]
         ref = next((r for r in rows if r.kind == 'method'), rows[0])
@@ -334,7 +342,8 @@ def results_markdown(
         f'Each comparison is a paired t-test of the mAP difference ({config.split}) over the seeds both rows '
         f'have; {len(config.seeds)} seed{"s" if len(config.seeds) != 1 else ""} per row, {tests} test'
         f'{"s" if tests != 1 else ""} below. The verdicts are **Holm-adjusted** within each family (against '
-        f'the baseline; against each SAL method, with its ablations): **better** or **worse** if the Holm p '
+        f'the baseline; against each SAL method, with its ablations and their equal-budget comparisons): '
+        f'**better** or **worse** if the Holm p '
         f'is below {1 - config.confidence:.2g} (familywise), else *{"not distinguishable at " + cl}*. The raw p '
         f'and the {cl} CI beside each are per comparison, not adjusted.'
         + (

@@ -8,7 +8,8 @@ compared with the baseline, paired by seed (:func:`dfmsd.report.stats.paired`).
 
 The verdicts come in families, each Holm-adjusted as a whole (:func:`dfmsd.report.stats.holm`):
 every row against the baseline; and, per SAL method (the paper's DFMSD), that method against
-every other main method together with its ablations against it.
+every other main method together with its ablations against it and the ablations' equal-budget
+comparisons (:func:`equal_budget_pairs`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Group:
     student: str
     pair: str
     rows: list[Row]
-    verdicts: list[dict] = field(default_factory=list)  # {'a', 'b', 'result', 'family'}
+    verdicts: list[dict] = field(default_factory=list)  # {'a', 'b', 'result', 'family'[, 'equal_budget']}
     #: family name -> {'label', 'verdicts', 'resolution'}: what the Holm adjustment runs over
     families: dict[str, dict] = field(default_factory=dict)
 
@@ -167,7 +168,30 @@ def _verdicts(group: Group, config: ReportConfig) -> list[dict]:
         if r.kind == 'ablation' and group.row(r.method.ablation_of).n:
             full = group.row(r.method.ablation_of)
             out.append({'a': r, 'b': full, 'result': r.vs_full, 'family': full.name})
+    for a, b in equal_budget_pairs(group):
+        if a.n and b.n:
+            result = paired(a.values(config.split), b.values(config.split), config.confidence)
+            out.append({'a': a, 'b': b, 'result': result, 'family': a.method.ablation_of, 'equal_budget': True})
     return out
+
+
+def equal_budget_pairs(group: Group) -> list[tuple[Row, Row]]:
+    """Ablations of one method that share a budget other than that method's, each pair once.
+
+    Against the full method such a row also differs in cost, so it is compared with the other
+    rows of the same cost: the paper's SAL protocol (each stage a full budget) against one stage
+    trained as long. A SAL row comes first (``a``), then params order."""
+    by_budget: dict[tuple[str, float], list[Row]] = defaultdict(list)
+    for r in group.rows:
+        if r.kind == 'ablation':
+            full = group.row(r.method.ablation_of)
+            if r.method.spec.budget != full.method.spec.budget:
+                by_budget[(full.name, r.method.spec.budget)].append(r)
+    pairs = []
+    for rows in by_budget.values():
+        rows = sorted(rows, key=lambda r: not r.method.sal)  # stable: params order otherwise
+        pairs += [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :]]
+    return pairs
 
 
 def _families(group: Group, config: ReportConfig) -> dict[str, dict]:

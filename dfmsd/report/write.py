@@ -97,6 +97,17 @@ def _figure_data(report: dict) -> dict[str, Any]:
                         'kind': 'ablation',
                     }
                 )
+        for v in g.verdicts:
+            if v.get('equal_budget') and v['result']['n']:
+                items.append(
+                    {
+                        'label': v['a'].label,
+                        'reference': v['b'].label,
+                        'mean': v['result']['mean_diff'],
+                        'ci': v['result']['ci'],
+                        'kind': 'ablation',
+                    }
+                )
         diffs.append({'title': f'{g.key}: paired by seed', 'items': items})
     return {'maps': maps, 'diffs': diffs}
 
