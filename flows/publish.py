@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from dfmsd.core.errors import DfmsdError
 from dfmsd.core.io import atomic_directory, write_text
 from flows import guard
-from flows.presets import OWN_OUTPUTS, preset_dir
+from flows.presets import OWN_OUTPUTS, _git, preset_dir
 
 PUBLISHED = Path('reports') / 'presets'
 EXIT_CODE = 2
@@ -36,10 +35,6 @@ EXIT_CODE = 2
 
 class PublishError(DfmsdError):
     """The preset's run cannot be published as it is."""
-
-
-def _git(*args: str, cwd: Path) -> str:
-    return subprocess.run(['git', *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
 def _pipeline_state(tree: Path) -> tuple[list[str], list[str]]:
