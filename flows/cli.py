@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     check=not checked,
                     return_state=True,
                 )
+                guard.check()  # a signal whose exception was lost, and the flow ended anyway
     except (DfmsdError, PipelineError) as err:
         print(f'error [flow]: {err}', file=sys.stderr, flush=True)
         return EXIT_CODE

@@ -174,29 +174,16 @@ def _run_here(stage: str, workspace: Workspace, force: bool, emit) -> stages.Sta
     clone = Path(os.environ.get(WORKER_REPO_ENV) or os.getcwd())
     _check_clone(clone, workspace.commit)
     result = stages.repro(clone, stage, force=force, pull=True, upstream=True, on_line=emit, start=_start_reaped)
-    if result.ok:
-        _record_run_cache(clone, stage)
-        # no target: with one, DVC leaves out the run-cache's copies of uncached outputs (metrics, logs)
+    if not result.ok:
+        return result
+    # what the controller restores the stage from: the entry with its uncached outputs' copies, then
+    # the entries (no target: with one, DVC leaves out the run-cache's copies of uncached outputs)
+    code, out = stages.record_run_cache(clone, stage, push=True, on_line=emit, start=_start_reaped)
+    if code == 0:
         code, out = stages.dvc(clone, 'push', '--run-cache', on_line=emit, start=_start_reaped)
-        if code != 0:
-            result = stages.StageResult(stage, 'failed', result.seconds, f'`dvc push` exited with {code}', out, code)
+    if code != 0:
+        return stages.StageResult(stage, 'failed', result.seconds, f'run-cache push exited with {code}', out, code)
     return result
-
-
-def _record_run_cache(clone: Path, stage: str) -> None:
-    """The stage's run-cache entry, which the controller restores from, with its uncached
-    outputs pushed. ``dvc repro`` skips the entry for a stage with an uncached output that is not
-    a metric or plot (dvc/stage/__init__.py, ``Stage.run``), like the evaluations' metrics JSON;
-    ``Stage.save`` records it regardless."""
-    from dvc.repo import Repo
-
-    with Repo(str(clone), _wait_for_lock=True) as repo, repo.lock:
-        (found,) = repo.stage.collect(stage)
-        found.save()  # hashes from the files this run wrote; the run-cache entry, uncached outputs in the cache
-        # `dvc push --run-cache` sends the entries, not those outputs' copies: a restore needs them
-        uncached = {out.hash_info for out in found.outs if not out.use_cache}
-        if uncached:
-            repo.cloud.push(uncached)  # to the default remote, from the local cache
 
 
 @contextlib.contextmanager

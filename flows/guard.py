@@ -14,7 +14,8 @@
   then raise :class:`Interrupted` in the main thread; the entry point exits with 128 +
   signum (130, 143). Stage processes do not get a terminal's Ctrl-C themselves (their own
   session), and a run started in the background, whose SIGINT is ignored, still stops on it.
-  :func:`deferred` holds a signal back while a block must not be cut in two.
+  :func:`deferred` holds a signal back while a block must not be cut in two, and
+  :func:`check` raises it where a run waits, in case the exception was lost where it landed.
 
 The checkpoints that a training process wrote before it was stopped are what the next run
 resumes from (:mod:`dfmsd.engine.training`).
@@ -204,13 +205,32 @@ def end_all(grace: float = GRACE_S) -> int:
     return len(procs)
 
 
-def _stop(signum: int) -> None:
+def _stop(signum: int, frame=None) -> None:
     global _stopping
     if _stopping is not None:  # already stopping (make forwards a SIGTERM its group also got)
         return
     _stopping = signum
     end_all()
-    raise Interrupted(signum)
+    if not _in_finalizer(frame):  # else it would be printed and dropped: check() raises it next
+        raise Interrupted(signum)
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether the signal landed in a ``__del__`` (a garbage collection in the main thread), where
+    an exception is printed as "Exception ignored" with its traceback, and dropped."""
+    while frame is not None:
+        if frame.f_code.co_name == '__del__':
+            return True
+        frame = frame.f_back
+    return False
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal has stopped the run. The handler raises it where the
+    main thread is, but an exception raised there can be lost (in a finalizer, or caught by
+    library code): the run's waits call this too."""
+    if _stopping is not None:
+        raise Interrupted(_stopping)
 
 
 def _handler(signum: int, frame) -> None:
@@ -218,7 +238,16 @@ def _handler(signum: int, frame) -> None:
     if _deferring:
         _pending = _pending or signum
         return
-    _stop(signum)
+    _stop(signum, frame)
+
+
+def reclaim_sigterm() -> None:
+    """Within :func:`on_signals`, SIGTERM back to this module. A Prefect flow run installs its own
+    SIGTERM handler, which raises ``TerminationSignal`` where the main thread is and ends no stage
+    process; one raised in a finalizer was dropped, and the run went on. Prefect restores ours
+    when the flow run ends. Elsewhere (a deployment's flow run) Prefect's handler stays."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _handler:
+        signal.signal(signal.SIGTERM, _handler)
 
 
 @contextmanager

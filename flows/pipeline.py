@@ -89,6 +89,7 @@ def dvc_pipeline(
     """
     if jobs < 1:
         raise ValueError('jobs must be at least 1')
+    guard.reclaim_sigterm()  # SIGTERM ends the stage processes, as SIGINT does (flows.guard)
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
     label = preset or 'default'
@@ -227,7 +228,9 @@ def _run_stages(
                     wait_for=[futures[u] for u in upstream],
                 )
             for future in futures.values():
-                future.wait()
+                while not _done(future, timeout=1.0):
+                    guard.check()  # a signal whose exception was lost where it landed
+            guard.check()
         except BaseException:  # a signal (flows.guard): the stage processes on workers end too
             if run.client is not None:
                 engine.stop_workers(run.client, run.workspace)
@@ -238,6 +241,12 @@ def _run_stages(
     except Exception as exc:  # how the UI draws them: never fail a run over it
         get_run_logger().warning('could not give the NotReady stages a final state: %s', exc)
     return [result_of(stage, futures[stage], time.monotonic() - started[stage]) for stage in order]
+
+
+def _done(future, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for a stage task (a ``PrefectConcurrentFuture``); whether it ended."""
+    future.wait(timeout)
+    return future.wrapped_future.done()
 
 
 def _finish(logger, root: Path, preset, targets, pipeline, results: list[StageResult], experiment: bool) -> Any:

@@ -153,8 +153,17 @@ def repro(
     clear_work_dirs(root, stage)  # exported or restored: nothing left to resume
     said = {outcome: any(line.startswith(text.format(stage=stage)) for line in lines) for outcome, text in SAID.items()}
     outcome = next((o for o, found in said.items() if found), 'ran')
+    if outcome == 'ran' and (code := record_run_cache(root, stage, on_line=on_line, **popen)[0]):
+        if on_line:  # a shortcut for later runs, not this stage's result
+            on_line(f'[flow] warning: {stage}: no run-cache entry recorded (flows.run_cache exited with {code})')
     message = {'restored': 'restored from the DVC run-cache', 'skipped': "up to date (DVC: didn't change)"}
     return StageResult(stage, outcome, seconds, message.get(outcome, 'ran'), lines[-TAIL_LINES:])
+
+
+def record_run_cache(root: Path, stage: str, *, push: bool = False, on_line=None, **popen) -> tuple[int, list[str]]:
+    """The run-cache entry that ``dvc repro`` may have skipped (:mod:`flows.run_cache`)."""
+    cmd = [sys.executable, '-m', 'flows.run_cache', stage, *(['--push'] if push else [])]
+    return stream(cmd, Path(root), on_line, **popen)
 
 
 def clear_work_dirs(root: Path, stage: str) -> None:

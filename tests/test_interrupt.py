@@ -293,3 +293,56 @@ def test_ending_a_stage_process_group_ends_its_whole_tree():
         proc.wait()
         guard.forget(proc)
         proc.stdout.close()
+
+
+class _SignalledWhileCollected:
+    """Sends this process SIGTERM from its finalizer: the handler runs inside ``__del__``, as when
+    a garbage collection in the flow's main thread (an asyncio transport's) meets the signal."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, in the finalizer
+
+
+@pytest.mark.fast
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(monkeypatch):
+    """An exception raised in a finalizer is printed ("Exception ignored", a traceback) and
+    dropped: the stop must not depend on it. The stage processes end at once and the run's next
+    wait raises."""
+    from flows import guard
+
+    dropped = []  # what Python prints as "Exception ignored in: ..."
+    monkeypatch.setattr(sys, 'unraisablehook', dropped.append)
+    proc = guard.start_stage_process(['sleep', '300'])
+    with guard.on_signals():
+        _SignalledWhileCollected()  # no reference kept: collected here
+        assert proc.poll() == -signal.SIGTERM
+        with pytest.raises(guard.Interrupted) as stop:
+            guard.check()
+    guard.forget(proc)
+    assert stop.value.signum == signal.SIGTERM
+    assert not dropped, [d.exc_value for d in dropped]
+
+
+def test_within_a_prefect_flow_run_sigterm_ends_the_run_as_sigint_does(prefect_api, monkeypatch):
+    """A Prefect flow run swaps in its own SIGTERM handler, which raises ``TerminationSignal``
+    wherever the main thread is: raised in a finalizer it was dropped and the run went on (CI, and
+    a preset run that needed a second SIGTERM). `dvc_pipeline` takes SIGTERM back first."""
+    from prefect import flow
+
+    from flows import guard
+
+    dropped = []
+    monkeypatch.setattr(sys, 'unraisablehook', dropped.append)
+
+    @flow
+    def stopped_while_collecting() -> str:
+        guard.reclaim_sigterm()  # dvc_pipeline's first step
+        _SignalledWhileCollected()
+        guard.check()
+        return 'went on'
+
+    with guard.on_signals(), pytest.raises(guard.Interrupted):
+        stopped_while_collecting()
+    assert not dropped, [d.exc_value for d in dropped]
+    assert signal.getsignal(signal.SIGTERM) is not guard._handler  # the previous handler is back
