@@ -78,8 +78,8 @@ class StageResult:
 
 #: What a Dask nanny sets for its worker (``distributed.nanny.pre-spawn-environ``) and a stage
 #: command must not inherit: glibc then hands freed memory back at 64 KiB and faults it in again.
-#: A 40-iteration `distill_me` training: 5.1 M minor faults and 12.8 s system time with it, 0.27 M
-#: and 1.6 s without, the same user time, log and model bytes (benchmarks/stage_env.sh).
+#: A 40-iteration `distill_me` training: 5.0 M minor faults and 10.2 s system time with it, 0.27 M
+#: and 1.2 s without, similar user time, the same log and model bytes (benchmarks/stage_env.sh).
 WORKER_ONLY_ENV = 'MALLOC_TRIM_THRESHOLD_'
 
 

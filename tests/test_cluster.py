@@ -147,7 +147,7 @@ def _stage_env_on_worker() -> tuple[str | None, str | None]:
 
 def test_a_stage_command_on_a_dask_worker_does_not_inherit_the_nannys_malloc_trim():
     """Dask's nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536; a training that inherited
-    it faulted its freed memory in again (19x the minor faults, 8x the system time)."""
+    it faulted its freed memory in again (benchmarks/stage_env.sh: 18x the minor faults, 8x the system time)."""
     import cloudpickle
 
     from flows import engine
