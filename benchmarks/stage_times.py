@@ -3,6 +3,9 @@ the end of ``make repro`` / ``python -m flows``) grouped by stage, as a Markdown
 
     python benchmarks/stage_times.py make-repro.log
 
+A run stopped before its end (a signal) prints no summary: then each stage task's own line
+(``... - STAGE: ran (12.3 s) ...``) counts.
+
 Per group: stages that ran, their total, median and longest time, and the share of all stage
 time (stage times overlap on a cluster of several workers: the sum exceeds the wall time).
 """
@@ -17,6 +20,8 @@ from pathlib import Path
 
 #: a summary line: | `stage` | outcome | 12.3 s | worker | detail |
 LINE = re.compile(r'^\| `(?P<stage>[^`]+)` \| (?P<outcome>[a-z ]+) \| (?P<seconds>[\d.]+) s \|')
+#: a stage task's last line: ... | Task run 'stage' - stage: ran (12.3 s) worker detail
+TASK_LINE = re.compile(r"Task run '(?P<stage>[^']+)' - (?P=stage): (?P<outcome>[a-z ]+) \((?P<seconds>[\d.]+) s\)")
 
 
 def main() -> None:
@@ -24,9 +29,14 @@ def main() -> None:
     parser.add_argument('log', type=Path, help="a flow run's output, with its summary table")
     args = parser.parse_args()
     ran: dict[str, float] = {}  # by stage: the flow prints its summary more than once
-    for line in args.log.read_text(encoding='utf-8', errors='replace').splitlines():
+    lines = args.log.read_text(encoding='utf-8', errors='replace').splitlines()
+    for line in lines:
         if (m := LINE.match(line)) and m['outcome'] == 'ran':
             ran[m['stage']] = float(m['seconds'])
+    if not ran:  # stopped before its summary
+        for line in lines:
+            if (m := TASK_LINE.search(line)) and m['outcome'] == 'ran':
+                ran[m['stage']] = float(m['seconds'])
     times: dict[str, list[float]] = defaultdict(list)
     for stage, seconds in ran.items():
         times[stage.split('@', 1)[0]].append(seconds)

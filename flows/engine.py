@@ -66,6 +66,13 @@ class Workspace:
     stop: str = field(default_factory=lambda: f'dfmsd-stop-{uuid.uuid4().hex}')
 
 
+#: Dask settings of the local cluster only (a cluster of the user's keeps its own). Dask's
+#: statistical profiler samples each worker's threads 100 times a second on the worker's event
+#: loop: CPU taken from the trainings, which keep every core busy, for a dashboard nobody opens
+#: here (benchmarks/cluster_idle.py).
+LOCAL_CLUSTER_CONFIG = {'distributed.worker.profile.enabled': False}
+
+
 @contextlib.contextmanager
 def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S, slots: int = 1) -> Iterator:
     """A ``distributed.Client``: to ``scheduler``, or to a new local cluster of ``jobs``
@@ -76,7 +83,10 @@ def cluster(scheduler: str | None, jobs: int, timeout: float = CONNECT_TIMEOUT_S
 
     logging.getLogger('distributed').setLevel(logging.WARNING)  # its INFO lines would fill the stages' log
     if scheduler is None:
+        import dask
+
         with (
+            dask.config.set(LOCAL_CLUSTER_CONFIG),  # the nannies pass it on to their workers
             LocalCluster(
                 n_workers=max(1, jobs),
                 threads_per_worker=1,

@@ -157,3 +157,21 @@ def test_a_stage_command_on_a_dask_worker_does_not_inherit_the_nannys_malloc_tri
         worker, stage = client.submit(_stage_env_on_worker, pure=False).result(timeout=120)
     assert worker == '65536'  # what the nanny set for the worker itself
     assert stage == 'None'
+
+
+def _profiling_on_worker() -> list[str]:
+    from distributed import get_worker
+
+    return [name for name in get_worker().periodic_callbacks if name.startswith('profile')]
+
+
+def test_the_local_clusters_workers_run_without_dasks_statistical_profiler():
+    """Dask's profiler samples each worker's threads 100 times a second, on the CPU the trainings
+    beside it use (benchmarks/cluster_idle.py); the local cluster turns it off."""
+    import cloudpickle
+
+    from flows import engine
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker process cannot import tests/
+    with engine.cluster(None, jobs=1) as client:
+        assert client.submit(_profiling_on_worker, pure=False).result(timeout=120) == []
