@@ -10,15 +10,19 @@ teacher's forward pass over them is the same in every row of that seed).
 Takes `stages/distill.py`'s arguments (run it in a project whose teachers and student inits
 exist; DVC_STAGE names the stage whose params it reads), and ``--digest-at 1,2,3``: the stage's
 own steps to digest (a `sal2` stage's step 1 is the schedule's iteration 251). It trains until
-the last of them, prints ``DIGESTS <method> [...]`` and stops. Nothing is exported.
+the last of them, prints ``DIGESTS <method> [...]`` and stops. It trains in a temporary work
+dir: it neither resumes from the stage's checkpoints nor leaves any. Nothing is exported.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import runpy
 import sys
+import tempfile
+from pathlib import Path
 
 #: the default steps: the first ones, and the first ones of the second epoch (800 images /
 #: batch 8), where the sampler draws a new order
@@ -26,17 +30,15 @@ DEFAULT_STEPS = '1,2,3,101,102,103'
 
 
 def main() -> None:
+    from dfmsd.engine import training
     from dfmsd.models.distiller import StageDistiller
 
-    argv = sys.argv[1:]
-    steps = DEFAULT_STEPS
-    if '--digest-at' in argv:
-        at = argv.index('--digest-at')
-        steps = argv.pop(at + 1)
-        argv.pop(at)
-    steps = [int(s) for s in steps.split(',')]
-    sys.argv[1:] = argv  # what stages/distill.py parses
-    method = argv[argv.index('--method') + 1]
+    parser = argparse.ArgumentParser(add_help=False)  # the rest is stages/distill.py's
+    parser.add_argument('--digest-at', default=DEFAULT_STEPS)
+    parser.add_argument('--method', required=True)
+    args, rest = parser.parse_known_args()
+    steps = [int(step) for step in args.digest_at.split(',')]
+    sys.argv[1:] = [*rest, '--method', args.method]  # what stages/distill.py parses
     loss, seen = StageDistiller.loss, []
 
     def digesting_loss(self, inputs, data_samples):
@@ -45,12 +47,14 @@ def main() -> None:
             digest.update(image.contiguous().numpy().tobytes())
         seen.append(digest.hexdigest()[:12])
         if len(seen) >= max(steps):
-            print('DIGESTS', method, json.dumps([seen[i - 1] for i in steps]), flush=True)
+            print('DIGESTS', args.method, json.dumps([seen[i - 1] for i in steps]), flush=True)
             raise SystemExit(0)
         return loss(self, inputs, data_samples)
 
     StageDistiller.loss = digesting_loss
-    runpy.run_path('stages/distill.py', run_name='__main__')
+    with tempfile.TemporaryDirectory() as work_root:  # a stage's own checkpoints would be resumed
+        training.run_training.__kwdefaults__['work_root'] = Path(work_root)
+        runpy.run_path('stages/distill.py', run_name='__main__')
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ TASK_LINE = re.compile(r"Task run '(?P<stage>[^']+)' - (?P=stage): (?P<outcome>[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('log', type=Path, help="a flow run's output, with its summary table")
+    parser.add_argument('log', type=Path, help="a flow run's output (its summary table, or a stopped run's task lines)")
     args = parser.parse_args()
     ran: dict[str, float] = {}  # by stage: the flow prints its summary more than once
     lines = args.log.read_text(encoding='utf-8', errors='replace').splitlines()
