@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfmsd.core.errors import DfmsdError
+from dfmsd.core.io import TEACHER_MEMO_ENV
 from flows import stages
 
 #: The Dask resource a heavy stage requests, ``launch.nproc_per_node`` of them.
@@ -64,13 +65,28 @@ class Workspace:
     root: str | None
     commit: str | None = None
     stop: str = field(default_factory=lambda: f'dfmsd-stop-{uuid.uuid4().hex}')
+    #: the run's teacher-feature memo (shared filesystem only; dfmsd.models.teacher_memo)
+    teacher_memo: str | None = None
+
+    def stage_env(self) -> dict[str, str] | None:
+        """The environment of a stage run in ``root``: with the memo's directory, if any."""
+        if self.root is None or self.teacher_memo is None:
+            return None
+        return stages.subprocess_env(Path(self.root), **{TEACHER_MEMO_ENV: self.teacher_memo})
 
 
-#: Dask settings of the local cluster only (a cluster of the user's keeps its own). Dask's
-#: statistical profiler samples each worker's threads 100 times a second on the worker's event
-#: loop: CPU taken from the trainings, which keep every core busy, for a dashboard nobody opens
-#: here (benchmarks/cluster_idle.py).
-LOCAL_CLUSTER_CONFIG = {'distributed.worker.profile.enabled': False}
+#: Dask settings of the local cluster only (a cluster of the user's keeps its own). Its workers
+#: wait on one stage process each while the trainings keep every core busy, so each periodic
+#: check is CPU taken from them (benchmarks/cluster_idle.py): the statistical profiler samples
+#: each worker's threads 100 times a second for a dashboard nobody opens here; the event loop's
+#: health tick runs 50 times a second, the memory monitor 10 times, the system monitor twice, in
+#: the scheduler, each nanny and each worker. A second is soon enough for any of them here.
+LOCAL_CLUSTER_CONFIG = {
+    'distributed.worker.profile.enabled': False,
+    'distributed.admin.tick.interval': '1s',
+    'distributed.admin.system-monitor.interval': '1s',
+    'distributed.worker.memory.monitor-interval': '1s',
+}
 
 
 @contextlib.contextmanager
@@ -180,7 +196,9 @@ def on_worker(stage: str, workspace: Workspace, topic: str, force: bool) -> stag
 
 def _run_here(stage: str, workspace: Workspace, force: bool, emit) -> stages.StageResult:
     if workspace.root is not None:
-        return stages.repro(Path(workspace.root), stage, force=force, on_line=emit, start=_start_reaped)
+        return stages.repro(
+            Path(workspace.root), stage, force=force, on_line=emit, start=_start_reaped, env=workspace.stage_env()
+        )
     clone = Path(os.environ.get(WORKER_REPO_ENV) or os.getcwd())
     _check_clone(clone, workspace.commit)
     result = stages.repro(clone, stage, force=force, pull=True, upstream=True, on_line=emit, start=_start_reaped)

@@ -27,6 +27,7 @@ or SIGTERM and exits with 130 or 143.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from dfmsd.core.io import TEACHER_MEMO_DIR
 from flows import engine, guard, stages
 from flows.progress import RunProgress
 from flows.results import SUMMARY_KEY, publish_reports, save_experiment, slug, summary_rows
@@ -146,9 +148,12 @@ def _changed_outputs(results: list[StageResult]) -> bool:
 
 def _connect(held: contextlib.ExitStack, run: Run, scheduler, jobs: int, shared_fs: bool, timeout: float) -> None:
     """The Dask client (closed with ``held``) and the workspace its workers use."""
+    memo = _teacher_memo(held, run.root) if shared_fs else None  # removed once the cluster is gone
     run.client = held.enter_context(engine.cluster(scheduler, jobs, timeout, slots=run.need))
     engine.check_fits(run.client, run.need, scheduler or 'the local cluster')
-    run.workspace = engine.Workspace(str(run.root) if shared_fs else None, _commit(run.root, shared_fs))
+    run.workspace = engine.Workspace(
+        str(run.root) if shared_fs else None, _commit(run.root, shared_fs), teacher_memo=memo
+    )
     if not shared_fs:  # what the workers' clones will pull: every output this workspace has
         code, out = stages.dvc(run.root, 'push', '--run-cache')
         if code != 0:
@@ -156,6 +161,15 @@ def _connect(held: contextlib.ExitStack, run: Run, scheduler, jobs: int, shared_
                 'without a shared filesystem the workers and this workspace share a DVC remote, but '
                 f'`dvc push --run-cache` exited with {code}: {" ".join(out[-3:])} (docs/cluster.md)'
             )
+
+
+def _teacher_memo(held: contextlib.ExitStack, root: Path) -> str:
+    """The run's teacher-feature memo (dfmsd.models.teacher_memo): empty at the start (what a run
+    cut short left), removed at the end."""
+    memo = root / TEACHER_MEMO_DIR
+    shutil.rmtree(memo, ignore_errors=True)
+    held.callback(shutil.rmtree, memo, ignore_errors=True)
+    return str(memo)
 
 
 def _heavy(pipeline: stages.Pipeline, stage: str) -> bool:

@@ -109,6 +109,10 @@ def await_partner():
 def train(work):
     log('start', 'train')
     print(f'[{a.name}] training in {work}', flush=True)
+    memo = os.environ.get('DFMSD_TEACHER_MEMO')  # as a distillation reads and fills the run's memo
+    print(f'[{a.name}] teacher memo: {memo}', flush=True)
+    if memo:
+        pathlib.Path(memo, a.name).mkdir(parents=True, exist_ok=True)
     if a.fail_training:  # as dfmsd's divergence hook stops a run: after its first logged iteration
         print(f'2026/01/01 00:00:00 - mmengine - INFO - Iter(train) [1/{a.train}]  loss: inf', flush=True)
         print(f'error [{a.name}]: training diverged: loss inf at iteration 1', file=sys.stderr, flush=True)

@@ -159,19 +159,25 @@ def test_a_stage_command_on_a_dask_worker_does_not_inherit_the_nannys_malloc_tri
     assert stage == 'None'
 
 
-def _profiling_on_worker() -> list[str]:
+def _periodic_on_worker(keys: list[str]) -> tuple[list[str], dict]:
+    import dask
     from distributed import get_worker
 
-    return [name for name in get_worker().periodic_callbacks if name.startswith('profile')]
+    profiling = [name for name in get_worker().periodic_callbacks if name.startswith('profile')]
+    return profiling, {key: dask.config.get(key) for key in keys}
 
 
-def test_the_local_clusters_workers_run_without_dasks_statistical_profiler():
-    """Dask's profiler samples each worker's threads 100 times a second, on the CPU the trainings
-    beside it use (benchmarks/cluster_idle.py); the local cluster turns it off."""
+def test_the_local_clusters_workers_run_without_dasks_profiler_and_with_slower_checks():
+    """Dask's profiler samples each worker's threads 100 times a second, its health tick and
+    monitors run 50, 10 and 2 times a second, on the CPU the trainings beside them use
+    (benchmarks/cluster_idle.py); the local cluster's workers get neither."""
     import cloudpickle
 
     from flows import engine
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker process cannot import tests/
     with engine.cluster(None, jobs=1) as client:
-        assert client.submit(_profiling_on_worker, pure=False).result(timeout=120) == []
+        keys = sorted(engine.LOCAL_CLUSTER_CONFIG)
+        profiling, config = client.submit(_periodic_on_worker, keys, pure=False).result(timeout=120)
+    assert profiling == []
+    assert config == {key: engine.LOCAL_CLUSTER_CONFIG[key] for key in keys}

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from support import REPO, env
 
+from dfmsd.core.io import TEACHER_MEMO_DIR
 from flows.output import LineLevels, cause_of
 from flows.pipeline import dvc_pipeline
 from flows.progress import RunProgress, parse_eta, parse_train_line
@@ -190,6 +191,7 @@ def first(prefect_api, tmp_path_factory):
         'log': demo.read_run_log(root),
         'report': (root / 'reports' / 'results.md').read_text(),
         'experiments': experiments(root),
+        'memo_left': (root / TEACHER_MEMO_DIR).exists(),
     }
 
 
@@ -214,6 +216,13 @@ def test_stage_output_is_streamed_into_task_logs(first):
     assert any('[train@small] training in work_dirs/train-small-' in m for m in messages), messages
     assert any('Iter(train) [3/3]' in m for m in messages), messages
     assert any("Running stage 'train@small'" in m for m in messages), messages
+
+
+def test_the_trainings_share_the_runs_teacher_memo_which_goes_with_the_run(first):
+    memo = first['root'] / TEACHER_MEMO_DIR
+    for stage in demo.TRAINING:
+        assert any(f'teacher memo: {memo}' in m for m in task_logs(first['task_runs'][stage].id)), stage
+    assert not first['memo_left']
 
 
 def test_artifacts_of_the_run(first):

@@ -31,7 +31,7 @@ from support import REPO, env, small, tiny_data
 
 import dfmsd.models  # noqa: F401  (registers the distiller, losses, transform, hooks, loop)
 from dfmsd.core.errors import TrainingDiverged
-from dfmsd.core.io import read_json, write_json
+from dfmsd.core.io import TEACHER_MEMO_ENV, read_json, write_json
 from dfmsd.core.kinds import run_kind
 from dfmsd.core.params import ME, Data, Distill, Launch, Method, Runtime, SALMethod, Train
 from dfmsd.data.coco import dataset_classes, load_json
@@ -410,6 +410,27 @@ def test_interrupted_sal_stage2_resumes_bit_identically(sal, world, tmp_path, mo
     assert ran == [7, 8]
     assert (resumed / 'model.pth').read_bytes() == (sal.carry.dir / 'model.pth').read_bytes()
     assert read_json(resumed / 'run.json') == read_json(sal.carry.dir / 'run.json')
+
+
+def test_a_row_reading_the_teacher_memo_writes_the_bytes_it_writes_without_it(world, tmp_path, monkeypatch):
+    """The flow run's teacher-feature memo (dfmsd.models.teacher_memo): a row that reads the
+    strong teacher's features another row stored computes none of them and ends byte-identical
+    to the same row run without a memo; another teacher's features are its own entries."""
+    monkeypatch.chdir(tmp_path)
+    alone = distill(world, monkeypatch, 'distill@alone', method=DMKD)
+    memo = tmp_path / 'memo'
+    monkeypatch.setenv(TEACHER_MEMO_ENV, str(memo))
+    distill(world, monkeypatch, 'distill@filler', method=MGD)
+    filled = sorted(memo.rglob('*.pt'))
+    assert 0 < len(filled) <= SAL_TRAIN.iters  # one per distinct batch
+    shared = distill(world, monkeypatch, 'distill@shared', method=DMKD)
+    assert sorted(memo.rglob('*.pt')) == filled, 'the second row computed features the memo had'
+    files = sorted(p.name for p in alone.iterdir())
+    assert files == sorted(p.name for p in shared.iterdir())
+    assert [name for name in files if (alone / name).read_bytes() != (shared / name).read_bytes()] == []
+    assert loss_rows(shared) == loss_rows(alone)
+    distill(world, monkeypatch, 'sal1@weak', kind='sal1', method=DFMSD, teacher=world.weak)
+    assert len(list(memo.rglob('*.pt'))) > len(filled), "the weak teacher was given the strong one's features"
 
 
 # ---------------------------------------------------------------- divergence and loss scale

@@ -24,6 +24,10 @@ CHUNK = 1 << 20
 
 #: Where a stage keeps what it can resume from (checkpoints, predictions) until it exports.
 WORK_ROOT = Path('work_dirs')
+#: A flow run's teacher-feature memo (dfmsd.models.teacher_memo): the variable that names it to
+#: the stages, and where the flow keeps it for the run (removed at its start and end).
+TEACHER_MEMO_ENV = 'DFMSD_TEACHER_MEMO'
+TEACHER_MEMO_DIR = WORK_ROOT / 'teacher-memo'
 
 
 def work_dir_label(stage: str) -> str:

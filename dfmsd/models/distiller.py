@@ -43,19 +43,24 @@ from dfmsd.core.errors import DistillError
 from dfmsd.models.losses.common import MaskedReconstructionLoss, reduce_squared_error
 from dfmsd.models.losses.dense_heads import dense_head
 from dfmsd.models.losses.inputs import LossInputs, draw_seed
+from dfmsd.models.teacher_memo import TeacherMemo
 
 
-def build_teacher(config: str | Path | dict, checkpoint: str | Path | None) -> nn.Module:
-    """Frozen detector in eval mode; the checkpoint must match the config exactly."""
-    from dfmsd.engine.checkpoint import load_model_weights
-
-    cfg = (
+def teacher_config(config: str | Path | dict | Config) -> Config:
+    return (
         config
         if isinstance(config, Config)
         else Config(config)
         if isinstance(config, dict)
         else Config.fromfile(str(config))
     )
+
+
+def build_teacher(config: str | Path | dict | Config, checkpoint: str | Path | None) -> nn.Module:
+    """Frozen detector in eval mode; the checkpoint must match the config exactly."""
+    from dfmsd.engine.checkpoint import load_model_weights
+
+    cfg = teacher_config(config)
     teacher = MODELS.build(cfg.model)
     if checkpoint is not None:
         load_model_weights(teacher, checkpoint, what='teacher')
@@ -165,7 +170,10 @@ class StageDistiller(BaseDetector):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
         # hidden: a submodule teacher (measured) needs state-dict, optimizer, DDP, init_weights filters; no faster
-        object.__setattr__(self, 'teacher', build_teacher(**teacher))
+        teacher_cfg = teacher_config(teacher['config'])
+        object.__setattr__(self, 'teacher', build_teacher(teacher_cfg, teacher.get('checkpoint')))
+        # a flow run's rows share the frozen teacher's features of their common batches (no result changes)
+        self._teacher_memo = TeacherMemo.from_env(repr(teacher_cfg.model.to_dict()), self.teacher)
         self.seed = int(seed)
         self.student_init = student_init
         self.level_pairs = match_levels(
@@ -253,7 +261,10 @@ class StageDistiller(BaseDetector):
 
     def _teacher_feats(self, raw: dict) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            return self.teacher.extract_feat(self.teacher.data_preprocessor(raw, True)['inputs'])
+            inputs = self.teacher.data_preprocessor(raw, True)['inputs']
+            if self._teacher_memo is None:
+                return self.teacher.extract_feat(inputs)
+            return self._teacher_memo(inputs, self.teacher.extract_feat)
 
     def distillation_losses(self, s_feats, t_feats, samples, iteration: int) -> dict[str, torch.Tensor]:
         """The distillation terms of a batch from both models' FPN outputs: level by level, each
