@@ -16,7 +16,7 @@ from support import REPO
 from dfmsd.core.errors import DfmsdError
 from dfmsd.core.kinds import ROW_KIND_OF_GROUP
 from dfmsd.report.config import report_config
-from dfmsd.report.loading import ReportWarning
+from dfmsd.report.loading import LOG_WINDOW, ReportWarning, first_row_of_stage
 from dfmsd.report.markdown import me_cell, results_markdown, sal_cell, sfa_cell
 from dfmsd.report.metrics import PAPER_COLUMNS, REPORTED_METRICS, run_record
 from dfmsd.report.write import _figure_data, build_report, write_report
@@ -483,6 +483,21 @@ def test_each_stage_s_start_ratios_are_the_first_logged_terms_over_the_detection
     md = results_markdown(report['groups'], report['config'], report['me'], report['notes'], report['starts'])
     section = md.split('## Loss terms at the start of each stage', 1)[1]
     assert '| DFMSD | 1 | 20 | sfa 0.35x, stage 0.20x |' in section, section
+
+
+@pytest.mark.fast
+def test_a_resumed_stage_s_start_ratio_skips_the_row_that_averages_the_stage_before():
+    """mmengine logs each loss as the mean of its last LOG_WINDOW iterations, and a resumed stage
+    inherits them: SAL stage 2 from iteration 250 logs at 260 the mean of 241-260."""
+    rows = [(260, 3.0, 0.2, {'aug': 1.0}), (280, 4.0, 0.8, {'aug': 1.0}), (300, 3.9, 0.8, {'aug': 0.9})]
+    assert first_row_of_stage(rows, 250) == rows[1]
+    assert first_row_of_stage(rows, 240) == rows[0]  # 241-260: the stage's own iterations
+    assert first_row_of_stage(rows, 0) == rows[0]  # nothing before the first stage
+    assert first_row_of_stage(rows[:1], 250) == rows[0]  # too short for a whole window
+    assert first_row_of_stage([], 250) is None
+    from mmengine.config import Config
+
+    assert Config.fromfile(str(REPO / 'configs/_base_/runtime_iters.py')).log_processor.window_size == LOG_WINDOW
 
 
 def test_ablations_of_another_budget_are_compared_with_each_other_in_the_methods_family(tmp_path):

@@ -216,16 +216,34 @@ def read_loss_log(path: str | Path) -> list[tuple[int, float, float, dict[str, f
     return out
 
 
+#: Iterations each logged loss is the mean of (configs/_base_/runtime_iters.py, ``log_processor``).
+LOG_WINDOW = 20
+
+
+def first_row_of_stage(rows: list, begin: int) -> tuple | None:
+    """The first logged row that averages iterations of the stage starting after ``begin`` only.
+    A resumed stage inherits the logger's window: SAL stage 2's first row (``begin`` + 10) is the
+    mean of 10 stage-1 and 10 stage-2 iterations, and its ME term of the 10 stage-2 ones alone,
+    so the detection loss (the total minus the terms) comes out about half of itself. A stage too
+    short for a whole window gives its first row."""
+    if begin > 0:
+        clean = [row for row in rows if row[0] - LOG_WINDOW >= begin]
+        return clean[0] if clean else (rows[0] if rows else None)
+    return rows[0] if rows else None
+
+
 def start_ratios(runs: list[Run], logs_dir: str | Path) -> list[dict]:
-    """Each stage's distillation terms at its first logged iteration, as multiples of the detection
-    loss there, mean over the runs (SAL: stage 1, then stage 2): ``[{'iter', 'ratios': {term: x}}]``.
-    What a loss weight calibrated on val at the initialisation (benchmarks/loss_scale.py) became."""
+    """Each stage's distillation terms at its first logged iteration (of its own iterations only:
+    :func:`first_row_of_stage`), as multiples of the detection loss there, mean over the runs (SAL:
+    stage 1, then stage 2): ``[{'iter', 'ratios': {term: x}}]``. What a loss weight calibrated on
+    val at the initialisation (benchmarks/loss_scale.py) became."""
     stages: dict[int, list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for run in runs:
         for i, path in enumerate(log_paths(logs_dir, run.record)):
-            rows = read_loss_log(path) if path.is_file() else []
-            if rows and rows[0][3] and rows[0][2] > 0:
-                it, _, det, terms = rows[0]
+            begin = (run.record.start_iter or 0) if i > 0 else 0
+            row = first_row_of_stage(read_loss_log(path) if path.is_file() else [], begin)
+            if row and row[3] and row[2] > 0:
+                it, _, det, terms = row
                 stages[i].append((it, {k: v / det for k, v in terms.items()}))
     out = []
     for i in sorted(stages):

@@ -368,7 +368,8 @@ def results_markdown(
             'Each distillation term (weighted, summed over the distilled levels) over the detection loss at '
             'the first logged iteration of each stage, mean over the seeds: what the weights calibrated on val '
             'at the initialisation (benchmarks/loss_scale.py) gave in training. SAL stage 1 learns from the '
-            'weak teacher.',
+            'weak teacher. A logged loss is the mean of the last 20 iterations, so SAL stage 2 is read at its '
+            'first logged iteration that averages its own iterations only.',
             '',
         ] + start_lines(starts)
     if notes:
