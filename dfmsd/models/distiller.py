@@ -170,10 +170,11 @@ class StageDistiller(BaseDetector):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = MODELS.build(student)
         # hidden: a submodule teacher (measured) needs state-dict, optimizer, DDP, init_weights filters; no faster
-        teacher_cfg = teacher_config(teacher['config'])
-        object.__setattr__(self, 'teacher', build_teacher(teacher_cfg, teacher.get('checkpoint')))
+        object.__setattr__(self, 'teacher', build_teacher(**teacher))
         # a flow run's rows share the frozen teacher's features of their common batches (no result changes)
-        self._teacher_memo = TeacherMemo.from_env(repr(teacher_cfg.model.to_dict()), self.teacher)
+        self._teacher_memo = TeacherMemo.from_env(
+            lambda: repr(teacher_config(teacher['config']).model.to_dict()), self.teacher
+        )
         self.seed = int(seed)
         self.student_init = student_init
         self.level_pairs = match_levels(

@@ -65,11 +65,12 @@ class TeacherMemo:
         atexit.register(self._say)
 
     @classmethod
-    def from_env(cls, config_text: str, teacher: torch.nn.Module) -> TeacherMemo | None:
+    def from_env(cls, config_text: Callable[[], str], teacher: torch.nn.Module) -> TeacherMemo | None:
+        """The memo ``DFMSD_TEACHER_MEMO`` names, or None; ``config_text`` is read only then."""
         directory = os.environ.get(TEACHER_MEMO_ENV)
         if not directory:
             return None
-        return cls(directory, teacher_identity(config_text, teacher))
+        return cls(directory, teacher_identity(config_text(), teacher))
 
     def key(self, inputs: torch.Tensor) -> str:
         digest = hashlib.blake2b(self.identity.encode(), digest_size=20)
