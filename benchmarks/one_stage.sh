@@ -8,13 +8,7 @@
 # skipped. Each stage's output lines carry seconds since its start (the training's set-up, its
 # iterations, its export), then /usr/bin/time's wall and CPU seconds. Uses this checkout's .venv.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
-git -C "$REPO" archive HEAD | tar -x -C "$SCRATCH"
-cd "$SCRATCH"
-ln -s "$REPO/.venv" .venv
-export PATH=$PWD/.venv/bin:$PATH DVC_NO_ANALYTICS=1
+source "$(dirname "$0")/scratch_copy.sh"
 python - <<'PY'
 import yaml
 params = yaml.safe_load(open('params.yaml'))

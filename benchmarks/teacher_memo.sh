@@ -11,13 +11,7 @@
 # system, /usr/bin/time) and whether its model.pth and loss log equal the run without a memo.
 set -euo pipefail
 METHOD=${1:-fkd}; ITERS=${2:-60}; ROUNDS=${3:-2}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
-git -C "$REPO" archive HEAD | tar -x -C "$SCRATCH"
-cd "$SCRATCH"
-ln -s "$REPO/.venv" .venv
-export PATH=$PWD/.venv/bin:$PATH DVC_NO_ANALYTICS=1
+source "$(dirname "$0")/scratch_copy.sh"
 python - "$ITERS" <<'PY'
 import sys
 
