@@ -38,7 +38,7 @@ Features = tuple[torch.Tensor, ...]
 
 def _update_tensor(digest, t: torch.Tensor) -> None:
     digest.update(f'{t.dtype}{tuple(t.shape)}{t.stride()}'.encode())
-    digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # its buffer, not a copy
 
 
 def teacher_identity(config_text: str, teacher: torch.nn.Module) -> str:

@@ -224,8 +224,8 @@ def first_row_of_stage(rows: list, begin: int) -> tuple | None:
     """The first logged row that averages iterations of the stage starting after ``begin`` only.
     A resumed stage inherits the logger's window: SAL stage 2's first row (``begin`` + 10) is the
     mean of 10 stage-1 and 10 stage-2 iterations, and its ME term of the 10 stage-2 ones alone,
-    so the detection loss (the total minus the terms) comes out about half of itself. A stage too
-    short for a whole window gives its first row."""
+    so the detection loss (the total minus the terms) came out at a quarter of itself in the
+    default's run. A stage too short for a whole window gives its first row."""
     if begin > 0:
         clean = [row for row in rows if row[0] - LOG_WINDOW >= begin]
         return clean[0] if clean else (rows[0] if rows else None)

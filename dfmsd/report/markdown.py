@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dfmsd.core.kinds import ROLES
 from dfmsd.report.config import MethodSpec, ReportConfig
+from dfmsd.report.loading import LOG_WINDOW
 from dfmsd.report.metrics import PAPER_COLUMNS
 from dfmsd.report.stats import confidence_label, paired
 from dfmsd.report.tables import TEACHER_ROWS, Group, me_placement_sets
@@ -368,8 +369,8 @@ def results_markdown(
             'Each distillation term (weighted, summed over the distilled levels) over the detection loss at '
             'the first logged iteration of each stage, mean over the seeds: what the weights calibrated on val '
             'at the initialisation (benchmarks/loss_scale.py) gave in training. SAL stage 1 learns from the '
-            'weak teacher. A logged loss is the mean of the last 20 iterations, so SAL stage 2 is read at its '
-            'first logged iteration that averages its own iterations only.',
+            f'weak teacher. A logged loss is the mean of the last {LOG_WINDOW} iterations, so SAL stage 2 is '
+            'read at its first logged iteration that averages its own iterations only.',
             '',
         ] + start_lines(starts)
     if notes:
